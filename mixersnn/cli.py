@@ -1,0 +1,46 @@
+"""The ``mixersnn`` command line.
+
+Each subcommand lives in its own module, imported only when it runs, so ``mixersnn`` (the
+model library) never imports Ray or MLflow itself: the trainer and search commands are
+resolved from ``trainers`` and ``search`` at dispatch time. To add a command, add one line to
+``COMMANDS``: ``name -> "module"``, where the module defines
+``add_arguments(parser)`` and ``run(args) -> int``, and a one-line ``HELP`` string.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional, Sequence
+
+__all__ = ["main", "COMMANDS"]
+
+COMMANDS: dict[str, str] = {
+    "models": "mixersnn.commands.models",
+    "train": "trainers.cli",
+}
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mixersnn",
+        description="Search, train and account for efficient spiking MLPs (Mixer-SNN).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, modname in COMMANDS.items():
+        mod = importlib.import_module(modname)
+        p = sub.add_parser(name, help=getattr(mod, "HELP", None), description=getattr(mod, "HELP", None))
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _build_parser().parse_args(argv)
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

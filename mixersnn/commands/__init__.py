@@ -1,0 +1,1 @@
+"""Subcommands of the ``mixersnn`` CLI that need only the model library."""

@@ -1,0 +1,51 @@
+"""Spiking Patch Encoding (SPE), the downsampling of stages 2-4 in the SPE variants."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mixersnn.layers.common import ConvBN, NeuronFactory
+
+__all__ = ["SpikingPatchEncoding"]
+
+
+class SpikingPatchEncoding(nn.Module):
+    """Three stride-2 branches with spiking cross-connections (design doc section 4).
+
+        a1 = CB3(2)(x); a2 = CB3(2)(x); a3 = CB3(2)(x)
+        a2 = a2 + CB3(1)(LIF(a1))
+        a3 = a3 + a1 + CB3(1)(LIF(a2))
+        h  = concat(a1, a2, a3)            (pre-LIF values, as in the authors' code)
+
+    The three stride-2 convs share their input, so they run as one conv with 3n output
+    channels: same parameters, same default initialisation (the fan-in is unchanged), same
+    per-channel BatchNorm, one kernel launch instead of three.
+
+    Args:
+        in_dim: input width C_in (spikes).
+        out_dim: output width C_out = 2 * C_in, divisible by 3.
+        neuron: factory of the spiking nonlinearity.
+    """
+
+    def __init__(self, *, in_dim: int, out_dim: int, neuron: NeuronFactory) -> None:
+        super().__init__()
+        if out_dim % 3:
+            raise ValueError(
+                f"SPE out_dim={out_dim} must be divisible by 3 (three equal branches); "
+                f"use a stage-1 width that is a multiple of 3"
+            )
+        n = out_dim // 3
+        self.n = n
+        self.down = ConvBN(in_dim, 3 * n, kernel_size=3, stride=2, padding=1)
+        self.lif1 = neuron()
+        self.conv12 = ConvBN(n, n, kernel_size=3, stride=1, padding=1)
+        self.lif2 = neuron()
+        self.conv23 = ConvBN(n, n, kernel_size=3, stride=1, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[T, B, C_in, H, W]`` spikes -> ``[T, B, 2*C_in, ceil(H/2), ceil(W/2)]`` real."""
+        a1, a2, a3 = self.down(x).split(self.n, dim=2)
+        a2 = a2 + self.conv12(self.lif1(a1))
+        a3 = a3 + a1 + self.conv23(self.lif2(a2))
+        return torch.cat((a1, a2, a3), dim=2)
