@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from mixersnn.models.checkpoint import load_checkpoint, load_model, save_checkpoint
 from mixersnn.models.config import ConfigError, MixerSNNConfig, NeuronConfig
 from mixersnn.models.mixer_snn import MixerBlock, MixerSNN, Stage
 from mixersnn.models.registry import create_model, list_models, model_config, register_model
@@ -14,6 +15,9 @@ __all__ = [
     "NeuronConfig",
     "Stage",
     "create_model",
+    "load_checkpoint",
+    "load_model",
+    "save_checkpoint",
     "list_models",
     "model_config",
     "register_model",

@@ -1,0 +1,82 @@
+"""Model checkpoints: a plain dict of tensors and JSON-able config, loaded with weights_only.
+
+Layout (``torch.save`` of a dict): ``{"format": "mixersnn-checkpoint/1", "config": {...},
+"model_name": str | None, "model": state_dict, ...extra}``. Trainer checkpoints add
+optimiser/scheduler/scaler state and the epoch under their own keys; every reader here
+ignores what it does not need.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from mixersnn.models.config import MixerSNNConfig
+from mixersnn.models.mixer_snn import MixerSNN
+
+__all__ = ["CHECKPOINT_FORMAT", "save_checkpoint", "load_checkpoint", "load_model", "atomic_torch_save"]
+
+CHECKPOINT_FORMAT = "mixersnn-checkpoint/1"
+
+
+def atomic_torch_save(obj: Any, path: Union[str, Path]) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename: a crash never leaves
+    a half-written file where a good one was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(
+    path: Union[str, Path], model: MixerSNN, *, model_name: Optional[str] = None, **extra: Any
+) -> None:
+    """Write ``model`` (config + state dict) and any ``extra`` picklable-safe entries."""
+    obj = {
+        "format": CHECKPOINT_FORMAT,
+        "config": model.config.to_dict(),
+        "model_name": model_name,
+        "model": model.state_dict(),
+    }
+    obj.update(extra)
+    atomic_torch_save(obj, path)
+
+
+def load_checkpoint(path: Union[str, Path], *, map_location: Union[str, torch.device] = "cpu") -> dict[str, Any]:
+    """Load a checkpoint dict safely (``weights_only=True``) and check its format."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    obj = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT or "config" not in obj:
+        raise ValueError(
+            f"{path} is not a mixersnn checkpoint (expected a dict with format "
+            f"{CHECKPOINT_FORMAT!r}); write it with mixersnn.models.save_checkpoint"
+        )
+    return obj
+
+
+def load_model(path: Union[str, Path], *, map_location: Union[str, torch.device] = "cpu", **neuron_overrides: Any) -> MixerSNN:
+    """Rebuild the model of a checkpoint and load its weights (strictly).
+
+    Args:
+        path: checkpoint file.
+        map_location: device for the tensors.
+        **neuron_overrides: e.g. ``backend="torch"``, applied to the stored config.
+    """
+    obj = load_checkpoint(path, map_location=map_location)
+    cfg = MixerSNNConfig.from_dict(obj["config"]).replace(**neuron_overrides)
+    model = MixerSNN(cfg)
+    model.load_state_dict(obj["model"])
+    return model
