@@ -18,6 +18,8 @@ __all__ = ["main", "COMMANDS"]
 
 COMMANDS: dict[str, str] = {
     "models": "mixersnn.commands.models",
+    "energy": "mixersnn.commands.energy",
+    "export": "mixersnn.commands.export",
     "train": "trainers.cli",
 }
 
