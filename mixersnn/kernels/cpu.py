@@ -1,0 +1,296 @@
+"""The "cpu" LIF backend: lif.cu compiled as host C++ (OpenMP + simd) and called via ctypes.
+
+The shared library is built once per (source, flags, compiler, CPU) and cached at
+``${MIXERSNN_CACHE:-~/.cache/mixersnn}/kernels/lif_cpu_<hash>.so``. It is written to a temporary
+file in the same directory and moved into place with ``os.replace``, so a concurrent process
+sees either no file or a complete one. A cached file that does not load, or whose embedded
+build id is not the expected one, is rebuilt rather than trusted.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from mixersnn.kernels.source import (
+    backward_variant,
+    backward_variants,
+    forward_variant,
+    forward_variants,
+    kernel_source,
+)
+from mixersnn.neurons.backends import LIFParams
+from mixersnn.neurons.functional import lif_reference
+
+__all__ = ["CpuLibrary", "cache_dir", "load_library", "cpu_unavailable_reason", "lif_cpu"]
+
+# -ffp-contract=off: no fused multiply-add, so the charge step rounds exactly like the torch
+# reference and spikes match bit for bit. -fno-math-errno lets the compiler treat math calls
+# as pure. No -ffast-math: it would reorder the forward arithmetic.
+_BASE_FLAGS: tuple[str, ...] = (
+    "-O3",
+    "-std=c++17",
+    "-fopenmp",
+    "-fPIC",
+    "-shared",
+    "-ffp-contract=off",
+    "-fno-math-errno",
+)
+
+
+def _compiler() -> Optional[str]:
+    return shutil.which(os.environ.get("CXX", "g++"))
+
+
+def _arch_flags() -> tuple[str, ...]:
+    # -march=native ties the binary to this CPU; the cache key includes the CPU identity.
+    if platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64"):
+        return ("-march=native",)
+    return ()
+
+
+def _cpu_identity() -> str:
+    """CPU model and feature flags: what -march=native compiles for."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    keep = []
+    for line in text.splitlines():
+        key = line.split(":", 1)[0].strip()
+        if key in ("model name", "flags", "Features", "CPU part") and line not in keep:
+            keep.append(line)
+    return "\n".join(keep) or platform.machine()
+
+
+def cache_dir() -> Path:
+    """``${MIXERSNN_CACHE:-~/.cache/mixersnn}/kernels`` (read at call time, so tests can move it)."""
+    root = os.environ.get("MIXERSNN_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "mixersnn"
+    )
+    return Path(root) / "kernels"
+
+
+@dataclass
+class CpuLibrary:
+    """A loaded kernel library.
+
+    Attributes:
+        lib: the ctypes handle.
+        path: the cached ``.so``.
+        build_id: hash of source, flags, compiler and CPU (also embedded in the library).
+        compiled: whether this load had to compile (False: reused the cached file).
+    """
+
+    lib: ctypes.CDLL
+    path: Path
+    build_id: str
+    compiled: bool
+
+
+def _build_recipe() -> tuple[str, list[str], str]:
+    """(source with its build id embedded, g++ command prefix, build id)."""
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError(
+            f"no C++ compiler: {os.environ.get('CXX', 'g++')!r} is not on PATH; install g++ "
+            f"(apt-get install g++) or set CXX"
+        )
+    version = subprocess.run(
+        [cxx, "--version"], capture_output=True, text=True, check=False
+    ).stdout.splitlines()[:1]
+    flags = list(_BASE_FLAGS) + list(_arch_flags())
+    src = kernel_source("host")
+    key = "\n".join([src, " ".join(flags), cxx, *version, _cpu_identity()])
+    build_id = hashlib.sha256(key.encode()).hexdigest()[:24]
+    # The id inside the library lets a load verify that the file is the one it asked for.
+    src += f'\nextern "C" const char* lif_build_id(void) {{ return "{build_id}"; }}\n'
+    return src, [cxx, *flags], build_id
+
+
+def _try_load(path: Path, build_id: str) -> Optional[ctypes.CDLL]:
+    try:
+        lib = ctypes.CDLL(str(path))
+        fn = lib.lif_build_id
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_char_p
+    if fn() != build_id.encode():
+        return None
+    return lib
+
+
+def _compile(src: str, cmd: list[str], dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=dest.stem + ".", suffix=".tmp.so", dir=dest.parent)
+    os.close(fd)
+    src_path = Path(tmp[: -len(".tmp.so")] + ".cpp")
+    try:
+        src_path.write_text(src)
+        proc = subprocess.run(
+            [*cmd, str(src_path), "-o", tmp], capture_output=True, text=True, check=False
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(
+                f"compiling the CPU LIF kernels failed ({' '.join(cmd)}):\n"
+                f"{proc.stderr[-4000:]}"
+            )
+        os.replace(tmp, dest)  # atomic: readers see no file or a whole one
+    finally:
+        for leftover in (tmp, str(src_path)):
+            try:
+                os.unlink(leftover)
+            except FileNotFoundError:
+                pass
+
+
+_LOCK = threading.Lock()
+_LOADED: dict[str, CpuLibrary] = {}
+
+
+def load_library(*, use_memory_cache: bool = True) -> CpuLibrary:
+    """Load the kernel library, compiling it into the cache directory if needed.
+
+    Args:
+        use_memory_cache: reuse a library this process already loaded (tests pass False to
+            exercise the disk cache).
+
+    Raises:
+        RuntimeError: no compiler, or the compile failed (the message carries its log).
+    """
+    src, cmd, build_id = _build_recipe()
+    path = cache_dir() / f"lif_cpu_{build_id}.so"
+    with _LOCK:
+        if use_memory_cache and str(path) in _LOADED:
+            return _LOADED[str(path)]
+        lib = _try_load(path, build_id) if path.exists() else None
+        compiled = False
+        if lib is None:
+            # Missing, unreadable or not ours (corrupt, truncated): build a fresh one. The new
+            # file gets a new inode, so dlopen does not hand back a stale mapping.
+            _compile(src, cmd, path)
+            compiled = True
+            lib = _try_load(path, build_id)
+            if lib is None:
+                raise RuntimeError(f"the freshly built {path} does not load; delete it and retry")
+        _declare(lib)
+        out = CpuLibrary(lib=lib, path=path, build_id=build_id, compiled=compiled)
+        _LOADED[str(path)] = out
+        return out
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    ptr, i64, i32, f32 = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_float
+    for v in forward_variants(("float32",)):
+        fn = getattr(lib, v.c_symbol)
+        fn.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i32, f32, f32, f32, i32]
+        fn.restype = None
+    for v in backward_variants(("float32",)):
+        fn = getattr(lib, v.c_symbol)
+        fn.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i32, f32, f32, f32, f32, i32]
+        fn.restype = None
+
+
+_STATUS: list[Optional[str]] = []
+
+
+def cpu_unavailable_reason() -> Optional[str]:
+    """``None`` if the library loads (building it once if needed), else why not. Never raises."""
+    if not _STATUS:
+        try:
+            load_library()
+            _STATUS.append(None)
+        except Exception as err:  # noqa: BLE001 - any failure becomes a reason, not a crash
+            _STATUS.append(f"the CPU LIF kernel library is unavailable: {err}")
+    return _STATUS[0]
+
+
+def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+class _CpuLIF(torch.autograd.Function):
+    """Fused LIF on fp32 CPU tensors; backward is the fused exact BPTT."""
+
+    @staticmethod
+    def forward(ctx, x_seq: torch.Tensor, v0: torch.Tensor, p: LIFParams, save: bool):  # type: ignore[override]
+        lib = load_library().lib
+        x = x_seq.contiguous()
+        v = v0.contiguous()
+        steps, n = x.shape[0], v.numel()
+        spikes = torch.empty_like(x)
+        u_saved = torch.empty_like(x) if save else None
+        v_final = torch.empty_like(v)
+        if n > 0:
+            getattr(lib, forward_variant(p, "float32", save).c_symbol)(
+                x.data_ptr(), v.data_ptr(), spikes.data_ptr(), _ptr(u_saved),
+                v_final.data_ptr(), n, steps, 1.0 / p.tau, p.v_reset_charge,
+                p.v_threshold, torch.get_num_threads(),
+            )  # fmt: skip
+        ctx.set_materialize_grads(False)
+        ctx.p = p
+        if save:
+            ctx.save_for_backward(u_saved)
+        return spikes, v_final
+
+    @staticmethod
+    def backward(ctx, grad_spikes: Optional[torch.Tensor], grad_vfinal: Optional[torch.Tensor]):  # type: ignore[override]
+        p: LIFParams = ctx.p
+        (u_saved,) = ctx.saved_tensors
+        steps = u_saved.shape[0]
+        n = u_saved[0].numel()
+        if grad_spikes is None:  # only v_final was used downstream
+            grad_spikes = torch.zeros_like(u_saved)
+        gs = grad_spikes.to(torch.float32).contiguous()
+        gv = None if grad_vfinal is None else grad_vfinal.to(torch.float32).contiguous()
+        grad_x = torch.empty_like(u_saved)
+        grad_v0 = torch.empty_like(u_saved[0]) if ctx.needs_input_grad[1] else None
+        if n > 0:
+            getattr(load_library().lib, backward_variant(p, "float32").c_symbol)(
+                u_saved.data_ptr(), gs.data_ptr(), _ptr(gv), grad_x.data_ptr(),
+                _ptr(grad_v0), n, steps, 1.0 / p.tau, p.v_reset_charge, p.v_threshold,
+                p.alpha, torch.get_num_threads(),
+            )  # fmt: skip
+        return (grad_x if ctx.needs_input_grad[0] else None), grad_v0, None, None
+
+
+def lif_cpu(x_seq: torch.Tensor, v0: torch.Tensor, p: LIFParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """The "cpu" backend: fused forward and backward on CPU tensors.
+
+    Args:
+        x_seq: input current ``[T, ...]``. fp32 runs the kernels; fp16/bf16 are computed in
+            fp32 and cast back (results match the fp32 reference on the upcast input);
+            float64 runs the reference loop, keeping its precision.
+        v0: initial membrane ``[...]`` (``x_seq.shape[1:]``).
+        p: resolved neuron options.
+
+    Returns:
+        ``(spikes [T, ...], v_final [...])`` in ``x_seq``'s dtype.
+    """
+    if x_seq.device.type != "cpu":
+        raise RuntimeError(
+            f"backend='cpu' needs CPU tensors, got device {x_seq.device}; use backend='auto'"
+        )
+    dtype = x_seq.dtype
+    if dtype == torch.float64:
+        # The kernels are fp32; float64 (gradcheck, numerics studies) keeps its precision
+        # through the reference loop rather than being rounded.
+        return lif_reference(x_seq, v0, p)
+    # Inside autograd.Function.forward grad mode is off and needs_input_grad ignores
+    # no_grad, so whether to store u for backward is decided here.
+    save = torch.is_grad_enabled() and (x_seq.requires_grad or v0.requires_grad)
+    if dtype == torch.float32:
+        return _CpuLIF.apply(x_seq, v0.to(torch.float32), p, save)
+    spikes, v_final = _CpuLIF.apply(x_seq.to(torch.float32), v0.to(torch.float32), p, save)
+    return spikes.to(dtype), v_final.to(dtype)

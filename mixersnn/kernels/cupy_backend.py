@@ -1,0 +1,250 @@
+"""The "cupy" LIF backend: lif.cu compiled by NVRTC through CuPy, on torch's CUDA stream.
+
+Each (dtype, option set) compiles once into a ``cupy.RawModule`` (CuPy also caches the cubin on
+disk). Tensors cross to CuPy by DLPack; 16-bit tensors are viewed as int16 first because
+CuPy has no bfloat16 dtype and the kernels only need the pointer.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from mixersnn.kernels.source import (
+    KernelVariant,
+    backward_variant,
+    forward_variant,
+    kernel_source,
+)
+from mixersnn.neurons.backends import LIFParams
+
+__all__ = [
+    "cuda_include_dir",
+    "nvrtc_options",
+    "nvrtc_compile",
+    "cupy_unavailable_reason",
+    "lif_cupy",
+]
+
+_THREADS = 256
+_LANES = 4  # must match LIF_LANES for CUDA in lif_shim.h
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def cuda_include_dir() -> Optional[Path]:
+    """The directory holding ``cuda_fp16.h``/``cuda_bf16.h`` for NVRTC, or ``None``.
+
+    Looks in the ``nvidia-cuda-runtime-cu12`` wheel first (what pip users have), then
+    ``$CUDA_PATH``/``$CUDA_HOME``/``/usr/local/cuda``.
+    """
+    candidates: list[Path] = []
+    try:
+        spec = importlib.util.find_spec("nvidia.cuda_runtime")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None:
+        candidates += [Path(p) / "include" for p in (spec.submodule_search_locations or [])]
+    for var in ("CUDA_PATH", "CUDA_HOME"):
+        if os.environ.get(var):
+            candidates.append(Path(os.environ[var]) / "include")
+    candidates.append(Path("/usr/local/cuda/include"))
+    for c in candidates:
+        if (c / "cuda_fp16.h").is_file() and (c / "cuda_bf16.h").is_file():
+            return c
+    return None
+
+
+def nvrtc_options(arch: Optional[str] = None) -> tuple[str, ...]:
+    """NVRTC flags for lif.cu.
+
+    ``--fmad=false`` keeps the charge step free of fused multiply-adds so spikes match the
+    torch reference bit for bit.
+
+    Args:
+        arch: e.g. "sm_90"; ``None`` lets CuPy choose the current device's.
+    """
+    inc = cuda_include_dir()
+    if inc is None:
+        raise RuntimeError(
+            "cuda_fp16.h/cuda_bf16.h not found; pip install nvidia-cuda-runtime-cu12 "
+            "(the 'gpu' extra) or set CUDA_PATH to a CUDA toolkit"
+        )
+    opts = ["--std=c++17", "--fmad=false", f"-I{inc}"]
+    if arch is not None:
+        opts.append(f"--gpu-architecture={arch}")
+    return tuple(opts)
+
+
+def nvrtc_compile(variants: list[KernelVariant], arch: str) -> tuple[bytes, dict[str, str]]:
+    """Compile ``variants`` to a cubin with NVRTC alone (no device needed).
+
+    Args:
+        variants: kernel instantiations to compile.
+        arch: real architecture, e.g. "sm_80".
+
+    Returns:
+        ``(cubin, {template_name: lowered (mangled) name})``.
+
+    Raises:
+        RuntimeError: with NVRTC's log when compilation fails.
+    """
+    from cupy.cuda import nvrtc
+
+    prog = nvrtc.createProgram(kernel_source("cuda"), "lif.cu", [], [])
+    try:
+        for v in variants:
+            nvrtc.addNameExpression(prog, v.template_name)
+        try:
+            nvrtc.compileProgram(prog, list(nvrtc_options(arch)))
+        except nvrtc.NVRTCError as err:
+            raise RuntimeError(f"NVRTC failed for {arch}: {err}\n{nvrtc.getProgramLog(prog)}")
+        lowered = {v.template_name: nvrtc.getLoweredName(prog, v.template_name) for v in variants}
+        return nvrtc.getCUBIN(prog), lowered
+    finally:
+        nvrtc.destroyProgram(prog)
+
+
+_STATUS: list[Optional[str]] = []
+
+
+def cupy_unavailable_reason() -> Optional[str]:
+    """``None`` when the cupy backend can run, else why not. Never raises."""
+    if _STATUS:
+        return _STATUS[0]
+    reason: Optional[str] = None
+    try:
+        import cupy  # noqa: F401
+    except Exception as err:  # noqa: BLE001 - a broken install is a reason too
+        reason = f"CuPy is not importable ({err}); pip install 'mixersnn[gpu]' (cupy-cuda12x)"
+    if reason is None and not torch.cuda.is_available():
+        reason = "there is no CUDA device (torch.cuda.is_available() is False)"
+    if reason is None:
+        try:
+            import cupy
+
+            if cupy.cuda.runtime.getDeviceCount() < 1:
+                reason = "CuPy sees no CUDA device"
+        except Exception as err:  # noqa: BLE001
+            reason = f"CuPy cannot reach a CUDA device ({err})"
+    if reason is None and cuda_include_dir() is None:
+        reason = (
+            "cuda_fp16.h/cuda_bf16.h not found for NVRTC; pip install "
+            "nvidia-cuda-runtime-cu12 or set CUDA_PATH"
+        )
+    _STATUS.append(reason)
+    return reason
+
+
+@lru_cache(maxsize=None)
+def _kernel(variant: KernelVariant) -> Any:
+    """The compiled ``cupy.RawKernel`` for one instantiation (one module per variant)."""
+    import cupy
+
+    module = cupy.RawModule(
+        code=kernel_source("cuda"),
+        options=nvrtc_options(),
+        name_expressions=[variant.template_name],
+    )
+    return module.get_function(variant.template_name)
+
+
+def _as_cupy(t: Optional[torch.Tensor]) -> Any:
+    import cupy
+    import numpy
+
+    if t is None:
+        return numpy.uint64(0)  # a null pointer argument
+    if t.dtype in (torch.float16, torch.bfloat16):
+        t = t.view(torch.int16)
+    return cupy.from_dlpack(t)
+
+
+def _launch(variant: KernelVariant, n: int, device: torch.device, args: tuple) -> None:
+    import cupy
+
+    blocks = max(1, min(-(-n // (_THREADS * _LANES)), 2**31 - 1))
+    kernel = _kernel(variant)
+    stream = torch.cuda.current_stream(device)
+    with cupy.cuda.Device(device.index), cupy.cuda.ExternalStream(stream.cuda_stream, device.index):
+        kernel((blocks,), (_THREADS,), args)
+
+
+class _CupyLIF(torch.autograd.Function):
+    """Fused LIF on CUDA tensors (fp32/fp16/bf16 storage, fp32 arithmetic)."""
+
+    @staticmethod
+    def forward(ctx, x_seq: torch.Tensor, v0: torch.Tensor, p: LIFParams, save: bool):  # type: ignore[override]
+        import numpy
+
+        x = x_seq.contiguous()
+        v = v0.to(x.dtype).contiguous()
+        dtype = _DTYPE_NAMES[x.dtype]
+        steps, n = x.shape[0], v.numel()
+        spikes = torch.empty_like(x)
+        u_saved = torch.empty_like(x) if save else None
+        v_final = torch.empty_like(v)
+        if n > 0:
+            args = (
+                _as_cupy(x), _as_cupy(v), _as_cupy(spikes), _as_cupy(u_saved),
+                _as_cupy(v_final), numpy.int64(n), numpy.int32(steps),
+                numpy.float32(1.0 / p.tau), numpy.float32(p.v_reset_charge),
+                numpy.float32(p.v_threshold),
+            )  # fmt: skip
+            _launch(forward_variant(p, dtype, save), n, x.device, args)
+        ctx.set_materialize_grads(False)
+        ctx.p = p
+        if save:
+            ctx.save_for_backward(u_saved)
+        return spikes, v_final
+
+    @staticmethod
+    def backward(ctx, grad_spikes: Optional[torch.Tensor], grad_vfinal: Optional[torch.Tensor]):  # type: ignore[override]
+        import numpy
+
+        p: LIFParams = ctx.p
+        (u_saved,) = ctx.saved_tensors
+        steps, n = u_saved.shape[0], u_saved[0].numel()
+        if grad_spikes is None:
+            grad_spikes = torch.zeros_like(u_saved)
+        gs = grad_spikes.to(u_saved.dtype).contiguous()
+        gv = None if grad_vfinal is None else grad_vfinal.to(u_saved.dtype).contiguous()
+        grad_x = torch.empty_like(u_saved)
+        grad_v0 = torch.empty_like(u_saved[0]) if ctx.needs_input_grad[1] else None
+        if n > 0:
+            args = (
+                _as_cupy(u_saved), _as_cupy(gs), _as_cupy(gv), _as_cupy(grad_x),
+                _as_cupy(grad_v0), numpy.int64(n), numpy.int32(steps),
+                numpy.float32(1.0 / p.tau), numpy.float32(p.v_reset_charge),
+                numpy.float32(p.v_threshold), numpy.float32(p.alpha),
+            )  # fmt: skip
+            _launch(backward_variant(p, _DTYPE_NAMES[u_saved.dtype]), n, u_saved.device, args)
+        return (grad_x if ctx.needs_input_grad[0] else None), grad_v0, None, None
+
+
+def lif_cupy(x_seq: torch.Tensor, v0: torch.Tensor, p: LIFParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """The "cupy" backend: fused forward and backward on CUDA tensors.
+
+    Args:
+        x_seq: input current ``[T, ...]`` on a CUDA device, fp32/fp16/bf16 (fp32 arithmetic
+            inside; u is saved in the input dtype). float64 runs the reference loop.
+        v0: initial membrane ``[...]``.
+        p: resolved neuron options.
+
+    Returns:
+        ``(spikes [T, ...], v_final [...])`` in ``x_seq``'s dtype.
+    """
+    if x_seq.device.type != "cuda":
+        raise RuntimeError(
+            f"backend='cupy' needs CUDA tensors, got device {x_seq.device}; use backend='auto'"
+        )
+    if x_seq.dtype not in _DTYPE_NAMES:
+        from mixersnn.neurons.functional import lif_reference
+
+        return lif_reference(x_seq, v0, p)
+    save = torch.is_grad_enabled() and (x_seq.requires_grad or v0.requires_grad)
+    return _CupyLIF.apply(x_seq, v0, p, save)
