@@ -9,7 +9,7 @@ from typing import Union
 
 import numpy as np
 
-__all__ = ["read_idx", "load_idx_split", "FASHION_MNIST_DIR"]
+__all__ = ["read_idx", "write_idx", "load_idx_split", "FASHION_MNIST_DIR"]
 
 FASHION_MNIST_DIR = Path(os.environ.get("MIXERSNN_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
 """Where Debian's ``dataset-fashion-mnist`` package puts the data (override with the
@@ -69,3 +69,32 @@ def load_idx_split(root: Union[str, Path], split: str) -> tuple[np.ndarray, np.n
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise ValueError(f"{root} {split}: images {images.shape} and labels {labels.shape} do not pair up")
     return images, labels
+
+
+_CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09, np.dtype(">i2"): 0x0B, np.dtype(">i4"): 0x0C}
+
+
+def write_idx(path: Union[str, Path], array: np.ndarray) -> Path:
+    """Write ``array`` as an idx file (gzipped when ``path`` ends in ``.gz``); the inverse of :func:`read_idx`.
+
+    Used to cut small MNIST-format data sets (tests, smoke runs) from the real ones.
+    Supports uint8, int8, int16 and int32 arrays.
+    """
+    path = Path(path)
+    arr = np.asarray(array)
+    if arr.dtype.kind == "i" and arr.dtype.itemsize > 1:
+        arr = arr.astype(arr.dtype.newbyteorder(">"))
+    code = _CODES.get(arr.dtype)
+    if code is None:
+        raise ValueError(f"write_idx supports uint8, int8, int16, int32; got {array.dtype}")
+    header = bytes([0, 0, code, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+    data = header + arr.tobytes()
+    opener = gzip.open if path.suffix == ".gz" else open
+    # mtime=0 in the gzip header: the same array gives the same bytes.
+    if path.suffix == ".gz":
+        with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as f:
+            f.write(data)
+    else:
+        with opener(path, "wb") as f:
+            f.write(data)
+    return path
