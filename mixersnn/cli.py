@@ -18,6 +18,7 @@ __all__ = ["main", "COMMANDS"]
 
 COMMANDS: dict[str, str] = {
     "models": "mixersnn.commands.models",
+    "data": "mixersnn.commands.data",
     "energy": "mixersnn.commands.energy",
     "export": "mixersnn.commands.export",
     "train": "trainers.cli",

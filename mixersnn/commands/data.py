@@ -1,0 +1,111 @@
+"""``mixersnn data``: convert data sets to WebDataset shards, inspect and fetch them.
+
+    mixersnn data make-shards [SOURCE] --out DIR     # default SOURCE: Fashion-MNIST
+    mixersnn data info DIR/train [--verify]
+    mixersnn data download DEST [--url URL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+HELP = "Convert idx / CIFAR / ImageFolder data to WebDataset shards; inspect or download data."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from mixersnn.data.converters import DEFAULT_SAMPLES_PER_SHARD
+    from mixersnn.data.shard_writer import ENCODINGS
+
+    sub = p.add_subparsers(dest="data_command", metavar="ACTION")
+    sub.required = True
+
+    m = sub.add_parser("make-shards", help="convert a data set to DIR/<split>/shard-*.tar + manifest.json")
+    m.add_argument("source", nargs="?", default=None, help="idx, CIFAR or ImageFolder folder (default: Fashion-MNIST)")
+    m.add_argument("--out", required=True, type=Path, help="output folder; each split goes to OUT/<split>/")
+    m.add_argument("--format", default="auto", choices=["auto", "idx", "cifar", "imagefolder"])
+    m.add_argument("--name", default=None, help="data set name for the manifest (default: from the folder)")
+    m.add_argument("--split", default="train", help="split name when SOURCE is a single ImageFolder split")
+    m.add_argument("--splits", nargs="+", default=None, help="convert only these splits")
+    m.add_argument("--samples-per-shard", type=int, default=DEFAULT_SAMPLES_PER_SHARD)
+    m.add_argument("--seed", type=int, default=0, help="seed of the sample permutation")
+    m.add_argument("--no-shuffle", action="store_true", help="keep the source order")
+    m.add_argument("--encoding", default=None, choices=list(ENCODINGS), help="default: png (arrays), keep (folders)")
+    m.add_argument("--jpeg-quality", type=int, default=95)
+    m.add_argument("--img-size", type=int, default=None, help="folders: resize shorter side + centre-crop to N x N")
+    m.add_argument("--limit", default=None, help="first N samples per split, or per split: train=500,test=200")
+    m.add_argument("--workers", type=int, default=None, help="parallel processes (default: all cores)")
+    m.add_argument("--no-progress", action="store_true")
+    m.add_argument("--json", action="store_true", help="print the manifests as JSON")
+
+    i = sub.add_parser("info", help="summarise a split's manifest")
+    i.add_argument("split_dir", type=Path)
+    i.add_argument("--verify", action="store_true", help="check every shard's sha256")
+    i.add_argument("--json", action="store_true")
+
+    d = sub.add_parser("download", help="fetch the Fashion-MNIST idx files (needs internet or a mirror)")
+    d.add_argument("dest", type=Path)
+    d.add_argument("--url", default=None, help="base URL (default: the canonical bucket; file:// for a mirror)")
+    d.add_argument("--force", action="store_true")
+
+
+def _summary(m) -> str:  # type: ignore[no-untyped-def]
+    size = "variable" if m.image_size is None else f"{m.image_size[0]}x{m.image_size[1]}"
+    mean = ", ".join(f"{v:.4f}" for v in m.mean)
+    std = ", ".join(f"{v:.4f}" for v in m.std)
+    return (
+        f"{m.dataset}/{m.split}: {m.num_samples} samples in {len(m.shards)} shards, {m.num_classes} classes, "
+        f"{size} px x {m.channels} ch, {m.encoding}; mean ({mean}) std ({std})  -> {m.root}"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.data_command == "make-shards":
+        from mixersnn.data.converters import make_shards
+
+        t0 = time.perf_counter()
+        manifests = make_shards(
+            args.source,
+            args.out,
+            format=args.format,
+            dataset=args.name,
+            split=args.split,
+            splits=args.splits,
+            limit=args.limit,
+            samples_per_shard=args.samples_per_shard,
+            shuffle=not args.no_shuffle,
+            seed=args.seed,
+            encoding=args.encoding,
+            jpeg_quality=args.jpeg_quality,
+            img_size=args.img_size,
+            workers=args.workers,
+            progress=not args.no_progress,
+        )
+        dt = time.perf_counter() - t0
+        if args.json:
+            print(json.dumps({k: m.to_json() for k, m in manifests.items()}, indent=2))
+            return 0
+        total = sum(m.num_samples for m in manifests.values())
+        for m in manifests.values():
+            nbytes = sum((m.root / s.name).stat().st_size for s in m.shards)
+            print(f"{_summary(m)}  ({nbytes / 1e6:.1f} MB)")
+        print(f"wrote {total} samples in {dt:.1f} s ({total / max(dt, 1e-9):.0f} samples/s)")
+        return 0
+    if args.data_command == "info":
+        from mixersnn.data.manifest import read_manifest
+
+        m = read_manifest(args.split_dir, verify=args.verify)
+        if args.json:
+            print(json.dumps(m.to_json(), indent=2))
+        else:
+            print(_summary(m) + ("  [sha256 verified]" if args.verify else ""))
+        return 0
+    if args.data_command == "download":
+        from mixersnn.data.datasets import FASHION_MNIST_URL, download_fashion_mnist
+
+        dest = download_fashion_mnist(args.dest, base_url=args.url or FASHION_MNIST_URL, force=args.force)
+        print(f"Fashion-MNIST idx files in {dest}; convert with `mixersnn data make-shards {dest} --out DIR`")
+        return 0
+    raise AssertionError(args.data_command)
