@@ -415,7 +415,8 @@ def compare_spikes(a: nn.Module, b: nn.Module, images: torch.Tensor) -> dict[str
 
     Returns:
         ``{"layers": n, "spikes": total spike-tensor elements, "mismatched": elements that
-        differ, "per_layer": {name: mismatches}, "logits_max_abs_diff": float,
+        differ, "per_layer": {name: mismatches}, "fired": {name: spikes emitted by ``a``},
+        "logits_max_abs_diff": float,
         "logits_a": [T, B, K], "logits_b": [T, B, K]}``.
     """
 
@@ -448,6 +449,7 @@ def compare_spikes(a: nn.Module, b: nn.Module, images: torch.Tensor) -> dict[str
         "spikes": sum(v.numel() for v in sa.values()),
         "mismatched": sum(per_layer.values()),
         "per_layer": per_layer,
+        "fired": {n: int(sa[n].sum().item()) for n in sa},
         "logits_max_abs_diff": float((la.double() - lb.double()).abs().max().item()),
         "logits_a": la,
         "logits_b": lb,
