@@ -1,0 +1,200 @@
+"""Typed training configuration: one dataclass, flowing dataclass -> dict -> Ray -> loop.
+
+The defaults live here and nowhere else; the CLI only overrides fields the user set, and YAML
+files are read into the same dataclass (unknown keys are an error, not silently ignored).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional, Union
+
+__all__ = ["TrainConfig", "ScaleConfig", "load_yaml_config", "ConfigError"]
+
+from mixersnn.models.config import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    """Everything the training loop needs; logged whole to MLflow as params.
+
+    Attributes:
+        model: registry name (``mixersnn.models.list_models()``).
+        model_overrides: config overrides for the model (``img_size``, ``embed_dim``,
+            ``depths``, ``T``, ``backend``, ...); image size, channels and classes are filled
+            from the data manifest when not given.
+        data: "fashion-mnist" (the embedded default: real Fashion-MNIST shards built on
+            demand) or a folder with ``train/`` and ``test/`` shard splits (each with a
+            manifest.json, see ``mixersnn data make-shards``).
+        epochs: training epochs.
+        batch_size: per-worker batch size.
+        eval_batch_size: per-worker evaluation batch size.
+        optimizer: "sgd" or "adamw".
+        lr: peak learning rate (after warm-up); scaled by nothing implicitly.
+        momentum: SGD momentum (AdamW: beta1).
+        weight_decay: decoupled for AdamW, L2 for SGD; not applied to BN and biases.
+        warmup_epochs: linear warm-up length (fractional epochs allowed).
+        min_lr_ratio: cosine floor as a fraction of ``lr``.
+        label_smoothing: soft-target smoothing in [0, 1).
+        mixup: mixup alpha (0 = off).
+        cutmix: cutmix alpha (0 = off); with both on, each batch picks one at random.
+        amp: "auto" (bf16 on CUDA, off on CPU), "off", "bf16" or "fp16" (CUDA only).
+        grad_clip: max global gradient norm, or None.
+        augment: random crop (pad 2 / 4 for small images) and horizontal flip in training.
+        seed: global seed (each rank adds its rank).
+        data_workers: DataLoader worker processes per training worker.
+        max_steps_per_epoch: cap train batches per epoch (smoke runs), or None.
+        max_eval_batches: cap eval batches (smoke runs), or None.
+        time_budget_s: stop after the epoch in which this much training time has passed
+            (the learning-rate schedule is still laid over ``epochs``).
+        tracking_uri: MLflow tracking URI; None means ``sqlite:///<cwd>/mlflow.db``.
+        experiment: MLflow experiment name.
+        run_name: MLflow run name / Ray Train run name; None derives one from the config.
+        parent_run_id: MLflow parent run (the search sets it for nested trial runs).
+        log_model: log the final checkpoint and MFI report to MLflow as artefacts.
+        measure_energy: collect firing rates during evaluation and log SOPs and energy.
+    """
+
+    model: str = "mlp_spe_t"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    data: str = "fashion-mnist"
+    epochs: int = 10
+    batch_size: int = 64
+    eval_batch_size: int = 250
+    optimizer: str = "adamw"
+    lr: float = 2e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.01
+    warmup_epochs: float = 0.5
+    min_lr_ratio: float = 0.0
+    label_smoothing: float = 0.1
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    amp: str = "auto"
+    grad_clip: Optional[float] = 5.0
+    augment: bool = True
+    seed: int = 0
+    data_workers: int = 0
+    max_steps_per_epoch: Optional[int] = None
+    max_eval_batches: Optional[int] = None
+    time_budget_s: Optional[float] = None
+    tracking_uri: Optional[str] = None
+    experiment: str = "mixersnn"
+    run_name: Optional[str] = None
+    parent_run_id: Optional[str] = None
+    log_model: bool = True
+    measure_energy: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the bad value, the allowed range and the fix."""
+
+        def check(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+
+        check(isinstance(self.epochs, int) and self.epochs >= 1, f"epochs={self.epochs!r} must be an integer >= 1")
+        check(isinstance(self.batch_size, int) and self.batch_size >= 1, f"batch_size={self.batch_size!r} must be an integer >= 1")
+        check(isinstance(self.eval_batch_size, int) and self.eval_batch_size >= 1, f"eval_batch_size={self.eval_batch_size!r} must be an integer >= 1")
+        check(self.optimizer in ("sgd", "adamw"), f"optimizer={self.optimizer!r} must be 'sgd' or 'adamw'")
+        check(self.lr > 0, f"lr={self.lr} must be > 0 (try 0.1 for SGD, 2e-3 for AdamW)")
+        check(0 <= self.momentum < 1, f"momentum={self.momentum} must be in [0, 1)")
+        check(self.weight_decay >= 0, f"weight_decay={self.weight_decay} must be >= 0")
+        check(0 <= self.warmup_epochs < self.epochs, f"warmup_epochs={self.warmup_epochs} must be in [0, epochs={self.epochs})")
+        check(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        check(0 <= self.label_smoothing < 1, f"label_smoothing={self.label_smoothing} must be in [0, 1)")
+        check(self.mixup >= 0 and self.cutmix >= 0, f"mixup={self.mixup}, cutmix={self.cutmix} must be >= 0 (0 turns them off)")
+        check(self.amp in ("auto", "off", "bf16", "fp16"), f"amp={self.amp!r} must be one of 'auto', 'off', 'bf16', 'fp16'")
+        check(self.grad_clip is None or self.grad_clip > 0, f"grad_clip={self.grad_clip} must be > 0 or None (off)")
+        check(self.data_workers >= 0, f"data_workers={self.data_workers} must be >= 0")
+        for name in ("max_steps_per_epoch", "max_eval_batches"):
+            v = getattr(self, name)
+            check(v is None or (isinstance(v, int) and v >= 1), f"{name}={v!r} must be an integer >= 1 or None")
+        check(self.time_budget_s is None or self.time_budget_s > 0, f"time_budget_s={self.time_budget_s} must be > 0 or None")
+        check(isinstance(self.model_overrides, dict), f"model_overrides={self.model_overrides!r} must be a mapping")
+        # The model config validates itself (widths, grids, T, neuron), with the same messages
+        # the model library gives; catch a bad architecture here, before any worker starts.
+        from mixersnn.models import model_config
+
+        model_config(self.model, **self._model_overrides_for_check())
+
+    def _model_overrides_for_check(self) -> dict[str, Any]:
+        # The data set fixes size, channels and classes; for the embedded default we know
+        # them without reading anything, for other data the loop fills them from the manifest.
+        base = {"img_size": 28, "in_chans": 1, "num_classes": 10} if self.data == "fashion-mnist" else {}
+        return {**base, **self.model_overrides}
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown training config keys {unknown}; valid keys: {sorted(known)}")
+        return cls(**d)
+
+
+@dataclass
+class ScaleConfig:
+    """How a training run maps onto Ray resources.
+
+    Attributes:
+        num_workers: data-parallel workers (DDP ranks).
+        use_gpu: one or more GPUs per worker (nccl); else CPU workers (gloo).
+        gpus_per_worker: GPUs per worker (fractions allowed for small models).
+        cpus_per_worker: CPUs per worker (fractions allowed: on a 2-core machine two workers
+            of 0.5 CPU leave room for the driver and the data loader).
+        max_failures: worker-group restarts from the latest checkpoint before giving up.
+        storage_path: where Ray Train keeps checkpoints; a run with the same name and path
+            resumes, so names are derived from the config or given explicitly.
+        name: the Ray Train run name (None derives one from the training config).
+    """
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    gpus_per_worker: float = 1.0
+    cpus_per_worker: float = 1.0
+    max_failures: int = 0
+    storage_path: str = "runs/ray"
+    name: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_workers, int) or self.num_workers < 1:
+            raise ConfigError(f"num_workers={self.num_workers!r} must be an integer >= 1")
+        if self.cpus_per_worker <= 0:
+            raise ConfigError(f"cpus_per_worker={self.cpus_per_worker} must be > 0 (fractions like 0.5 are fine)")
+        if self.use_gpu and self.gpus_per_worker <= 0:
+            raise ConfigError(f"gpus_per_worker={self.gpus_per_worker} must be > 0 when use_gpu is set")
+        if self.max_failures < -1:
+            raise ConfigError(f"max_failures={self.max_failures} must be >= 0, or -1 for unlimited")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_yaml_config(path: Union[str, Path]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Read a YAML file with optional ``train:`` and ``scale:`` sections (or flat train keys).
+
+    Returns:
+        ``(train_dict, scale_dict)``, validated later by the dataclasses.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping, got {type(raw).__name__}")
+    if "train" in raw or "scale" in raw:
+        extra = sorted(set(raw) - {"train", "scale"})
+        if extra:
+            raise ConfigError(f"{path}: unknown top-level keys {extra}; use 'train:' and 'scale:'")
+        return dict(raw.get("train") or {}), dict(raw.get("scale") or {})
+    return dict(raw), {}

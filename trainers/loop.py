@@ -1,0 +1,434 @@
+"""The training loop in plain torch: one function, run as-is in one process or on every Ray
+Train worker.
+
+Everything distributed comes in through a :class:`WorkerContext` (rank, device, how to wrap
+the model for DDP, how to report an epoch and where to resume from), so this file never
+imports Ray; MLflow is reached only through the ``tracker`` the caller passes to rank 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from mixersnn.models import MixerSNN, create_model
+from mixersnn.models.checkpoint import CHECKPOINT_FORMAT, atomic_torch_save
+from trainers.config import TrainConfig
+
+__all__ = ["WorkerContext", "run_training", "CHECKPOINT_FILE", "resolve_data", "DataSpec"]
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+@dataclass
+class WorkerContext:
+    """What the loop needs from whoever runs it.
+
+    Attributes:
+        rank: global rank.
+        world_size: number of ranks.
+        device: this rank's device.
+        wrap_model: wraps the model for data parallelism (identity in one process).
+        report: called once per epoch on every rank with ``(metrics, checkpoint_dir)``;
+            ``checkpoint_dir`` holds ``checkpoint.pt`` on rank 0 and is None elsewhere.
+        resume_dir: a directory holding ``checkpoint.pt`` to resume from, or None.
+        tracker: MLflow tracker on rank 0 (``log_params``, ``log_metrics``, ``log_artifact``,
+            ``log_dict``), None on other ranks or when tracking is off.
+        log: progress printer (rank 0).
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    wrap_model: Callable[[nn.Module], nn.Module] = lambda m: m
+    report: Callable[[dict[str, Any], Optional[Path]], None] = lambda metrics, ckpt: None
+    resume_dir: Optional[Path] = None
+    tracker: Any = None
+    log: Callable[[str], None] = print
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Resolved data locations and the shape facts the model needs."""
+
+    train: str
+    eval: str
+    img_size: int
+    in_chans: int
+    num_classes: int
+    num_train: int
+    num_eval: int
+
+
+def resolve_data(data: str) -> DataSpec:
+    """Turn ``TrainConfig.data`` into split folders and read their manifests."""
+    from mixersnn.data import default_shards, read_manifest
+
+    root = default_shards() if data == "fashion-mnist" else Path(data)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"data={data!r}: {root} is not a folder. Pass 'fashion-mnist' (the embedded default) "
+            f"or a folder with train/ and test/ shard splits made by `mixersnn data make-shards`"
+        )
+    eval_dir = next((root / s for s in ("test", "val", "validation") if (root / s / "manifest.json").exists()), None)
+    if not (root / "train" / "manifest.json").exists() or eval_dir is None:
+        raise FileNotFoundError(
+            f"data={data!r}: {root} needs train/manifest.json and test/ (or val/) manifest.json; "
+            f"make them with `mixersnn data make-shards`"
+        )
+    mtrain = read_manifest(root / "train")
+    meval = read_manifest(eval_dir)
+    return DataSpec(
+        train=str(root / "train"),
+        eval=str(eval_dir),
+        # Variable-size data (ImageNet folders stored unresized) has no fixed size: 224.
+        img_size=int(mtrain.image_size[0]) if mtrain.image_size else 224,
+        in_chans=int(mtrain.channels),
+        num_classes=len(mtrain.classes),
+        num_train=int(mtrain.num_samples),
+        num_eval=int(meval.num_samples),
+    )
+
+
+# ----------------------------------------------------------------------------- pieces
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD or AdamW; no weight decay on BatchNorm parameters and biases (1-D tensors)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step linear warm-up then cosine decay to ``min_lr_ratio * lr`` over all epochs."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warm = int(round(cfg.warmup_epochs * steps_per_epoch))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def soft_targets(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
+    off = smoothing / num_classes
+    t = torch.full((labels.shape[0], num_classes), off, device=labels.device)
+    t.scatter_(1, labels.unsqueeze(1), 1.0 - smoothing + off)
+    return t
+
+
+def mix_batch(
+    x: torch.Tensor, targets: torch.Tensor, cfg: TrainConfig, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup or CutMix on a batch with soft targets (one of them per batch, chosen at random)."""
+    use_mixup = cfg.mixup > 0
+    use_cutmix = cfg.cutmix > 0
+    if not (use_mixup or use_cutmix):
+        return x, targets
+    if use_mixup and use_cutmix:
+        use_mixup = bool(torch.rand((), generator=gen) < 0.5)
+        use_cutmix = not use_mixup
+    alpha = cfg.mixup if use_mixup else cfg.cutmix
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    perm = torch.randperm(x.shape[0], generator=gen).to(x.device)
+    if use_mixup:
+        x = lam * x + (1 - lam) * x[perm]
+    else:
+        H, W = x.shape[-2:]
+        cut = math.sqrt(1 - lam)
+        ch, cw = int(H * cut), int(W * cut)
+        cy = int(torch.randint(H, (1,), generator=gen))
+        cx = int(torch.randint(W, (1,), generator=gen))
+        y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, H)
+        x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, W)
+        x = x.clone()
+        x[..., y0:y1, x0:x1] = x[perm][..., y0:y1, x0:x1]
+        lam = 1 - (y1 - y0) * (x1 - x0) / (H * W)
+    return x, lam * targets + (1 - lam) * targets[perm]
+
+
+def amp_dtype(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
+    if device.type != "cuda" or cfg.amp == "off":
+        if cfg.amp in ("bf16", "fp16") and device.type != "cuda":
+            return None  # AMP is a CUDA feature here; CPU runs in fp32 (documented in the CLI)
+        return None
+    return torch.float16 if cfg.amp == "fp16" else torch.bfloat16
+
+
+def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def unwrap(model: nn.Module) -> MixerSNN:
+    return model.module if hasattr(model, "module") else model  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Any,
+    *,
+    device: torch.device,
+    num_classes: int,
+    max_batches: Optional[int] = None,
+    meter: Any = None,
+    autocast: Optional[torch.dtype] = None,
+) -> dict[str, float]:
+    """Top-1/top-5 accuracy and loss on T-averaged logits, summed over every rank."""
+    model.eval()
+    loss_sum = correct1 = correct5 = n = 0.0
+    for i, (x, y) in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None), (
+            meter.recording() if meter is not None else contextlib.nullcontext()
+        ):
+            logits = model(x).float().mean(0)
+        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        k = min(5, num_classes)
+        top = logits.topk(k, dim=1).indices
+        correct1 += float((top[:, 0] == y).sum())
+        correct5 += float((top == y.unsqueeze(1)).any(1).sum())
+        n += y.shape[0]
+    loss_sum, correct1, correct5, n = _all_reduce_sum([loss_sum, correct1, correct5, n], device)
+    n = max(n, 1.0)
+    return {"test_loss": loss_sum / n, "test_acc": correct1 / n, "test_top5": correct5 / n, "test_samples": n}
+
+
+# ----------------------------------------------------------------------------- the loop
+def run_training(cfg: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
+    """Train ``cfg`` on this rank; returns the last epoch's metrics (identical on every rank).
+
+    Resumes from ``ctx.resume_dir`` when given: model, optimiser, scheduler, scaler, epoch
+    and the metric history all come back, and epochs before the checkpoint are not re-run.
+    """
+    from mixersnn.data import build_loader, eval_preset, train_preset
+
+    torch.manual_seed(cfg.seed + ctx.rank)
+    device = ctx.device
+    spec = resolve_data(cfg.data)
+    overrides = {"img_size": spec.img_size, "in_chans": spec.in_chans, "num_classes": spec.num_classes}
+    overrides.update(cfg.model_overrides)
+    model = create_model(cfg.model, **overrides).to(device)
+    model_cfg = model.config
+
+    # Transforms follow the model's input size (which may differ from the stored size).
+    src_size = spec.img_size
+    eval_tf = eval_preset(model_cfg.img_size, source_size=src_size)
+    train_loader = build_loader(
+        spec.train,
+        batch_size=cfg.batch_size,
+        train=True,
+        transform=train_preset(model_cfg.img_size) if cfg.augment else eval_tf,
+        num_workers=cfg.data_workers,
+        seed=cfg.seed,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+    )
+    eval_loader = build_loader(
+        spec.eval,
+        batch_size=cfg.eval_batch_size,
+        train=False,
+        transform=eval_tf,
+        num_workers=cfg.data_workers,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+    )
+    steps_per_epoch = len(train_loader)
+    if cfg.max_steps_per_epoch is not None:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"the training split {spec.train} gives 0 batches of {cfg.batch_size} per rank with "
+            f"{ctx.world_size} ranks; lower batch_size or use fewer workers"
+        )
+
+    opt = build_optimizer(model, cfg)
+    sched = build_scheduler(opt, cfg, steps_per_epoch)
+    autocast = amp_dtype(cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast == torch.float16)
+
+    start_epoch, history = 0, []
+    if ctx.resume_dir is not None:
+        state = torch.load(Path(ctx.resume_dir) / CHECKPOINT_FILE, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch = int(state["epoch"]) + 1
+        history = list(state.get("history", []))
+        ctx.log(f"resumed from epoch {start_epoch - 1} ({ctx.resume_dir})")
+
+    ddp_model = ctx.wrap_model(model)
+    if ctx.is_main and ctx.tracker is not None and start_epoch == 0:
+        ctx.tracker.log_params(
+            {**{f"train.{k}": v for k, v in cfg.to_dict().items() if k != "model_overrides"},
+             **{f"model.{k}": v for k, v in model_cfg.to_dict().items()},
+             "model.num_params": sum(p.numel() for p in model.parameters()),
+             "scale.world_size": ctx.world_size}
+        )
+
+    meter = _energy_meter(model) if cfg.measure_energy else None
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + ctx.rank)
+    t_train = sum(h.get("epoch_time_s", 0.0) for h in history)
+    metrics: dict[str, Any] = history[-1] if history else {}
+    for epoch in range(start_epoch, cfg.epochs):
+        if hasattr(train_loader, "set_epoch"):
+            train_loader.set_epoch(epoch)
+        ddp_model.train()
+        t0 = time.perf_counter()
+        loss_sum = correct = seen = 0.0
+        for step, (x, y) in enumerate(train_loader):
+            if step >= steps_per_epoch:
+                break
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            targets = soft_targets(y, spec.num_classes, cfg.label_smoothing)
+            x, targets = mix_batch(x, targets, cfg, gen)
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                logits = ddp_model(x).float().mean(0)
+                loss = torch.sum(-targets * F.log_softmax(logits, dim=1), dim=1).mean()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"loss is {float(loss)} at epoch {epoch} step {step}; lower lr (now "
+                    f"{sched.get_last_lr()[0]:.3g}) or turn on grad_clip"
+                )
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.grad_clip is not None:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            loss_sum += float(loss.detach()) * y.shape[0]
+            correct += float((logits.argmax(1) == y).sum())
+            seen += y.shape[0]
+            if ctx.is_main and step % 50 == 0:
+                ctx.log(
+                    f"epoch {epoch + 1}/{cfg.epochs} step {step}/{steps_per_epoch} "
+                    f"loss {loss_sum / max(seen, 1):.4f} lr {sched.get_last_lr()[0]:.3g}"
+                )
+        epoch_time = time.perf_counter() - t0
+        t_train += epoch_time
+        loss_sum, correct, seen = _all_reduce_sum([loss_sum, correct, seen], device)
+
+        if meter is not None:
+            meter.reset()
+        ev = evaluate(
+            ddp_model,
+            eval_loader,
+            device=device,
+            num_classes=spec.num_classes,
+            max_batches=cfg.max_eval_batches,
+            meter=meter,
+            autocast=autocast,
+        )
+        metrics = {
+            "epoch": epoch,
+            "train_loss": loss_sum / max(seen, 1),
+            "train_acc": correct / max(seen, 1),
+            **ev,
+            "lr": sched.get_last_lr()[0],
+            "images_per_s": seen / max(epoch_time, 1e-9),
+            "epoch_time_s": epoch_time,
+            "train_time_s": t_train,
+        }
+        if meter is not None:
+            metrics.update(meter.summary(model_cfg))
+        history.append(metrics)
+
+        ckpt_dir: Optional[Path] = None
+        if ctx.is_main:
+            ckpt_dir = Path(tempfile.mkdtemp(prefix="mixersnn-ckpt-"))
+            atomic_torch_save(
+                {
+                    "format": CHECKPOINT_FORMAT,
+                    "config": model_cfg.to_dict(),
+                    "model_name": cfg.model,
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "epoch": epoch,
+                    "train_config": cfg.to_dict(),
+                    "history": history,
+                },
+                ckpt_dir / CHECKPOINT_FILE,
+            )
+            if ctx.tracker is not None:
+                ctx.tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+            ctx.log(
+                f"epoch {epoch + 1}/{cfg.epochs}: train loss {metrics['train_loss']:.4f} "
+                f"acc {metrics['train_acc']:.4f} | test loss {metrics['test_loss']:.4f} "
+                f"acc {metrics['test_acc']:.4f} | {metrics['images_per_s']:.0f} img/s"
+                + (f" | {metrics['energy_per_image_uj']:.3f} uJ/img" if "energy_per_image_uj" in metrics else "")
+            )
+        try:
+            ctx.report(metrics, ckpt_dir)
+        finally:
+            if ckpt_dir is not None:
+                shutil.rmtree(ckpt_dir, ignore_errors=True)
+        if cfg.time_budget_s is not None and t_train >= cfg.time_budget_s and epoch + 1 < cfg.epochs:
+            ctx.log(f"time budget {cfg.time_budget_s:.0f} s reached after epoch {epoch + 1}; stopping")
+            break
+
+    if ctx.is_main and ctx.tracker is not None and cfg.log_model:
+        sample = next(iter(eval_loader))[0][:16].to(device)
+        _log_final_model(ctx.tracker, model, cfg, metrics, sample)
+    return metrics
+
+
+def _energy_meter(model: MixerSNN) -> Any:
+    """The accounting module's firing-rate meter, hooked into the eval forward passes."""
+    from trainers.energy import EnergyMeter
+
+    return EnergyMeter(model)
+
+
+def _log_final_model(
+    tracker: Any, model: MixerSNN, cfg: TrainConfig, metrics: dict[str, Any], sample: torch.Tensor
+) -> None:
+    from trainers.energy import mfi_report
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "model.pt"
+        atomic_torch_save(
+            {"format": CHECKPOINT_FORMAT, "config": model.config.to_dict(), "model_name": cfg.model,
+             "model": model.state_dict(), "metrics": metrics},
+            path,
+        )
+        tracker.log_artifact(str(path), "model")
+    report = mfi_report(model, sample)
+    tracker.log_dict(report, "model/mfi_report.json")
+    tracker.set_tags({"mixersnn.mfi_ok": report.get("ok")})

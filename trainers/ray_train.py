@@ -1,0 +1,185 @@
+"""Ray Train entry point: the one file that touches Ray Train's API.
+
+``fit(train_cfg, scale_cfg)`` runs :func:`trainers.loop.run_training` on every worker of a
+``TorchTrainer`` (DDP over gloo on CPU, nccl on GPU), reports each epoch with a checkpoint
+from rank 0, resumes from the latest checkpoint after a worker failure (``FailureConfig``)
+or when the same run is started again, and logs to MLflow from rank 0 only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from trainers.config import ScaleConfig, TrainConfig
+from trainers.tracking import MLflowTracker, end_run, resolve_tracking_uri, start_run
+
+__all__ = ["fit", "FitResult", "run_name_for"]
+
+# Test hook (documented, off unless set): the worker whose rank matches kills itself with
+# SIGKILL at the start of this epoch, once (a marker file makes the retry survive). This is
+# how the fault-tolerance test kills a worker mid-training.
+_CRASH_ENV = "MIXERSNN_TEST_KILL_AT_EPOCH"
+_CRASH_MARKER_ENV = "MIXERSNN_TEST_KILL_MARKER"
+
+
+@dataclass
+class FitResult:
+    """What a finished run hands back."""
+
+    metrics: dict[str, Any]
+    checkpoint_path: Optional[str]
+    run_name: str
+    mlflow_run_id: Optional[str]
+    storage_path: str
+
+
+def run_name_for(cfg: TrainConfig, scale: ScaleConfig) -> str:
+    """A stable name from the config, so starting the same job again resumes it (Ray Train
+    resumes a run with the same name and storage path) and MLflow gets the same run."""
+    if cfg.run_name:
+        return cfg.run_name
+    blob = json.dumps({"train": cfg.to_dict(), "workers": scale.num_workers}, sort_keys=True)
+    return f"{cfg.model}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
+
+
+def _worker_loop(config: dict[str, Any]) -> None:
+    import signal
+
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from trainers.loop import WorkerContext, run_training
+
+    cfg = TrainConfig.from_dict(config["train"])
+    rctx = ray.train.get_context()
+    rank, world = rctx.get_world_rank(), rctx.get_world_size()
+    torch.set_num_threads(max(1, int(config["torch_threads"])))
+    device = ray.train.torch.get_device()
+
+    resume_dir: Optional[Path] = None
+    local_copy: Optional[str] = None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        local_copy = tempfile.mkdtemp(prefix="mixersnn-resume-")
+        ckpt.to_directory(local_copy)
+        resume_dir = Path(local_copy)
+
+    tracker = None
+    if rank == 0 and config.get("mlflow_run_id"):
+        tracker = MLflowTracker(config["tracking_uri"], config["mlflow_run_id"])
+
+    kill_epoch = os.environ.get(_CRASH_ENV)
+    marker = os.environ.get(_CRASH_MARKER_ENV)
+
+    def report(metrics: dict[str, Any], ckpt_dir: Optional[Path]) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir is not None else None
+        ray.train.report(
+            metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{int(metrics['epoch']):04d}"
+        )
+        # Fault-injection hook for the tests: die like a killed process right after a report.
+        if kill_epoch is not None and marker and int(metrics["epoch"]) + 1 == int(kill_epoch) and rank == world - 1:
+            if not os.path.exists(marker):
+                Path(marker).write_text(str(os.getpid()))
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    def wrap(model: torch.nn.Module) -> torch.nn.Module:
+        return ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
+
+    ctx = WorkerContext(
+        rank=rank,
+        world_size=world,
+        device=device,
+        wrap_model=wrap,
+        report=report,
+        resume_dir=resume_dir,
+        tracker=tracker,
+        log=(lambda s: print(f"[rank {rank}] {s}", flush=True)) if rank == 0 else (lambda s: None),
+    )
+    try:
+        run_training(cfg, ctx)
+    finally:
+        if local_copy:
+            shutil.rmtree(local_copy, ignore_errors=True)
+
+
+def fit(
+    cfg: TrainConfig,
+    scale: ScaleConfig,
+    *,
+    track: bool = True,
+    ray_init_kwargs: Optional[dict[str, Any]] = None,
+) -> FitResult:
+    """Train with Ray Train and return the final metrics and checkpoint.
+
+    Args:
+        cfg: training config.
+        scale: workers and resources.
+        track: log to MLflow (``cfg.tracking_uri`` or the embedded sqlite store).
+        ray_init_kwargs: passed to ``ray.init`` when no Ray runtime is up yet (local runs).
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if not ray.is_initialized():
+        kw = {"include_dashboard": True, "dashboard_host": "127.0.0.1", "log_to_driver": True}
+        kw.update(ray_init_kwargs or {})
+        ray.init(**kw)
+
+    name = scale.name or run_name_for(cfg, scale)
+    storage = str(Path(scale.storage_path).resolve())
+    uri = resolve_tracking_uri(cfg.tracking_uri)
+    run_id = None
+    if track:
+        run_id = start_run(uri, cfg.experiment, name, parent_run_id=cfg.parent_run_id,
+                           tags={"mixersnn.kind": "train", "mixersnn.model": cfg.model})
+
+    resources: dict[str, float] = {"CPU": scale.cpus_per_worker}
+    if scale.use_gpu:
+        resources["GPU"] = scale.gpus_per_worker
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={
+            "train": cfg.to_dict(),
+            "tracking_uri": uri,
+            "mlflow_run_id": run_id,
+            "torch_threads": max(1, int(scale.cpus_per_worker)),
+        },
+        torch_config=TorchConfig(backend="nccl" if scale.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=scale.num_workers,
+            use_gpu=scale.use_gpu,
+            resources_per_worker=resources,
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=scale.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    status = "FAILED"
+    try:
+        result = trainer.fit()
+        status = "FINISHED"
+    finally:
+        if run_id is not None:
+            end_run(uri, run_id, status)
+    ckpt_path = None
+    if result.checkpoint is not None:
+        ckpt_path = str(Path(result.checkpoint.path) / "checkpoint.pt")
+    return FitResult(
+        metrics=dict(result.metrics or {}),
+        checkpoint_path=ckpt_path,
+        run_name=name,
+        mlflow_run_id=run_id,
+        storage_path=storage,
+    )

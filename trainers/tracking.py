@@ -1,0 +1,167 @@
+"""MLflow tracking through ``MlflowClient`` with explicit run ids.
+
+The driver creates (or finds) the run before training starts and closes it at the end, so a
+Ray Train restart or a resumed driver keeps logging to the same run; rank 0 logs into it by
+id. No global "active run" state is used, so nothing depends on which process or thread
+started what.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+__all__ = ["default_tracking_uri", "MLflowTracker", "start_run", "end_run", "find_run"]
+
+_MAX_PARAM_LEN = 6000
+
+
+def default_tracking_uri() -> str:
+    """The embedded local store: ``sqlite:///<cwd>/mlflow.db`` (absolute, so Ray workers with
+    another working directory write to the same file)."""
+    return f"sqlite:///{(Path.cwd() / 'mlflow.db').resolve()}"
+
+
+def resolve_tracking_uri(uri: Optional[str]) -> str:
+    if uri is None:
+        return default_tracking_uri()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        # A relative sqlite path means "relative to here": pin it before workers chdir.
+        rel = uri[len("sqlite:///"):]
+        return f"sqlite:///{Path(rel).resolve()}"
+    return uri
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _experiment_id(client: Any, uri: str, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    artifact_location = None
+    if uri.startswith("sqlite:///"):
+        # Local store: artefacts beside the database, absolute so every process agrees.
+        db = Path(uri[len("sqlite:///"):])
+        artifact_location = (db.parent / "mlartifacts").resolve().as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except Exception:
+        # Another process created it between our lookup and create.
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def find_run(uri: str, experiment: str, run_name: str) -> Optional[str]:
+    """The id of an existing run with this name in the experiment, if any."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{run_name}'", max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def start_run(
+    uri: str,
+    experiment: str,
+    run_name: str,
+    *,
+    parent_run_id: Optional[str] = None,
+    tags: Optional[dict[str, str]] = None,
+    reuse: bool = True,
+) -> str:
+    """Create the run (or, with ``reuse``, return the existing run of that name so a resumed
+    job keeps its history) and return its id."""
+    client = _client(uri)
+    exp_id = _experiment_id(client, uri, experiment)
+    if reuse:
+        rid = find_run(uri, experiment, run_name)
+        if rid is not None:
+            client.set_terminated(rid, "RUNNING")
+            return rid
+    all_tags = {"mlflow.runName": run_name, **(tags or {})}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
+    return run.info.run_id
+
+
+def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    _client(uri).set_terminated(run_id, status)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+class MLflowTracker:
+    """Logs into one run by id.
+
+    Args:
+        uri: tracking URI.
+        run_id: the run (from :func:`start_run`).
+    """
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        self.uri = uri
+        self.run_id = run_id
+        self.client = _client(uri)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        flat = _flatten(params)
+        existing = self.client.get_run(self.run_id).data.params
+        batch = []
+        for k, v in flat.items():
+            sv = json.dumps(v) if isinstance(v, (list, tuple)) else str(v)
+            sv = sv[:_MAX_PARAM_LEN]
+            if k in existing:
+                continue  # params are immutable in MLflow; a resumed run logged them already
+            batch.append(Param(k, sv))
+        for i in range(0, len(batch), 100):
+            self.client.log_batch(self.run_id, params=batch[i : i + 100])
+
+    def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        batch = [
+            Metric(k, float(v), ts, step)
+            for k, v in _flatten(metrics).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+        ]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+    def log_artifact(self, path: str, artifact_path: Optional[str] = None) -> None:
+        self.client.log_artifact(self.run_id, path, artifact_path)
+
+    def log_dict(self, d: Any, artifact_file: str) -> None:
+        self.client.log_dict(self.run_id, d, artifact_file)
+
+    def log_figure(self, fig: Any, artifact_file: str) -> None:
+        self.client.log_figure(self.run_id, fig, artifact_file)
