@@ -18,8 +18,11 @@ matter how many shards there are or how uneven they are, and more workers than s
 * **Eval** (``train=False``): shards in manifest order, no shuffle, rank ``r`` gets positions
   ``[r*N/W, (r+1)*N/W)`` (sizes differ by at most one sample), so across ranks every sample
   is seen exactly once; only the last batch of a rank may be partial, and batch counts across
-  ranks differ by at most one. Within a rank, DataLoader workers take whole batches in turn,
-  so the order is deterministic.
+  ranks differ by at most one. Within a rank, each DataLoader worker reads a contiguous run
+  of whole batches and the DataLoader takes one batch from each worker in turn, so the order
+  is deterministic for a given ``(world_size, num_workers, batch_size)``, and the samples a
+  rank sees do not depend on ``num_workers`` (only their batch order does). Interleaving the
+  workers' ranges sample by sample instead would make every worker read every shard.
 
 Rank and world size default to ``torch.distributed`` when it is initialised, else the
 ``RANK``/``WORLD_SIZE`` environment variables (what ``wds.split_by_node`` reads, and what Ray
