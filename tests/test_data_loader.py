@@ -230,6 +230,7 @@ def test_transform_ops() -> None:
     assert rrc(img, g).shape == (3, 5, 5)
     cc = ImageTransform(eval_preset(4))  # resize shorter side to round(4 / 0.875) = 5, crop 4
     assert cc(img, g).shape == (3, 4, 4)
+    assert ImageTransform(train_preset(10))(img, g).shape == (3, 10, 10)  # 6x8 input: resized to img_size
     assert train_preset(28).pad_crop == 3 and train_preset(224).random_resized_crop
     assert eval_preset(28, source_size=28) == TransformConfig(img_size=28)
     with pytest.raises(ValueError, match=r"scale=\(0.5, 0.2\)"):

@@ -28,7 +28,9 @@ class TransformConfig:
 
     1. ``random_resized_crop``: a random crop covering ``scale`` of the area with aspect ratio
        in ``ratio`` (log-uniform), resized to ``img_size`` (the Inception/ImageNet recipe), or
-    2. ``resize`` the shorter side to this many pixels, then ``center_crop`` to ``img_size``.
+    2. ``resize`` the shorter side to this many pixels, then ``center_crop`` to ``img_size``;
+       an image still not ``img_size`` square after that is resized to it, so the output
+       always has side ``img_size`` when it is set.
     3. ``pad_crop``: zero-pad by this many pixels on each side and take a random crop of the
        original size (the CIFAR recipe).
     4. ``hflip``: flip left-right with this probability.
@@ -173,6 +175,10 @@ class ImageTransform:
                     hh, ww = x.shape[-2:]
                 top, left = (hh - cs) // 2, (ww - cs) // 2
                 x = x[:, top : top + cs, left : left + cs]
+            if c.img_size is not None and tuple(x.shape[-2:]) != (c.img_size, c.img_size):
+                # img_size is the promised output size: a 28-px data set fed to a 32-px model
+                # is resized rather than handed over at the wrong size.
+                x = _resize(x, (c.img_size, c.img_size))
         if c.pad_crop > 0:
             p = c.pad_crop
             hh, ww = x.shape[-2:]
