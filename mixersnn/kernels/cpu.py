@@ -18,11 +18,13 @@ import subprocess
 import tempfile
 import threading
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from mixersnn.kernels._alloc import empty_like_large
 from mixersnn.kernels.source import (
     backward_variant,
     backward_variants,
@@ -37,7 +39,9 @@ __all__ = ["CpuLibrary", "cache_dir", "load_library", "cpu_unavailable_reason", 
 
 # -ffp-contract=off: no fused multiply-add, so the charge step rounds exactly like the torch
 # reference and spikes match bit for bit. -fno-math-errno lets the compiler treat math calls
-# as pure. No -ffast-math: it would reorder the forward arithmetic.
+# as pure; -fno-trapping-math lets the vectoriser if-convert selects (FP exceptions are never
+# enabled here); neither changes a result. No -ffast-math: it would reorder the forward
+# arithmetic.
 _BASE_FLAGS: tuple[str, ...] = (
     "-O3",
     "-std=c++17",
@@ -46,6 +50,7 @@ _BASE_FLAGS: tuple[str, ...] = (
     "-shared",
     "-ffp-contract=off",
     "-fno-math-errno",
+    "-fno-trapping-math",
 )
 
 
@@ -99,8 +104,13 @@ class CpuLibrary:
     compiled: bool
 
 
-def _build_recipe() -> tuple[str, list[str], str]:
-    """(source with its build id embedded, g++ command prefix, build id)."""
+@lru_cache(maxsize=None)
+def _build_recipe(cxx_env: Optional[str]) -> tuple[str, list[str], str]:
+    """(source with its build id embedded, g++ command prefix, build id).
+
+    Cached per process (it runs ``g++ --version``); ``cxx_env`` is ``$CXX``, the only input
+    that can change between calls.
+    """
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError(
@@ -169,7 +179,7 @@ def load_library(*, use_memory_cache: bool = True) -> CpuLibrary:
     Raises:
         RuntimeError: no compiler, or the compile failed (the message carries its log).
     """
-    src, cmd, build_id = _build_recipe()
+    src, cmd, build_id = _build_recipe(os.environ.get("CXX"))
     path = cache_dir() / f"lif_cpu_{build_id}.so"
     with _LOCK:
         if use_memory_cache and str(path) in _LOADED:
@@ -229,8 +239,8 @@ class _CpuLIF(torch.autograd.Function):
         x = x_seq.contiguous()
         v = v0.contiguous()
         steps, n = x.shape[0], v.numel()
-        spikes = torch.empty_like(x)
-        u_saved = torch.empty_like(x) if save else None
+        spikes = empty_like_large(x)
+        u_saved = empty_like_large(x) if save else None
         v_final = torch.empty_like(v)
         if n > 0:
             getattr(lib, forward_variant(p, "float32", save).c_symbol)(
@@ -254,7 +264,7 @@ class _CpuLIF(torch.autograd.Function):
             grad_spikes = torch.zeros_like(u_saved)
         gs = grad_spikes.to(torch.float32).contiguous()
         gv = None if grad_vfinal is None else grad_vfinal.to(torch.float32).contiguous()
-        grad_x = torch.empty_like(u_saved)
+        grad_x = empty_like_large(u_saved)
         grad_v0 = torch.empty_like(u_saved[0]) if ctx.needs_input_grad[1] else None
         if n > 0:
             getattr(load_library().lib, backward_variant(p, "float32").c_symbol)(

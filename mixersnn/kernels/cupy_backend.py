@@ -164,14 +164,35 @@ def _as_cupy(t: Optional[torch.Tensor]) -> Any:
     return cupy.from_dlpack(t)
 
 
-def _launch(variant: KernelVariant, n: int, device: torch.device, args: tuple) -> None:
+def _cupy_stream(stream: torch.cuda.Stream, device_index: int) -> Any:
+    """Wrap torch's stream for CuPy: the CUDA stream protocol where both sides have it
+    (CuPy >= 14 deprecates ExternalStream), else the raw handle."""
+    import warnings
+
     import cupy
 
+    from_external = getattr(cupy.cuda.Stream, "from_external", None)
+    if from_external is not None and hasattr(stream, "__cuda_stream__"):
+        return from_external(stream)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return cupy.cuda.ExternalStream(stream.cuda_stream, device_index)
+
+
+def _launch(variant: KernelVariant, n: int, device: torch.device, args: tuple) -> None:
+    """Run one kernel on torch's current stream; tensors (or None = null) go by DLPack."""
+    import cupy
+
+    # One block covers _THREADS * _LANES elements; the kernel's tile loop is grid-stride, so
+    # capping the grid only matters past 2^31 blocks.
     blocks = max(1, min(-(-n // (_THREADS * _LANES)), 2**31 - 1))
     kernel = _kernel(variant)
-    stream = torch.cuda.current_stream(device)
-    with cupy.cuda.Device(device.index), cupy.cuda.ExternalStream(stream.cuda_stream, device.index):
-        kernel((blocks,), (_THREADS,), args)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with cupy.cuda.Device(index), _cupy_stream(torch.cuda.current_stream(device), index):
+        # Converted inside the stream context, so DLPack's producer/consumer streams are the
+        # same and torch inserts no extra synchronisation.
+        cargs = tuple(_as_cupy(a) if a is None or isinstance(a, torch.Tensor) else a for a in args)
+        kernel((blocks,), (_THREADS,), cargs)
 
 
 class _CupyLIF(torch.autograd.Function):
@@ -190,8 +211,7 @@ class _CupyLIF(torch.autograd.Function):
         v_final = torch.empty_like(v)
         if n > 0:
             args = (
-                _as_cupy(x), _as_cupy(v), _as_cupy(spikes), _as_cupy(u_saved),
-                _as_cupy(v_final), numpy.int64(n), numpy.int32(steps),
+                x, v, spikes, u_saved, v_final, numpy.int64(n), numpy.int32(steps),
                 numpy.float32(1.0 / p.tau), numpy.float32(p.v_reset_charge),
                 numpy.float32(p.v_threshold),
             )  # fmt: skip
@@ -217,8 +237,7 @@ class _CupyLIF(torch.autograd.Function):
         grad_v0 = torch.empty_like(u_saved[0]) if ctx.needs_input_grad[1] else None
         if n > 0:
             args = (
-                _as_cupy(u_saved), _as_cupy(gs), _as_cupy(gv), _as_cupy(grad_x),
-                _as_cupy(grad_v0), numpy.int64(n), numpy.int32(steps),
+                u_saved, gs, gv, grad_x, grad_v0, numpy.int64(n), numpy.int32(steps),
                 numpy.float32(1.0 / p.tau), numpy.float32(p.v_reset_charge),
                 numpy.float32(p.v_threshold), numpy.float32(p.alpha),
             )  # fmt: skip

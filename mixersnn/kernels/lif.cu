@@ -59,14 +59,17 @@ LIF_GLOBAL void lif_forward(const scalar_t* LIF_RESTRICT x, const scalar_t* LIF_
         const bool fire = u >= 0.0f;
         spikes[i] = lif_store<scalar_t>(fire ? 1.0f : 0.0f);
         if (kSave) {
-          // u + 0 turns -0 into +0, so "sign bit clear" == "fired" survives storage; a
-          // negative u that rounds to zero in 16 bits keeps its sign (round-to-nearest).
-          u_saved[i] = lif_store<scalar_t>(fire ? u + 0.0f : u);
+          // u + 0 turns -0 (which fires) into +0 and leaves every other value alone, so
+          // "sign bit clear" == "fired" survives storage; a negative u that rounds to zero
+          // in 16 bits keeps its sign (round-to-nearest).
+          u_saved[i] = lif_store<scalar_t>(u + 0.0f);
         }
+        // Both resets as selects of values computed unconditionally (h - 0 == h exactly), so
+        // the CPU build vectorises the loop without speculating a conditional FP operation.
         if (kHard) {
           v[j] = fire ? v_reset : h;
         } else {
-          v[j] = fire ? h - v_threshold : h;
+          v[j] = h - (fire ? v_threshold : 0.0f);
         }
       }
     }

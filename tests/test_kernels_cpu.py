@@ -1,0 +1,258 @@
+"""The "cpu" backend (lif.cu compiled as host C++) against the torch reference.
+
+Spikes must match exactly; v_final and the gradients of x and v0 to fp32 tolerance. Also:
+backend selection, the GPU-less failure mode of "cupy", and the on-disk library cache.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from mixersnn.kernels import cpu as cpu_kernels
+from mixersnn.neurons import LIF, lif_multistep, lif_reference, make_lif_params
+from mixersnn.neurons.backends import LIFParams, resolve_backend
+
+pytestmark = pytest.mark.skipif(
+    cpu_kernels.cpu_unavailable_reason() is not None,
+    reason=f"cpu kernels unavailable: {cpu_kernels.cpu_unavailable_reason()}",
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _options() -> list[LIFParams]:
+    """Every option combination, with non-default constants for half of them."""
+    out = []
+    for v_reset, decay, detach, surrogate in itertools.product(
+        (0.0, None), (True, False), (True, False), ("sigmoid", "atan")
+    ):
+        out.append(
+            make_lif_params(
+                v_reset=v_reset, decay_input=decay, detach_reset=detach, surrogate=surrogate
+            )
+        )
+        out.append(
+            make_lif_params(
+                tau=3.7,
+                v_threshold=0.6,
+                v_reset=None if v_reset is None else -0.2,
+                decay_input=decay,
+                detach_reset=detach,
+                surrogate=surrogate,
+                alpha=2.5,
+            )
+        )
+    return out
+
+
+OPTIONS = _options()
+
+
+def _inputs(steps: int, n: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Currents that make neurons fire sometimes, with some values on a 0.25 grid so the
+    membrane hits the threshold exactly (the >= and -0 cases)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(steps, n, generator=g) * 1.5 + 0.7
+    grid = torch.randint(-4, 12, (steps, n), generator=g).float() * 0.25
+    use_grid = torch.rand(steps, n, generator=g) < 0.3
+    return torch.where(use_grid, grid, x).to(dtype)
+
+
+def _run(fn, x: torch.Tensor, v0: torch.Tensor, p: LIFParams, gs: torch.Tensor, gv: torch.Tensor):
+    x = x.detach().clone().requires_grad_()
+    v0 = v0.detach().clone().requires_grad_()
+    s, v = fn(x, v0, p)
+    gx, gv0 = torch.autograd.grad([s, v], [x, v0], [gs.to(s.dtype), gv.to(v.dtype)])
+    return s, v, gx, gv0
+
+
+@pytest.mark.parametrize("p", OPTIONS, ids=lambda p: repr(p))
+def test_parity_with_reference_fp32(p: LIFParams) -> None:
+    for steps, n in [(1, 1), (2, 7), (5, 1031), (16, 7), (16, 1031), (3, 20000)]:
+        x = _inputs(steps, n, seed=steps * 7919 + n)
+        v0 = torch.randn(n) * 0.5
+        gs, gv = torch.randn(steps, n), torch.randn(n)
+        s_ref, v_ref, gx_ref, gv0_ref = _run(lif_reference, x, v0, p, gs, gv)
+        s, v, gx, gv0 = _run(cpu_kernels.lif_cpu, x, v0, p, gs, gv)
+        assert s.dtype == torch.float32 and s.shape == (steps, n)
+        assert torch.equal(s, s_ref), f"spikes differ at T={steps}, N={n}"
+        torch.testing.assert_close(v, v_ref, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(gv0, gv0_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_the_inputs_exercise_firing_and_exact_threshold_hits() -> None:
+    # Guards the parity test against inputs that never fire (where a broken reset or a
+    # broken surrogate branch would go unnoticed).
+    p = make_lif_params()
+    x = _inputs(16, 1031, seed=1)
+    h = torch.zeros(1031)
+    hits = 0
+    for t in range(16):
+        h_t = h + (x[t] - h) * 0.5
+        hits += int((h_t == p.v_threshold).sum())
+        h = torch.where(h_t >= 1.0, torch.zeros_like(h_t), h_t)
+    s, _ = lif_reference(x, torch.zeros(1031), p)
+    assert 0.1 < s.mean().item() < 0.9
+    assert hits > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("p", OPTIONS[::3], ids=lambda p: repr(p))
+def test_16bit_inputs_match_fp32_reference_on_upcast_values(dtype: torch.dtype, p: LIFParams) -> None:
+    steps, n = 6, 1031
+    x = _inputs(steps, n, seed=5, dtype=dtype)
+    v0 = (torch.randn(n) * 0.5).to(dtype)
+    gs, gv = torch.randn(steps, n), torch.randn(n)
+    s_ref, v_ref, gx_ref, gv0_ref = _run(lif_reference, x.float(), v0.float(), p, gs, gv)
+    s, v, gx, gv0 = _run(cpu_kernels.lif_cpu, x, v0, p, gs.to(dtype), gv.to(dtype))
+    assert s.dtype == dtype and v.dtype == dtype and gx.dtype == dtype
+    assert torch.equal(s.float(), s_ref)
+    # The results are fp32 values rounded once to the 16-bit type (plus the 16-bit upstream
+    # gradients), so the tolerance is a few units of that type's precision.
+    tol = {torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
+    torch.testing.assert_close(v.float(), v_ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(gx.float(), gx_ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(gv0.float(), gv0_ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("v_init", [None, "given"])
+def test_lif_multistep_backend_cpu_matches_torch(v_init: str | None) -> None:
+    x = _inputs(4, 2 * 3 * 5 * 7, seed=3).reshape(4, 2, 3, 5, 7)
+    v = None if v_init is None else torch.randn(2, 3, 5, 7)
+    outs = {}
+    for backend in ("torch", "cpu"):
+        xx = x.clone().requires_grad_()
+        vv = None if v is None else v.clone().requires_grad_()
+        s, vf = lif_multistep(xx, vv, backend=backend, surrogate="atan", detach_reset=False)
+        (s * torch.arange(s.numel()).reshape(s.shape).sin()).sum().add(vf.square().sum()).backward()
+        outs[backend] = (s, vf, xx.grad, None if vv is None else vv.grad)
+    for a, b in zip(outs["torch"], outs["cpu"]):
+        if a is None:
+            assert b is None
+        else:
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    assert torch.equal(outs["torch"][0], outs["cpu"][0])
+
+
+def test_non_contiguous_input_and_state() -> None:
+    p = make_lif_params(v_reset=None)
+    base = _inputs(9, 3 * 257, seed=11).reshape(9, 3, 257)
+    x = base.transpose(1, 2)  # [9, 257, 3], non-contiguous
+    v0 = torch.randn(3, 257).t()
+    assert not x.is_contiguous() and not v0.is_contiguous()
+    gs, gv = torch.randn(x.shape), torch.randn(v0.shape)
+    ref = _run(lif_reference, x, v0, p, gs, gv)
+    got = _run(cpu_kernels.lif_cpu, x, v0, p, gs, gv)
+    assert torch.equal(got[0], ref[0])
+    for a, b in zip(ref[1:], got[1:]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_only_v_final_used_and_no_grad_forward() -> None:
+    p = make_lif_params(detach_reset=False)
+    x = _inputs(5, 333, seed=2)
+    v0 = torch.randn(333)
+    # A gradient that reaches only v_final (spikes unused downstream).
+    xr, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    lif_reference(xr, v0, p)[1].sum().backward()
+    cpu_kernels.lif_cpu(xc, v0, p)[1].sum().backward()
+    torch.testing.assert_close(xc.grad, xr.grad, rtol=1e-5, atol=1e-5)
+    # Under no_grad the forward stores nothing for backward and still returns the same result.
+    with torch.no_grad():
+        s_ref, v_ref = lif_reference(x, v0, p)
+        s, v = cpu_kernels.lif_cpu(x.requires_grad_(), v0, p)
+    assert not s.requires_grad
+    assert torch.equal(s, s_ref)
+    torch.testing.assert_close(v, v_ref)
+
+
+def test_float64_keeps_its_precision() -> None:
+    p = make_lif_params()
+    x = _inputs(3, 50, seed=4).double()
+    v0 = torch.zeros(50, dtype=torch.float64)
+    s, v = cpu_kernels.lif_cpu(x, v0, p)
+    s_ref, v_ref = lif_reference(x, v0, p)
+    assert v.dtype == torch.float64
+    assert torch.equal(s, s_ref) and torch.equal(v, v_ref)
+
+
+def test_empty_tensor() -> None:
+    x = torch.zeros(3, 0, requires_grad=True)
+    s, v = cpu_kernels.lif_cpu(x, torch.zeros(0), make_lif_params())
+    s.sum().backward()
+    assert s.shape == (3, 0) and v.shape == (0,) and x.grad.shape == (3, 0)
+
+
+def test_auto_picks_cpu_for_cpu_tensors() -> None:
+    assert resolve_backend("auto", torch.zeros(2, 3)).name == "cpu"
+
+
+def test_module_uses_the_cpu_backend() -> None:
+    x = _inputs(4, 64, seed=9).reshape(4, 8, 8).requires_grad_()
+    layer_cpu, layer_ref = LIF(backend="cpu"), LIF(backend="torch")
+    s_cpu, s_ref = layer_cpu(x), layer_ref(x)
+    assert torch.equal(s_cpu, s_ref)
+    (g_cpu,) = torch.autograd.grad(s_cpu.sum(), x)
+    (g_ref,) = torch.autograd.grad(s_ref.sum(), x)
+    torch.testing.assert_close(g_cpu, g_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cupy_without_a_gpu_raises_at_once_with_the_reason() -> None:
+    from mixersnn.kernels.cupy_backend import cupy_unavailable_reason
+
+    reason = cupy_unavailable_reason()
+    assert reason is not None and ("CUDA" in reason or "CuPy" in reason)
+    with pytest.raises(RuntimeError, match="backend='cupy' cannot run here") as info:
+        LIF(backend="cupy")
+    assert reason in str(info.value)
+    with pytest.raises(RuntimeError, match="backend='cupy' cannot run here"):
+        lif_multistep(torch.zeros(2, 3), backend="cupy")
+
+
+def _load_in_subprocess(cache: Path) -> str:
+    """Load the library in a fresh process (dlopen caches by path within one process)."""
+    code = textwrap.dedent(
+        """
+        import torch
+        from mixersnn.kernels.cpu import load_library
+        from mixersnn.kernels import lif_cpu
+        from mixersnn.neurons import make_lif_params
+        lib = load_library()
+        s, v = lif_cpu(torch.full((2, 3), 2.0), torch.zeros(3), make_lif_params())
+        assert s.tolist() == [[1.0] * 3, [1.0] * 3], s
+        print("compiled" if lib.compiled else "reused", lib.path)
+        """
+    )
+    env = dict(os.environ, MIXERSNN_CACHE=str(cache))
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip()
+
+
+def test_library_cache_is_reused_and_a_corrupt_file_is_rebuilt(tmp_path: Path) -> None:
+    # Seed the test cache with this process's library (the file name is the hash of source,
+    # flags, compiler and CPU, not of the directory), so only the rebuild below compiles.
+    loaded = cpu_kernels.load_library()
+    so = tmp_path / "kernels" / loaded.path.name
+    so.parent.mkdir(parents=True)
+    so.write_bytes(loaded.path.read_bytes())
+    assert _load_in_subprocess(tmp_path) == f"reused {so}"
+
+    so.write_bytes(b"\x7fELF not really a shared library")
+    assert _load_in_subprocess(tmp_path) == f"compiled {so}"
+    assert so.stat().st_size > 10_000
+    assert [f.name for f in so.parent.iterdir()] == [so.name]  # no temp files left behind
+
+    assert _load_in_subprocess(tmp_path) == f"reused {so}"
