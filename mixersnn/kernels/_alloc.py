@@ -42,8 +42,8 @@ def empty_like_large(t: torch.Tensor) -> torch.Tensor:
     Args:
         t: any CPU tensor; the result has its shape and dtype.
     """
-    out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
-    if _madvise is not None and out.device.type == "cpu" and out.nbytes >= _MIN_BYTES:
+    out = torch.empty_like(t, memory_format=torch.contiguous_format)
+    if _madvise is not None and out.is_cpu and out.numel() * out.element_size() >= _MIN_BYTES:
         start = (out.data_ptr() + _PAGE - 1) & ~(_PAGE - 1)
         end = (out.data_ptr() + out.nbytes) & ~(_PAGE - 1)
         if end > start:

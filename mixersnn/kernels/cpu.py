@@ -20,7 +20,7 @@ import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -226,6 +226,17 @@ def cpu_unavailable_reason() -> Optional[str]:
     return _STATUS[0]
 
 
+@lru_cache(maxsize=None)
+def _forward_fn(p: LIFParams, save: bool) -> Callable[..., None]:
+    # Resolved once per option set: the per-call path is then one dict lookup and the call.
+    return getattr(load_library().lib, forward_variant(p, "float32", save).c_symbol)
+
+
+@lru_cache(maxsize=None)
+def _backward_fn(p: LIFParams) -> Callable[..., None]:
+    return getattr(load_library().lib, backward_variant(p, "float32").c_symbol)
+
+
 def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
     return None if t is None else t.data_ptr()
 
@@ -235,7 +246,6 @@ class _CpuLIF(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_seq: torch.Tensor, v0: torch.Tensor, p: LIFParams, save: bool):  # type: ignore[override]
-        lib = load_library().lib
         x = x_seq.contiguous()
         v = v0.contiguous()
         steps, n = x.shape[0], v.numel()
@@ -243,7 +253,7 @@ class _CpuLIF(torch.autograd.Function):
         u_saved = empty_like_large(x) if save else None
         v_final = torch.empty_like(v)
         if n > 0:
-            getattr(lib, forward_variant(p, "float32", save).c_symbol)(
+            _forward_fn(p, save)(
                 x.data_ptr(), v.data_ptr(), spikes.data_ptr(), _ptr(u_saved),
                 v_final.data_ptr(), n, steps, 1.0 / p.tau, p.v_reset_charge,
                 p.v_threshold, torch.get_num_threads(),
@@ -267,7 +277,7 @@ class _CpuLIF(torch.autograd.Function):
         grad_x = empty_like_large(u_saved)
         grad_v0 = torch.empty_like(u_saved[0]) if ctx.needs_input_grad[1] else None
         if n > 0:
-            getattr(load_library().lib, backward_variant(p, "float32").c_symbol)(
+            _backward_fn(p)(
                 u_saved.data_ptr(), gs.data_ptr(), _ptr(gv), grad_x.data_ptr(),
                 _ptr(grad_v0), n, steps, 1.0 / p.tau, p.v_reset_charge, p.v_threshold,
                 p.alpha, torch.get_num_threads(),

@@ -1,0 +1,195 @@
+"""Fused LIF throughput: forward + backward, every available backend against the reference.
+
+Measured, not asserted. For each device (CPU, and CUDA when present) and dtype this times one
+training step of the multi-step LIF core, ``spikes, v = backend(x, v0)`` then
+``backward(spikes, grad)``, as the median of ``--repeats`` runs after ``--warmup`` runs, for
+the reference loop ("torch") and every fused backend, in the same process.
+
+The memory floor is measured in the same run: the time of a large tensor copy gives the
+machine's copy bandwidth B (bytes read + written per second). A fused step must move at
+least 24 bytes per element in fp32 (forward reads x, writes spikes and u; backward reads the
+spike gradient and u, writes the x gradient), 12 in 16 bits, so it cannot take less than
+``T * N * bytes / B``. "floor" in the table is that bound divided by the measured time
+(1.00 = running at copy speed).
+
+    .venv/bin/python benchmarks/lif.py                          # T=4, N=4M, fp32 on CPU
+    .venv/bin/python benchmarks/lif.py --steps 8 --numel 1000000 --json out.json
+    .venv/bin/python benchmarks/lif.py --smoke                  # seconds, for CI
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+# Runnable as a script from the repository root without installing the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mixersnn.neurons import available_backends, make_lif_params  # noqa: E402
+from mixersnn.neurons.backends import resolve_backend  # noqa: E402
+
+_BYTES_PER_ELEMENT = {torch.float32: 24, torch.float16: 12, torch.bfloat16: 12}
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
+    """Median wall time of ``fn`` over ``repeats`` runs after ``warmup`` untimed runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int, warmup: int, repeats: int) -> float:
+    """Bytes per second (read + write) of ``dst.copy_(src)`` on ``nbytes``-sized fp32 tensors."""
+    src = torch.randn(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    t = median_seconds(lambda: dst.copy_(src), device, warmup, repeats)
+    return 2 * src.numel() * 4 / t
+
+
+def bench_backend(
+    name: str, device: torch.device, dtype: torch.dtype, steps: int, numel: int,
+    warmup: int, repeats: int,
+) -> float:  # fmt: skip
+    """Median seconds of one forward + backward of backend ``name``."""
+    p = make_lif_params()
+    x = torch.randn(steps, numel, device=device, dtype=dtype).requires_grad_()
+    v0 = torch.zeros(numel, device=device, dtype=dtype)
+    grad = torch.randn(steps, numel, device=device, dtype=dtype)
+    fn = resolve_backend(name, x).fn
+
+    def step() -> None:
+        spikes, _ = fn(x, v0, p)
+        torch.autograd.backward([spikes], [grad])
+        x.grad = None
+
+    return median_seconds(step, device, warmup, repeats)
+
+
+def run(args: argparse.Namespace) -> dict:
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available() and not args.cpu_only:
+        devices.append(torch.device("cuda"))
+    rows = []
+    meta: dict = {
+        "steps": args.steps,
+        "numel": args.numel,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "backends": {},
+        "copy_GBps": {},
+    }
+    for device in devices:
+        status = available_backends(device.type)
+        meta["backends"][device.type] = status
+        usable = [b for b, reason in status.items() if reason is None]
+        # The reference first: every other row is compared with it.
+        usable.sort(key=lambda b: (b != "torch", b))
+        bw = copy_bandwidth(device, args.copy_mib << 20, args.warmup, args.repeats)
+        meta["copy_GBps"][device.type] = bw / 1e9
+        dtypes = args.dtypes or (["float32"] if device.type == "cpu" else list(_DTYPES))
+        for dtype_name in dtypes:
+            dtype = _DTYPES[dtype_name]
+            elements = args.steps * args.numel
+            floor_s = elements * _BYTES_PER_ELEMENT[dtype] / bw
+            ref_s = None
+            for backend in usable:
+                # The reference loop is slow on the CPU: fewer repeats keep the run short.
+                reps = max(3, args.repeats // 2) if backend == "torch" else args.repeats
+                secs = bench_backend(
+                    backend, device, dtype, args.steps, args.numel, args.warmup, reps
+                )
+                if backend == "torch":
+                    ref_s = secs
+                rows.append(
+                    {
+                        "device": device.type,
+                        "dtype": dtype_name,
+                        "backend": backend,
+                        "ms": secs * 1e3,
+                        "Gelem_per_s": elements / secs / 1e9,
+                        "vs_reference": None if ref_s is None else ref_s / secs,
+                        "GBps_moved": elements * _BYTES_PER_ELEMENT[dtype] / secs / 1e9,
+                        "fraction_of_floor": floor_s / secs,
+                        "floor_ms": floor_s * 1e3,
+                    }
+                )
+    return {"meta": meta, "rows": rows}
+
+
+def print_table(result: dict) -> None:
+    meta = result["meta"]
+    print(
+        f"LIF forward+backward, T={meta['steps']}, N={meta['numel']:,} "
+        f"(torch {meta['torch']}, {meta['threads']} CPU threads)"
+    )
+    for dev, gbps in meta["copy_GBps"].items():
+        print(f"  {dev}: copy bandwidth {gbps:.1f} GB/s (read + write)")
+    for dev, status in meta["backends"].items():
+        for b, reason in status.items():
+            if reason is not None:
+                print(f"  {dev}: backend {b!r} skipped: {reason}")
+    header = f"{'device':6} {'dtype':9} {'backend':8} {'ms':>9} {'Gelem/s':>8} {'vs ref':>7} {'GB/s':>7} {'floor':>6} {'floor ms':>9}"
+    print(header)
+    print("-" * len(header))
+    for r in result["rows"]:
+        ratio = "" if r["vs_reference"] is None else f"{r['vs_reference']:.2f}x"
+        print(
+            f"{r['device']:6} {r['dtype']:9} {r['backend']:8} {r['ms']:9.2f} "
+            f"{r['Gelem_per_s']:8.3f} {ratio:>7} {r['GBps_moved']:7.1f} "
+            f"{r['fraction_of_floor']:6.2f} {r['floor_ms']:9.2f}"
+        )
+    print(
+        "floor = (bytes a fused step must move / copy bandwidth) / measured time; "
+        "1.00 runs at copy speed. vs ref = reference time / this time."
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=4, help="time steps T (default 4)")
+    ap.add_argument("--numel", type=int, default=4 * 1024 * 1024, help="neurons N (default 4M)")
+    ap.add_argument("--repeats", type=int, default=7, help="timed runs; the median is shown")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed runs first")
+    ap.add_argument(
+        "--dtypes", nargs="+", choices=list(_DTYPES), default=None,
+        help="default: float32 on CPU; float32, float16, bfloat16 on CUDA",
+    )  # fmt: skip
+    ap.add_argument("--copy-mib", type=int, default=512, help="size of the copy that measures bandwidth")
+    ap.add_argument("--cpu-only", action="store_true", help="skip CUDA even if present")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat (CI)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.numel, args.repeats, args.warmup, args.copy_mib = 4096, 1, 1, 8
+    result = run(args)
+    print_table(result)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

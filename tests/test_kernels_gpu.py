@@ -1,0 +1,142 @@
+"""The "cupy" backend on a CUDA device against the torch reference in fp32.
+
+Run with ``pytest -m gpu tests/test_kernels_gpu.py`` (benchmarks/gpu_check.sh does). Every
+test skips cleanly without a CUDA device. 16-bit inputs are compared with the fp32 reference
+on the upcast values: the kernels compute in fp32, so spikes match exactly and only the
+16-bit rounding of stored values separates the rest.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from mixersnn.neurons import LIF, lif_multistep, lif_reference, make_lif_params
+from mixersnn.neurons.backends import LIFParams, available_backends, resolve_backend
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# v_final and gradients: fp32 arithmetic everywhere, the only error is rounding to storage
+# (u saved in 16 bits feeds the surrogate; gradients are accumulated over up to 16 steps).
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def _options() -> list[LIFParams]:
+    out = []
+    for v_reset, decay, detach, surrogate in itertools.product(
+        (0.0, None), (True, False), (True, False), ("sigmoid", "atan")
+    ):
+        out.append(
+            make_lif_params(
+                tau=2.0 if decay else 3.7,
+                v_threshold=1.0 if surrogate == "sigmoid" else 0.6,
+                v_reset=v_reset if v_reset is None or detach else -0.2,
+                decay_input=decay,
+                detach_reset=detach,
+                surrogate=surrogate,
+            )
+        )
+    return out
+
+
+OPTIONS = _options()
+
+
+def _inputs(steps: int, n: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(steps, n, generator=g, device="cuda") * 1.5 + 0.7
+    grid = torch.randint(-4, 12, (steps, n), generator=g, device="cuda").float() * 0.25
+    use_grid = torch.rand(steps, n, generator=g, device="cuda") < 0.3
+    return torch.where(use_grid, grid, x).to(dtype)
+
+
+def _run(backend: str, x: torch.Tensor, v0: torch.Tensor, p: LIFParams, gs, gv):
+    x = x.detach().clone().requires_grad_()
+    v0 = v0.detach().clone().requires_grad_()
+    s, v = resolve_backend(backend, x).fn(x, v0, p)
+    gx, gv0 = torch.autograd.grad([s, v], [x, v0], [gs.to(s.dtype), gv.to(v.dtype)])
+    return s, v, gx, gv0
+
+
+def _check(p: LIFParams, steps: int, n: int, dtype: torch.dtype, seed: int) -> None:
+    x = _inputs(steps, n, seed, dtype)
+    v0 = (torch.randn(n, device="cuda") * 0.5).to(dtype)
+    gs = torch.randn(steps, n, device="cuda").to(dtype)
+    gv = torch.randn(n, device="cuda").to(dtype)
+    ref = _run("torch", x.float(), v0.float(), p, gs.float(), gv.float())
+    got = _run("cupy", x, v0, p, gs, gv)
+    assert got[0].dtype == dtype and got[0].shape == (steps, n)
+    assert torch.equal(got[0].float(), ref[0]), f"spikes differ: T={steps} N={n} {dtype}"
+    tol = TOL[dtype]
+    for name, a, b in zip(("v_final", "grad_x", "grad_v0"), ref[1:], got[1:]):
+        torch.testing.assert_close(b.float(), a, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+
+
+def test_cupy_is_available_and_auto_picks_it() -> None:
+    assert available_backends("cuda")["cupy"] is None
+    assert resolve_backend("auto", torch.zeros(1, device="cuda")).name == "cupy"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("p", OPTIONS, ids=repr)
+def test_parity_all_options_odd_sizes(p: LIFParams, dtype: torch.dtype) -> None:
+    for steps, n in [(1, 1), (2, 7), (5, 1031), (16, 1031), (16, 4097), (3, 65537)]:
+        _check(p, steps, n, dtype, seed=steps * 1000 + n)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("steps", [1, 4, 16])
+def test_parity_large(steps: int, dtype: torch.dtype) -> None:
+    # More elements than one grid-stride pass of a small grid, and not a multiple of a tile.
+    _check(make_lif_params(), steps, (1 << 22) + 3, dtype, seed=steps)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_lif_multistep_and_module(dtype: torch.dtype) -> None:
+    x = _inputs(4, 2 * 3 * 8 * 8, seed=7, dtype=dtype).reshape(4, 2, 3, 8, 8)
+    s_ref, v_ref = lif_multistep(x.float(), backend="torch")
+    s, v = lif_multistep(x, backend="cupy")
+    assert torch.equal(s.float(), s_ref)
+    torch.testing.assert_close(v.float(), v_ref, rtol=TOL[dtype], atol=TOL[dtype])
+    layer = LIF(backend="cupy")
+    xx = x.detach().clone().requires_grad_()
+    layer(xx).sum().backward()
+    xr = x.float().detach().clone().requires_grad_()
+    LIF(backend="torch")(xr).sum().backward()
+    torch.testing.assert_close(xx.grad.float(), xr.grad, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+def test_non_contiguous_no_grad_and_v_final_only() -> None:
+    p = make_lif_params(v_reset=None, detach_reset=False)
+    base = _inputs(6, 3 * 1000, seed=3, dtype=torch.float32).reshape(6, 3, 1000)
+    x = base.transpose(1, 2)
+    assert not x.is_contiguous()
+    with torch.no_grad():
+        s_ref, v_ref = lif_reference(x, torch.zeros(1000, 3, device="cuda"), p)
+        s, v = resolve_backend("cupy", x).fn(x, torch.zeros(1000, 3, device="cuda"), p)
+    assert torch.equal(s, s_ref)
+    torch.testing.assert_close(v, v_ref, rtol=1e-6, atol=1e-6)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    lif_reference(xa, torch.zeros(1000, 3, device="cuda"), p)[1].sum().backward()
+    resolve_backend("cupy", xb).fn(xb, torch.zeros(1000, 3, device="cuda"), p)[1].sum().backward()
+    torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_runs_on_a_side_stream() -> None:
+    # Launches go to torch's current stream; work queued there must be ordered correctly.
+    p = make_lif_params()
+    side = torch.cuda.Stream()
+    x = _inputs(4, 1 << 20, seed=5, dtype=torch.float32)
+    torch.cuda.synchronize()
+    with torch.cuda.stream(side):
+        y = x * 1.0  # produced on the side stream
+        s, _ = resolve_backend("cupy", y).fn(y, torch.zeros_like(y[0]), p)
+    side.synchronize()
+    s_ref, _ = lif_reference(x, torch.zeros_like(x[0]), p)
+    assert torch.equal(s, s_ref)
