@@ -87,9 +87,10 @@ def bench_backend(
 
 
 def run(args: argparse.Namespace) -> dict:
-    devices = [torch.device("cpu")]
-    if torch.cuda.is_available() and not args.cpu_only:
-        devices.append(torch.device("cuda"))
+    wanted = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    if "cuda" in wanted and not torch.cuda.is_available():
+        raise SystemExit("--devices cuda: torch sees no CUDA device")
+    devices = [torch.device(d) for d in wanted]
     rows = []
     meta: dict = {
         "steps": args.steps,
@@ -177,7 +178,10 @@ def main(argv: list[str] | None = None) -> None:
         help="default: float32 on CPU; float32, float16, bfloat16 on CUDA",
     )  # fmt: skip
     ap.add_argument("--copy-mib", type=int, default=512, help="size of the copy that measures bandwidth")
-    ap.add_argument("--cpu-only", action="store_true", help="skip CUDA even if present")
+    ap.add_argument(
+        "--devices", nargs="+", choices=["cpu", "cuda"], default=None,
+        help="default: cpu, plus cuda when present",
+    )  # fmt: skip
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat (CI)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)

@@ -18,7 +18,9 @@ import torch
 from mixersnn.kernels.source import (
     KernelVariant,
     backward_variant,
+    backward_variants,
     forward_variant,
+    forward_variants,
     kernel_source,
 )
 from mixersnn.neurons.backends import LIFParams
@@ -141,16 +143,26 @@ def cupy_unavailable_reason() -> Optional[str]:
 
 
 @lru_cache(maxsize=None)
-def _kernel(variant: KernelVariant) -> Any:
-    """The compiled ``cupy.RawKernel`` for one instantiation (one module per variant)."""
+def _module(dtype: str) -> Any:
+    """One ``cupy.RawModule`` per storage dtype holding every option set's kernels.
+
+    A handful of NVRTC runs (the fp16/bf16 headers are parsed once per module) instead of one
+    per option set; CuPy compiles on first use and caches the cubin on disk.
+    """
     import cupy
 
-    module = cupy.RawModule(
+    variants = forward_variants((dtype,)) + backward_variants((dtype,))
+    return cupy.RawModule(
         code=kernel_source("cuda"),
         options=nvrtc_options(),
-        name_expressions=[variant.template_name],
+        name_expressions=[v.template_name for v in variants],
     )
-    return module.get_function(variant.template_name)
+
+
+@lru_cache(maxsize=None)
+def _kernel(variant: KernelVariant) -> Any:
+    """The compiled ``cupy.RawKernel`` for one instantiation."""
+    return _module(variant.dtype).get_function(variant.template_name)
 
 
 def _as_cupy(t: Optional[torch.Tensor]) -> Any:
