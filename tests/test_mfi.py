@@ -41,7 +41,7 @@ def fmnist(start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return img.unsqueeze(1), torch.from_numpy(y[start : start + n])
 
 
-def train_briefly(model: nn.Module, steps: int = 5, batch: int = 24) -> nn.Module:
+def train_briefly(model: nn.Module, steps: int = 4, batch: int = 16) -> nn.Module:
     """A few SGD steps on real images, so BN running stats and weights are non-trivial."""
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     model.train()
