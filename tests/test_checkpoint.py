@@ -90,16 +90,6 @@ def test_torch_file_that_is_not_a_checkpoint_is_refused(tmp_path, obj):
         load_model(path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "load_checkpoint does not catch torch.load's failure on a file that is not a torch "
-        "file at all: a text file raises a bare KeyError (KeyError: 104, the byte 'h') and a "
-        "binary one an UnpicklingError about weights_only ('Unsupported operand 0'); neither "
-        "names the file or says it is not a checkpoint. Expected: ValueError '<path> is not a "
-        "mixersnn checkpoint'"
-    ),
-)
 @pytest.mark.parametrize(
     "content", [b"hello, not a checkpoint\n", b"\x00\x01\x02garbage" * 10], ids=["text", "binary"]
 )

@@ -194,14 +194,6 @@ def test_from_dict_rejects_unknown_keys():
         MixerSNNConfig.from_dict(d)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "MixerSNNConfig.from_dict checks unknown top-level keys but not unknown neuron keys: "
-        "from_dict({'neuron': {'bogus': 1}}) raises TypeError from NeuronConfig.__init__ "
-        "instead of ConfigError (replace(neuron={'bogus': 1}) does raise ConfigError)"
-    ),
-)
 def test_from_dict_rejects_unknown_neuron_keys():
     d = MixerSNNConfig(**BASE).to_dict()
     d["neuron"]["bogus"] = 1

@@ -58,7 +58,14 @@ def load_checkpoint(path: Union[str, Path], *, map_location: Union[str, torch.de
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    obj = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # not a torch file, or one that needs unsafe unpickling
+        raise ValueError(
+            f"{path} is not a mixersnn checkpoint: torch.load(weights_only=True) refused it "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). Write "
+            f"checkpoints with mixersnn.models.save_checkpoint"
+        ) from None
     if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT or "config" not in obj:
         raise ValueError(
             f"{path} is not a mixersnn checkpoint (expected a dict with format "

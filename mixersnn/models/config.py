@@ -75,6 +75,9 @@ class MixerSNNConfig:
         if not isinstance(self.depths, tuple):
             object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
         if isinstance(self.neuron, dict):
+            bad = sorted(set(self.neuron) - set(NEURON_KEYS))
+            if bad:
+                raise ConfigError(f"unknown neuron key(s) {bad}; valid: {list(NEURON_KEYS)}")
             object.__setattr__(self, "neuron", NeuronConfig(**self.neuron))
         self.validate()
 
