@@ -256,3 +256,29 @@ def test_library_cache_is_reused_and_a_corrupt_file_is_rebuilt(tmp_path: Path) -
     assert [f.name for f in so.parent.iterdir()] == [so.name]  # no temp files left behind
 
     assert _load_in_subprocess(tmp_path) == f"reused {so}"
+
+
+def test_without_a_compiler_import_works_and_the_reason_is_reported(tmp_path: Path) -> None:
+    code = textwrap.dedent(
+        """
+        import torch
+        import mixersnn.kernels  # must not raise
+        from mixersnn.neurons import available_backends, lif_multistep
+        from mixersnn.neurons.backends import resolve_backend
+        reason = available_backends("cpu")["cpu"]
+        assert reason is not None and "no C++ compiler" in reason, reason
+        assert resolve_backend("auto", torch.zeros(2)).name == "torch"
+        try:
+            lif_multistep(torch.zeros(2, 3), backend="cpu")
+        except RuntimeError as err:
+            assert "no C++ compiler" in str(err), err
+        else:
+            raise AssertionError("backend='cpu' ran without a compiler")
+        print("ok")
+        """
+    )
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-g++"), MIXERSNN_CACHE=str(tmp_path))
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
