@@ -188,6 +188,29 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def replica_divergence(model: nn.Module, device: torch.device) -> float:
+    """Largest difference between DDP replicas of a few parameter checksums (0 when in sync).
+
+    Each rank reduces its parameters to (sum, sum of squares, position-weighted sum) in
+    float64; replicas that DDP keeps identical give identical triples. A non-zero value means
+    the ranks drifted apart (a bug, or non-deterministic kernels at the last few ulps).
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return 0.0
+    s0 = s1 = s2 = 0.0
+    with torch.no_grad():
+        for i, p in enumerate(model.parameters()):
+            v = p.detach().double()
+            s0 += float(v.sum())
+            s1 += float((v * v).sum())
+            s2 += (i + 1) * float(v.mean())
+    mine = torch.tensor([s0, s1, s2], dtype=torch.float64, device=device)
+    everyone = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, mine)
+    stacked = torch.stack(everyone)
+    return float((stacked.max(0).values - stacked.min(0).values).abs().max())
+
+
 def unwrap(model: nn.Module) -> MixerSNN:
     return model.module if hasattr(model, "module") else model  # type: ignore[return-value]
 
@@ -289,6 +312,8 @@ def run_training(cfg: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
         start_epoch = int(state["epoch"]) + 1
         history = list(state.get("history", []))
         ctx.log(f"resumed from epoch {start_epoch - 1} ({ctx.resume_dir})")
+        if ctx.is_main and ctx.tracker is not None:
+            ctx.tracker.log_metrics({"resumed_from_epoch": start_epoch - 1}, step=start_epoch)
 
     ddp_model = ctx.wrap_model(model)
     if ctx.is_main and ctx.tracker is not None and start_epoch == 0:
@@ -320,7 +345,7 @@ def run_training(cfg: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
                 loss = torch.sum(-targets * F.log_softmax(logits, dim=1), dim=1).mean()
             if not torch.isfinite(loss):
                 raise FloatingPointError(
-                    f"loss is {float(loss)} at epoch {epoch} step {step}; lower lr (now "
+                    f"loss is {float(loss.detach())} at epoch {epoch} step {step}; lower lr (now "
                     f"{sched.get_last_lr()[0]:.3g}) or turn on grad_clip"
                 )
             opt.zero_grad(set_to_none=True)
@@ -363,6 +388,7 @@ def run_training(cfg: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
             "images_per_s": seen / max(epoch_time, 1e-9),
             "epoch_time_s": epoch_time,
             "train_time_s": t_train,
+            "replica_divergence": replica_divergence(model, device),
         }
         if meter is not None:
             metrics.update(meter.summary(model_cfg))

@@ -79,15 +79,31 @@ def _worker_loop(config: dict[str, Any]) -> None:
     kill_epoch = os.environ.get(_CRASH_ENV)
     marker = os.environ.get(_CRASH_MARKER_ENV)
 
+    # Where the ranks run, reported with every epoch (and checked by the multi-node test).
+    import ray as _ray
+    import torch.distributed as dist
+
+    node_id = _ray.get_runtime_context().get_node_id()
+    node_ids = [node_id]
+    if world > 1 and dist.is_initialized():
+        node_ids = [None] * world
+        dist.all_gather_object(node_ids, node_id)
+
     def report(metrics: dict[str, Any], ckpt_dir: Optional[Path]) -> None:
+        metrics = {**metrics, "num_nodes": len(set(node_ids)), "worker_node_ids": list(node_ids)}
         checkpoint = ray.train.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir is not None else None
         ray.train.report(
             metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{int(metrics['epoch']):04d}"
         )
-        # Fault-injection hook for the tests: die like a killed process right after a report.
+        # Fault-injection hook for the tests: once the epoch before ``kill_epoch`` is reported,
+        # the last rank dies like a killed process while the others are already training the
+        # next epoch (they block in DDP's all-reduce until Ray restarts the group).
         if kill_epoch is not None and marker and int(metrics["epoch"]) + 1 == int(kill_epoch) and rank == world - 1:
             if not os.path.exists(marker):
                 Path(marker).write_text(str(os.getpid()))
+                import time
+
+                time.sleep(3.0)  # mid-epoch for the other ranks; the checkpoint is registered
                 os.kill(os.getpid(), signal.SIGKILL)
 
     def wrap(model: torch.nn.Module) -> torch.nn.Module:

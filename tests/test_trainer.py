@@ -1,0 +1,155 @@
+"""The training loop in one process (no Ray): learning, checkpoints, resume, config errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mixersnn.models import ConfigError, load_model
+from trainers.config import ScaleConfig, TrainConfig, load_yaml_config
+from trainers.loop import CHECKPOINT_FILE, WorkerContext, build_scheduler, run_training
+
+TINY_MODEL = {"embed_dim": 12, "depths": [1, 1], "T": 2}
+
+
+@pytest.fixture(scope="session")
+def fmnist_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real Fashion-MNIST: the first 1024 training and 256 test images, 8 + 2 shards."""
+    from mixersnn.data import make_shards
+
+    out = tmp_path_factory.mktemp("fmnist")
+    make_shards(None, out, limit={"train": 1024, "test": 256}, samples_per_shard=128, progress=False)
+    return out
+
+
+def _cfg(data: Path, **kw) -> TrainConfig:
+    base = dict(
+        model="mlp_spe_t",
+        model_overrides=dict(TINY_MODEL),
+        data=str(data),
+        epochs=2,
+        batch_size=32,
+        eval_batch_size=128,
+        lr=5e-3,
+        warmup_epochs=0.0,
+        log_model=False,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+class Recorder:
+    """Keeps what the loop reports, like Ray Train keeps checkpoints."""
+
+    def __init__(self, keep: Path) -> None:
+        self.keep = keep
+        self.metrics: list[dict] = []
+
+    def __call__(self, metrics: dict, ckpt_dir) -> None:
+        self.metrics.append(dict(metrics))
+        if ckpt_dir is not None:
+            dst = self.keep / f"epoch_{metrics['epoch']}"
+            dst.mkdir(parents=True, exist_ok=True)
+            (dst / CHECKPOINT_FILE).write_bytes((Path(ckpt_dir) / CHECKPOINT_FILE).read_bytes())
+
+
+def test_loop_learns_on_real_data_and_reports_every_epoch(fmnist_shards: Path, tmp_path: Path) -> None:
+    rec = Recorder(tmp_path)
+    cfg = _cfg(fmnist_shards, epochs=3)
+    final = run_training(cfg, WorkerContext(report=rec, log=lambda s: None))
+    assert [m["epoch"] for m in rec.metrics] == [0, 1, 2]
+    # 10 classes: chance is 0.1. Three short epochs on 1024 real images must beat it clearly.
+    assert final["test_acc"] > 0.35, final
+    assert rec.metrics[-1]["train_loss"] < rec.metrics[0]["train_loss"]
+    assert final["test_samples"] == 256
+    # Energy accounting from the eval pass: SOPs and energy are positive and a rate in (0, 1).
+    assert final["sops_per_image"] > 0 and final["energy_per_image_uj"] > 0
+    assert 0 < final["mean_firing_rate"] < 1
+    # Each epoch's checkpoint rebuilds the model it describes.
+    model = load_model(tmp_path / "epoch_2" / CHECKPOINT_FILE)
+    assert model.config.img_size == 28 and model.config.in_chans == 1 and model.config.num_classes == 10
+    assert model.config.embed_dim == 12 and model.config.T == 2
+
+
+def test_resume_continues_without_retraining(fmnist_shards: Path, tmp_path: Path) -> None:
+    full = Recorder(tmp_path / "full")
+    run_training(_cfg(fmnist_shards, epochs=3), WorkerContext(report=full, log=lambda s: None))
+
+    # Stop after epoch 0 (a 3-epoch schedule with a 1-epoch budget), then resume from there.
+    first = Recorder(tmp_path / "first")
+    run_training(_cfg(fmnist_shards, epochs=3, time_budget_s=1e-9), WorkerContext(report=first, log=lambda s: None))
+    assert [m["epoch"] for m in first.metrics] == [0]
+    resumed = Recorder(tmp_path / "resumed")
+    logs: list[str] = []
+    run_training(
+        _cfg(fmnist_shards, epochs=3),
+        WorkerContext(report=resumed, resume_dir=tmp_path / "first" / "epoch_0", log=logs.append),
+    )
+    assert [m["epoch"] for m in resumed.metrics] == [1, 2], "epochs before the checkpoint must not re-run"
+    assert any("resumed from epoch 0" in line for line in logs)
+    # The resumed run continues the same schedule: its learning rate matches the uninterrupted run.
+    assert resumed.metrics[-1]["lr"] == pytest.approx(full.metrics[-1]["lr"], abs=1e-12)
+    state = torch.load(tmp_path / "resumed" / "epoch_2" / CHECKPOINT_FILE, weights_only=True)
+    assert [h["epoch"] for h in state["history"]] == [0, 1, 2]
+
+
+def test_nan_loss_is_a_clear_error(fmnist_shards: Path, tmp_path: Path) -> None:
+    cfg = _cfg(fmnist_shards, epochs=1, lr=1e30, grad_clip=None, optimizer="sgd", max_steps_per_epoch=8)
+    with pytest.raises(FloatingPointError, match="lower lr"):
+        run_training(cfg, WorkerContext(report=Recorder(tmp_path), log=lambda s: None))
+
+
+def test_schedule_warms_up_then_decays_to_the_floor() -> None:
+    cfg = TrainConfig(epochs=4, warmup_epochs=1.0, lr=1.0, min_lr_ratio=0.1, log_model=False)
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = build_scheduler(opt, cfg, steps_per_epoch=10)
+    lrs = []
+    for _ in range(40):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.1)  # warm-up step 1 of 10
+    assert lrs[9] == pytest.approx(1.0)  # peak at the end of warm-up
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])), "cosine phase must not increase"
+    assert lrs[-1] == pytest.approx(0.1, abs=0.01)  # floor = min_lr_ratio * lr
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"epochs": 0}, "epochs=0"),
+        ({"lr": -1.0}, "lr=-1.0"),
+        ({"optimizer": "adam"}, "optimizer='adam'"),
+        ({"warmup_epochs": 5.0, "epochs": 2}, "warmup_epochs=5.0"),
+        ({"label_smoothing": 1.0}, "label_smoothing=1.0"),
+        ({"model_overrides": {"embed_dim": 80}}, "embed_dim=80"),
+        ({"model": "nope"}, "not registered"),
+    ],
+)
+def test_bad_training_config_names_the_value(kw: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kw)
+
+
+def test_bad_scale_config_and_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="num_workers=0"):
+        ScaleConfig(num_workers=0)
+    with pytest.raises(ConfigError, match="cpus_per_worker=0"):
+        ScaleConfig(cpus_per_worker=0)
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  epochs: 2\nscael:\n  num_workers: 2\n")
+    with pytest.raises(ConfigError, match="scael"):
+        load_yaml_config(f)
+    f.write_text("train:\n  epochs: 2\n  learning_rate: 0.1\n")
+    train_d, _ = load_yaml_config(f)
+    with pytest.raises(ConfigError, match="learning_rate"):
+        TrainConfig.from_dict(train_d)
+
+
+def test_missing_data_folder_fails_before_training(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="make-shards"):
+        run_training(cfg, WorkerContext(log=lambda s: None))

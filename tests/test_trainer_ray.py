@@ -1,0 +1,182 @@
+"""Ray Train end to end: multi-node DDP, fault tolerance, MLflow on a real server.
+
+Each test starts its own Ray runtime (or simulated cluster) and gives Ray Train its own
+storage path: a run with a reused name and path silently resumes.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mixersnn.models import load_model
+from trainers.config import ScaleConfig, TrainConfig
+
+ray = pytest.importorskip("ray")
+
+TINY_MODEL = {"embed_dim": 12, "depths": [1, 1], "T": 2}
+# Workers inherit these: one torch thread each (2 cores), fast Ray Train health checks.
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real Fashion-MNIST slices: 512 train / 256 test images, 4 + 2 shards."""
+    from mixersnn.data import make_shards
+
+    out = tmp_path_factory.mktemp("fmnist-ray")
+    make_shards(None, out, limit={"train": 512, "test": 256}, samples_per_shard=128, progress=False)
+    return out
+
+
+def _cfg(data: Path, tmp: Path, **kw) -> TrainConfig:
+    base = dict(
+        model="mlp_spe_t",
+        model_overrides=dict(TINY_MODEL),
+        data=str(data),
+        epochs=2,
+        batch_size=32,
+        eval_batch_size=128,
+        lr=5e-3,
+        warmup_epochs=0.0,
+        tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}",
+        experiment="test",
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture
+def local_ray():
+    os.environ.update(WORKER_ENV)
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+             runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_two_workers_on_two_nodes_stay_identical(shards: Path, tmp_path: Path) -> None:
+    from ray.cluster_utils import Cluster
+
+    from trainers.ray_train import fit
+
+    os.environ.update(WORKER_ENV)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True,
+                                                           "dashboard_host": "127.0.0.1"})
+    cluster.add_node(num_cpus=1)
+    try:
+        ray.init(address=cluster.address, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False)
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+        res = fit(
+            _cfg(shards, tmp_path),
+            ScaleConfig(num_workers=2, cpus_per_worker=1, storage_path=str(tmp_path / "ray"), name="multinode"),
+        )
+        m = res.metrics
+        # One worker per node: each node has one CPU and each worker needs one.
+        assert m["num_nodes"] == 2 and len(set(m["worker_node_ids"])) == 2
+        # DDP kept the replicas identical after every step of two epochs.
+        assert m["replica_divergence"] == 0.0
+        assert m["epoch"] == 1 and m["test_samples"] == 256  # eval covered every sample once
+        assert load_model(res.checkpoint_path).config.embed_dim == 12
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_killed_worker_resumes_from_last_checkpoint(shards: Path, tmp_path: Path, local_ray) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from trainers.ray_train import fit
+
+    marker = tmp_path / "killed"
+    env = {"MIXERSNN_TEST_KILL_AT_EPOCH": "2", "MIXERSNN_TEST_KILL_MARKER": str(marker)}
+    # The hook reads the environment of the worker process: set it for the job's workers.
+    ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+             runtime_env={"env_vars": {**WORKER_ENV, **env}}, log_to_driver=False)
+    cfg = _cfg(shards, tmp_path, epochs=3)
+    res = fit(cfg, ScaleConfig(num_workers=2, cpus_per_worker=1, max_failures=1,
+                               storage_path=str(tmp_path / "ray"), name="faulty"))
+    assert marker.exists(), "the worker was not killed: the test would prove nothing"
+    assert res.metrics["epoch"] == 2
+    # MLflow saw every epoch exactly once: epochs 0 and 1 (before the checkpoint the restart
+    # resumed from) were not trained again.
+    client = MlflowClient(cfg.tracking_uri)
+    hist = client.get_metric_history(res.mlflow_run_id, "train_loss")
+    assert sorted(h.step for h in hist) == [0, 1, 2]
+    resumed = client.get_metric_history(res.mlflow_run_id, "resumed_from_epoch")
+    assert [(h.step, h.value) for h in resumed] == [(2, 1.0)], "one restart, from epoch 1's checkpoint"
+    run = MlflowClient(cfg.tracking_uri).get_run(res.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path):
+    port = _free_port()
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    proc = subprocess.Popen(
+        [str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "artifacts"),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    import urllib.request
+
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"mlflow server on {url} did not become healthy")
+        time.sleep(0.5)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def test_run_logged_to_mlflow_server(shards: Path, tmp_path: Path, local_ray, mlflow_server: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from trainers.ray_train import fit
+
+    cfg = _cfg(shards, tmp_path, tracking_uri=mlflow_server, experiment="server-test")
+    res = fit(cfg, ScaleConfig(num_workers=1, cpus_per_worker=1, storage_path=str(tmp_path / "ray"), name="served"))
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(res.mlflow_run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "served"
+    p = run.data.params
+    assert p["train.model"] == "mlp_spe_t" and p["model.embed_dim"] == "12" and p["model.T"] == "2"
+    assert int(p["model.num_params"]) > 0
+    for key in ("train_loss", "test_acc", "lr", "images_per_s", "energy_per_image_uj", "sops_per_image", "mean_firing_rate"):
+        assert [h.step for h in client.get_metric_history(run.info.run_id, key)] == [0, 1], key
+    arts = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+    assert {"model/model.pt", "model/mfi_report.json"} <= arts
+    local = client.download_artifacts(run.info.run_id, "model/mfi_report.json", str(tmp_path / "dl"))
+    import json
+
+    report = json.loads(Path(local).read_text())
+    assert report["ok"] is True
+    assert run.data.tags["mixersnn.mfi_ok"] == "True"
+    model_file = client.download_artifacts(run.info.run_id, "model/model.pt", str(tmp_path / "dl"))
+    assert load_model(model_file).config.embed_dim == 12
