@@ -132,6 +132,7 @@ def fit(
     *,
     track: bool = True,
     ray_init_kwargs: Optional[dict[str, Any]] = None,
+    callbacks: Optional[list[Any]] = None,
 ) -> FitResult:
     """Train with Ray Train and return the final metrics and checkpoint.
 
@@ -140,6 +141,8 @@ def fit(
         scale: workers and resources.
         track: log to MLflow (``cfg.tracking_uri`` or the embedded sqlite store).
         ray_init_kwargs: passed to ``ray.init`` when no Ray runtime is up yet (local runs).
+        callbacks: Ray Train ``RunConfig`` callbacks, e.g. Tune's ``TuneReportCallback`` when
+            this runs inside a Tune trial (the search does that).
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -180,6 +183,7 @@ def fit(
             storage_path=storage,
             failure_config=FailureConfig(max_failures=scale.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
         ),
     )
     status = "FAILED"
