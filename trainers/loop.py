@@ -389,6 +389,9 @@ def run_training(cfg: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
             "epoch_time_s": epoch_time,
             "train_time_s": t_train,
             "replica_divergence": replica_divergence(model, device),
+            # Damaged data is skipped, counted and reported, never silently absorbed.
+            "corrupt_shards_skipped": float(train_loader.stats.corrupt_shards + eval_loader.stats.corrupt_shards),
+            "corrupt_samples_skipped": float(train_loader.stats.corrupt_samples + eval_loader.stats.corrupt_samples),
         }
         if meter is not None:
             metrics.update(meter.summary(model_cfg))
