@@ -1,0 +1,424 @@
+"""The search driver: Ray Tune over Ray Train trials, Optuna as the searcher, MLflow as the
+record. The one file of the search that touches Ray Tune's API.
+
+Layout of one search (``<storage_path>/<name>/``): Tune's experiment state (the resume point)
+and ``train/`` with each trial's Ray Train run (``trial-<id>``, its checkpoints). In MLflow:
+a parent run named after the search and a nested child run ``trial-<id>`` per trial. Names
+come from the search name and Tune's trial ids, which Tune keeps on restore, so a resumed
+driver reuses the parent run, continues the trials it lost from their last checkpoint, and
+writes into the same child runs: no duplicates.
+
+Trials that break the user's constraints never train: the sampler marks them infeasible, the
+trial function records a child run tagged ``mixersnn.trial_status=infeasible`` with the
+reason (status KILLED) and reports a dominated sentinel (accuracy 0 at its estimated energy)
+so the searcher learns to avoid the region. Failed trials (NaN loss, crashed workers) are
+tagged ``failed`` with the reason; Tune records the error and the search goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from search.space import Sampler, SearchConfig
+from search.tracking import REASON_TAG, SEARCH_TAG, STATUS_TAG, TrialRow
+
+__all__ = ["run_search", "SearchResult", "SearchExistsError"]
+
+# Tune snapshots its experiment state (the resume point) at most this often; the default
+# ("auto") can be minutes apart, and a driver killed in between restarts trials from scratch.
+_CHECKPOINT_PERIOD_S = "2"
+
+
+class SearchExistsError(RuntimeError):
+    """A search of that name already has state on disk (and ``--resume`` was not given)."""
+
+
+@dataclass
+class SearchResult:
+    """What a finished search hands back."""
+
+    name: str
+    parent_run_id: str
+    tracking_uri: str
+    rows: list[TrialRow]
+    front: list[TrialRow]
+    best: Optional[TrialRow]
+    registered_version: Optional[str]
+    wall_s: float
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------- trial function
+def _failure_reason(err: BaseException) -> str:
+    """The root cause in one line (Ray wraps worker errors in several layers)."""
+    text = str(err).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "Error" in ln or "error" in ln or "loss is" in ln:
+            return ln[:500]
+    return (lines[-1] if lines else type(err).__name__)[:500]
+
+
+def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
+    """One Tune trial: record the child run, then train through Ray Train (or skip if infeasible).
+
+    Args:
+        config: Tune's config for the trial: the sampled Optuna values and ``resolved``
+            (see :func:`search.space.suggest`).
+        ctx: the search context (tracking, parent run, fixed training fields, scale).
+    """
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from trainers.config import ScaleConfig, TrainConfig
+    from trainers.ray_train import fit
+    from trainers.tracking import MLflowTracker, end_run, start_run
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    r = config["resolved"]
+    run_name = f"trial-{trial_id}"
+    uri = ctx["tracking_uri"]
+    # Created here (before fit) so infeasible and crashed trials have a run too; fit() finds
+    # it by name and logs into it. Reuse by name also makes a restarted trial write here.
+    run_id = start_run(uri, ctx["experiment"], run_name, parent_run_id=ctx["parent_run_id"],
+                       tags={SEARCH_TAG: ctx["search"], "mixersnn.trial_id": trial_id, "mixersnn.kind": "trial"})
+    tr = MLflowTracker(uri, run_id)
+    sampled = {f"optuna.{k}": json.dumps(v) for k, v in config.items() if k != "resolved"}
+    searched = {
+        **sampled,
+        **{f"arch.{k}": v for k, v in r["arch"].items()},
+        **{f"hp.{k}": v for k, v in r["train"].items()},
+        "trial_id": trial_id,
+        "distributions": json.dumps(r.get("distributions", {})),
+    }
+    tr.log_params({f"search.{k}": v for k, v in searched.items()})
+    tr.log_metrics({"num_params": r["num_params"], "search.energy_uj_dense": r["energy_uj_dense"],
+                    "search.energy_uj_est": r["energy_uj_est"]}, step=0)
+
+    if r.get("infeasible"):
+        tr.set_tags({STATUS_TAG: "infeasible", REASON_TAG: r["infeasible"]})
+        end_run(uri, run_id, "KILLED")
+        ray.tune.report({"test_acc": 0.0, "energy_per_image_uj": float(r["energy_uj_est"]),
+                         "num_params": float(r["num_params"]), "infeasible": 1, "search_final": 1})
+        return
+
+    tr.set_tags({STATUS_TAG: "running"})
+    cfg = TrainConfig.from_dict({
+        **ctx["train"], **r["train"], "model": ctx["base_model"], "data": ctx["data"],
+        "model_overrides": dict(r["arch"]), "tracking_uri": uri, "experiment": ctx["experiment"],
+        "run_name": run_name, "parent_run_id": ctx["parent_run_id"],
+    })
+    scale = ScaleConfig(**ctx["scale"], storage_path=ctx["train_storage"], name=run_name)
+    try:
+        res = fit(cfg, scale, callbacks=[TuneReportCallback()])
+    except Exception as err:
+        tr.set_tags({STATUS_TAG: "failed", REASON_TAG: _failure_reason(err)})
+        end_run(uri, run_id, "FAILED")
+        raise
+    m = res.metrics
+    energy = m.get("energy_per_image_uj")
+    cap = ctx.get("max_energy_uj")
+    tags: dict[str, Any] = {STATUS_TAG: "ok"}
+    if cap is not None and energy is not None and energy > cap:
+        # Passed the pre-training estimate (an assumed firing rate below 1) but not the
+        # measurement: keep the result, never register it.
+        tags.update({"mixersnn.over_energy_limit": True,
+                     REASON_TAG: f"measured energy {energy:.4g} uJ > constraints.max_energy_uj={cap:g}"})
+    tr.set_tags(tags)
+    tr.log_metrics({"epochs_completed": int(m.get("epoch", -1)) + 1}, step=0)
+    # The final result carries every objective (parameters are not in Train's epoch reports).
+    ray.tune.report({"test_acc": float(m.get("test_acc", 0.0)),
+                     "energy_per_image_uj": float(energy if energy is not None else r["energy_uj_est"]),
+                     "num_params": float(r["num_params"]), "infeasible": 0, "search_final": 1})
+
+
+# ---------------------------------------------------------------------------- progress + status
+def _tune_callback_cls() -> type:
+    from ray.tune import Callback
+
+    class SearchProgress(Callback):
+        """Prints one line per finished trial and settles the status of trials the trial
+        function could not settle itself (stopped by ASHA or the time budget, crashed actors)."""
+
+        def __init__(self, *, total: int, uri: str, experiment: str, quiet: bool = False) -> None:
+            self.total = total
+            self.uri = uri
+            self.experiment = experiment
+            self.quiet = quiet
+            self.t0 = time.time()
+            self.done = 0
+
+        def _child(self, trial: Any) -> Optional[str]:
+            from trainers.tracking import find_run
+
+            return find_run(self.uri, self.experiment, f"trial-{trial.trial_id}")
+
+        def _line(self, trials: list, trial: Any, status: str, extra: str = "") -> None:
+            if self.quiet:
+                return
+            # Counted here: the trial's own status is not final yet while callbacks run.
+            self.done += 1
+            done = self.done
+            res = trial.last_result or {}
+            acc = res.get("test_acc")
+            en = res.get("energy_per_image_uj")
+            arch = (trial.config or {}).get("resolved", {}).get("arch", {})
+            print(
+                f"[{time.time() - self.t0:6.0f}s] {done:>3}/{self.total} trial-{trial.trial_id} {status:<10} "
+                + (f"acc {acc:.4f} " if isinstance(acc, (int, float)) else "")
+                + (f"energy {en:.3f} uJ " if isinstance(en, (int, float)) else "")
+                + f"| C={arch.get('embed_dim')} d={arch.get('depths')} T={arch.get('T')} "
+                f"p={arch.get('patch_size')} spe={arch.get('spe')} {extra}",
+                flush=True,
+            )
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            res = trial.last_result or {}
+            if res.get("infeasible"):
+                self._line(trials, trial, "infeasible", f"({(trial.config['resolved'].get('infeasible') or '')[:80]})")
+                return
+            if res.get("search_final"):
+                self._line(trials, trial, "done")
+                return
+            # Stopped between epochs: ASHA, or the search's time budget ran out.
+            epochs = int(res.get("epoch", -1)) + 1
+            reason = f"stopped after {epochs} epoch(s) (ASHA early stopping or the search time budget)"
+            rid = self._child(trial)
+            if rid is not None:
+                from trainers.tracking import MLflowTracker, end_run
+
+                tr = MLflowTracker(self.uri, rid)
+                tr.set_tags({STATUS_TAG: "stopped", REASON_TAG: reason})
+                tr.log_metrics({"epochs_completed": epochs}, step=0)
+                end_run(self.uri, rid, "KILLED")
+            self._line(trials, trial, "stopped", f"({reason.split(' (')[0]})")
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            rid = self._child(trial)
+            reason = ""
+            if rid is not None:
+                from mlflow.tracking import MlflowClient
+
+                from trainers.tracking import MLflowTracker, end_run
+
+                tags = MlflowClient(self.uri).get_run(rid).data.tags
+                reason = tags.get(REASON_TAG, "")
+                if tags.get(STATUS_TAG) != "failed":
+                    # The trial's process died before it could say why: take Tune's record.
+                    reason = _failure_reason(RuntimeError(str(getattr(trial, "error_msg", "") or "trial process died")))
+                    MLflowTracker(self.uri, rid).set_tags({STATUS_TAG: "failed", REASON_TAG: reason})
+                    end_run(self.uri, rid, "FAILED")
+            self._line(trials, trial, "FAILED", f"({reason[:100]})")
+
+    return SearchProgress
+
+
+# ---------------------------------------------------------------------------- driver
+def _max_concurrent(cfg: SearchConfig) -> int:
+    """Trials at once: what the cluster's CPUs (and GPUs) hold, or the user's number."""
+    import ray
+
+    if cfg.budget.max_concurrent_trials != "auto":
+        return int(cfg.budget.max_concurrent_trials)
+    res = ray.cluster_resources()
+    workers = int(cfg.scale.get("num_workers", 1))
+    per_cpu = workers * float(cfg.scale.get("cpus_per_worker", 1.0)) + 0.01
+    n = math.floor(float(res.get("CPU", 1.0)) / per_cpu + 1e-9)
+    if cfg.scale.get("use_gpu"):
+        per_gpu = workers * float(cfg.scale.get("gpus_per_worker", 1.0))
+        n = min(n, math.floor(float(res.get("GPU", 0.0)) / per_gpu + 1e-9))
+    if n < 1:
+        raise RuntimeError(
+            f"one trial needs {per_cpu:.2f} CPUs"
+            + (f" and {workers * float(cfg.scale.get('gpus_per_worker', 1.0))} GPUs" if cfg.scale.get("use_gpu") else "")
+            + f" but the Ray cluster has {dict(res)}; lower scale.cpus_per_worker / num_workers or add nodes"
+        )
+    return n
+
+
+def _searcher(cfg: SearchConfig) -> Any:
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    if cfg.objective.sampler == "nsga2":
+        sampler = optuna.samplers.NSGAIISampler(population_size=cfg.objective.population_size, seed=cfg.seed)
+    else:
+        # Few trials: start modelling after a handful of random ones.
+        sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=max(2, min(8, cfg.budget.num_trials // 3)))
+    names, modes = cfg.objective.metrics()
+    if cfg.objective.mode == "multi":
+        # Multi-objective: metric/mode on the searcher, TuneConfig's left unset (no scheduler).
+        return OptunaSearch(space=Sampler(cfg), metric=names, mode=modes, sampler=sampler)
+    # Single objective: metric/mode go in TuneConfig (ASHA needs them there too).
+    return OptunaSearch(space=Sampler(cfg), sampler=sampler)
+
+
+def _ctx(cfg: SearchConfig, uri: str, parent_run_id: str) -> dict[str, Any]:
+    return {
+        "tracking_uri": uri,
+        "experiment": cfg.experiment,
+        "parent_run_id": parent_run_id,
+        "search": cfg.name,
+        "base_model": cfg.base_model,
+        "data": cfg.data,
+        "train": dict(cfg.train),
+        "scale": dict(cfg.scale),
+        "train_storage": str(cfg.search_dir() / "train"),
+        "max_energy_uj": cfg.constraints.max_energy_uj,
+    }
+
+
+def run_search(
+    cfg: SearchConfig,
+    *,
+    resume: bool = False,
+    ray_init_kwargs: Optional[dict[str, Any]] = None,
+    quiet: bool = False,
+    register: bool = True,
+    log: Callable[[str], None] = print,
+) -> SearchResult:
+    """Run (or resume) a search and summarise it in MLflow.
+
+    Args:
+        cfg: the search.
+        resume: continue the search of this name from ``<storage_path>/<name>`` (the driver
+            was killed): unfinished trials restart from their last checkpoint, finished ones
+            are kept; errored trials stay errored.
+        ray_init_kwargs: ``ray.init`` arguments when no Ray runtime is up (local runs).
+        quiet: no per-trial progress lines.
+        register: register the selected model in the MLflow model registry.
+        log: where progress and the summary go.
+
+    Raises:
+        SearchExistsError: state exists and ``resume`` is False, or none exists and it is True.
+    """
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", _CHECKPOINT_PERIOD_S)
+    import ray
+    from ray import tune
+
+    from trainers.tracking import MLflowTracker, end_run, resolve_tracking_uri, start_run
+
+    t0 = time.time()
+    uri = resolve_tracking_uri(cfg.tracking_uri)
+    sdir = cfg.search_dir()
+    exists = (sdir / "tuner.pkl").exists()
+    if resume and not exists:
+        raise SearchExistsError(f"--resume: no search state at {sdir}; start it without --resume "
+                                f"(or point storage_path/name at the search to resume)")
+    if not resume and exists:
+        raise SearchExistsError(f"a search named {cfg.name!r} already exists at {sdir}; continue it with --resume, "
+                                f"or choose another name (--name) or storage_path")
+
+    parent = start_run(uri, cfg.experiment, cfg.name, tags={"mixersnn.kind": "search", SEARCH_TAG: cfg.name})
+    ptr = MLflowTracker(uri, parent)
+    flat = cfg.to_dict()
+    ptr.log_params({k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in flat.items()})
+    ptr.log_dict(flat, "search/search.json")
+    if resume:
+        ptr.set_tags({"mixersnn.resumed": True})
+
+    if not ray.is_initialized():
+        env = {"OMP_NUM_THREADS": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+        kw: dict[str, Any] = {"include_dashboard": True, "dashboard_host": "127.0.0.1", "log_to_driver": False,
+                              "runtime_env": {"env_vars": env}}
+        kw.update(ray_init_kwargs or {})
+        ray.init(**kw)
+
+    trainable = tune.with_resources(tune.with_parameters(_trial, ctx=_ctx(cfg, uri, parent)), {"CPU": 0.01})
+    status = "FAILED"
+    try:
+        if resume:
+            log(f"resuming search {cfg.name!r} from {sdir}")
+            tuner = tune.Tuner.restore(str(sdir), trainable=trainable, resume_unfinished=True, resume_errored=False)
+        else:
+            names, modes = cfg.objective.metrics()
+            single = cfg.objective.mode == "single"
+            scheduler = None
+            if single:
+                from ray.tune.schedulers import ASHAScheduler
+
+                epochs = int(cfg.train.get("epochs", 10))
+                # max_t one past the last epoch: ASHA stops a trial that reaches max_t at once,
+                # which would cut off the final model upload after the last epoch's report.
+                scheduler = ASHAScheduler(time_attr="training_iteration", max_t=epochs + 1,
+                                          grace_period=cfg.asha.grace_period, reduction_factor=cfg.asha.reduction_factor)
+            n_conc = _max_concurrent(cfg)
+            log(f"search {cfg.name!r}: {cfg.budget.num_trials} trials, {n_conc} at a time"
+                + (f", time budget {cfg.budget.time_budget_s:.0f} s" if cfg.budget.time_budget_s else "")
+                + f", objectives {list(zip(names, modes))}" + (" with ASHA" if single else ""))
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(
+                    search_alg=_searcher(cfg),
+                    scheduler=scheduler,
+                    metric="test_acc" if single else None,
+                    mode="max" if single else None,
+                    num_samples=cfg.budget.num_trials,
+                    max_concurrent_trials=n_conc,
+                    time_budget_s=cfg.budget.time_budget_s,
+                    reuse_actors=False,
+                ),
+                run_config=tune.RunConfig(
+                    name=cfg.name,
+                    storage_path=str(sdir.parent),
+                    callbacks=[_tune_callback_cls()(total=cfg.budget.num_trials, uri=uri,
+                                                    experiment=cfg.experiment, quiet=quiet)],
+                    failure_config=tune.FailureConfig(max_failures=0),
+                    verbose=0,
+                ),
+            )
+        tuner.fit()
+        result = finalize(cfg, uri, parent, register=register, log=log)
+        status = "FINISHED"
+    finally:
+        end_run(uri, parent, status)
+    result.wall_s = time.time() - t0
+    MLflowTracker(uri, parent).log_metrics({"search_wall_s": result.wall_s}, step=0)
+    return result
+
+
+def finalize(cfg: SearchConfig, uri: str, parent: str, *, register: bool = True,
+             log: Callable[[str], None] = print) -> SearchResult:
+    """Settle leftover statuses, then log the Pareto front, plots and registry entry."""
+    from search.tracking import collect_trials, format_table, log_summary, pareto_front, register_best, select_best
+    from trainers.tracking import MLflowTracker, end_run
+
+    rows = collect_trials(uri, parent)
+    for r in rows:
+        if r.status == "running":
+            # Nothing runs after tuner.fit() returns: a run still marked running was cut off
+            # (its trial process was killed before it could close the run).
+            MLflowTracker(uri, r.run_id).set_tags({STATUS_TAG: "stopped", REASON_TAG: "stopped before its last epoch"})
+            end_run(uri, r.run_id, "KILLED")
+            r.status, r.reason = "stopped", "stopped before its last epoch"
+    with_params = cfg.objective.include_params
+    front = pareto_front(rows, with_params=with_params)
+    names, modes = cfg.objective.metrics()
+    directions = ["maximize" if m == "max" else "minimize" for m in modes]
+    if cfg.objective.mode == "single":
+        directions = ["maximize", "minimize"]  # the plots still show the accuracy/energy trade-off
+    summary = log_summary(uri, parent, rows, front, title=f"{cfg.name}: accuracy vs energy per image",
+                          directions=directions)
+    best = select_best(rows, cfg.select.criterion, cfg.select.max_energy_uj)
+    version = None
+    if best is not None and register:
+        version = register_best(uri, best, cfg.registered_model_name())
+        MLflowTracker(uri, parent).set_tags({"mixersnn.best_run_id": best.run_id, "mixersnn.best_trial": best.trial_id,
+                                             "mixersnn.registered_model": f"{cfg.registered_model_name()}/{version}"})
+    log("")
+    log(format_table(sorted(rows, key=lambda r: -(r.test_acc if r.test_acc is not None else -1)),
+                     title=f"trials of {cfg.name!r} (best first; * = Pareto front)", mark={r.run_id for r in front}))
+    log("")
+    log(format_table(front, title="Pareto front: accuracy (max) vs energy per image (min)"
+                     + (" vs parameters (min)" if with_params else "")))
+    if best is not None:
+        log(f"\nselected ({cfg.select.criterion}): trial-{best.trial_id} acc {best.test_acc:.4f}, "
+            f"{best.energy_uj:.3f} uJ/image, {best.num_params:,} params"
+            + (f" -> registered as {cfg.registered_model_name()} version {version}" if version else ""))
+    return SearchResult(cfg.name, parent, uri, rows, front, best, version, 0.0, summary)

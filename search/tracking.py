@@ -1,0 +1,360 @@
+"""MLflow side of a search: the parent run, the trial table read back from the child runs,
+the Pareto front (table + plot), Optuna's plots and the model registry.
+
+MLflow is the record: everything here is computed from the child runs of the parent run, so
+``mixersnn report`` gives the same answer as the end of the search, and a resumed search
+(whose trials ran in two driver processes) is summarised as one.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+__all__ = [
+    "TrialRow",
+    "collect_trials",
+    "pareto_front",
+    "format_table",
+    "pareto_figure",
+    "log_summary",
+    "select_best",
+    "register_best",
+    "find_search_run",
+    "STATUS_TAG",
+]
+
+STATUS_TAG = "mixersnn.trial_status"  # ok | failed | infeasible | stopped | running
+REASON_TAG = "mixersnn.reason"
+SEARCH_TAG = "mixersnn.search"
+
+
+@dataclass
+class TrialRow:
+    """One trial as MLflow recorded it.
+
+    Attributes:
+        run_id: the child run.
+        trial_id: Tune's trial id.
+        status: ok, failed, infeasible, stopped (by ASHA or the time budget) or running.
+        test_acc: last test accuracy (None if no epoch finished).
+        energy_uj: measured energy per image (last epoch), or the estimate if it never trained.
+        num_params: parameter count.
+        epochs: epochs finished.
+        reason: why it failed / was infeasible / was stopped.
+        params: the sampled parameters (``search.*`` params of the run, prefix dropped).
+        over_energy: measured energy exceeded the user's limit (never registered).
+    """
+
+    run_id: str
+    trial_id: str
+    status: str
+    test_acc: Optional[float]
+    energy_uj: Optional[float]
+    num_params: Optional[int]
+    epochs: int
+    reason: str = ""
+    params: dict[str, str] = field(default_factory=dict)
+    over_energy: bool = False
+
+    @property
+    def scored(self) -> bool:
+        """Trained and measured: eligible for the Pareto front."""
+        return self.status in ("ok", "stopped") and self.test_acc is not None and self.energy_uj is not None
+
+    def arch(self) -> str:
+        p = self.params
+        spe = p.get("arch.spe", "?")
+        return (f"C={p.get('arch.embed_dim', '?')} d={p.get('arch.depths', '?')} T={p.get('arch.T', '?')} "
+                f"p={p.get('arch.patch_size', '?')} r={p.get('arch.mlp_ratio', '?')} spe={spe}")
+
+
+def _client(uri: str) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def find_search_run(uri: str, experiment: str, name: Optional[str] = None) -> Optional[Any]:
+    """The parent run of search ``name`` in ``experiment`` (the latest search when name is None)."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    flt = "tags.`mixersnn.kind` = 'search'"
+    if name:
+        flt += f" and attributes.run_name = '{name}'"
+    runs = client.search_runs([exp.experiment_id], filter_string=flt, order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def collect_trials(uri: str, parent_run_id: str) -> list[TrialRow]:
+    """Every child run of the search, in trial-id order."""
+    client = _client(uri)
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs([parent.info.experiment_id],
+                              filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=5000)
+    rows = []
+    for r in runs:
+        m, t, p = r.data.metrics, r.data.tags, r.data.params
+        status = t.get(STATUS_TAG, "running")
+        energy = m.get("energy_per_image_uj", m.get("search.energy_uj_est"))
+        n = m.get("num_params")
+        rows.append(TrialRow(
+            run_id=r.info.run_id,
+            trial_id=t.get("mixersnn.trial_id", r.info.run_name),
+            status=status,
+            test_acc=m.get("test_acc") if status not in ("infeasible",) else None,
+            energy_uj=energy,
+            num_params=int(n) if n is not None else None,
+            epochs=int(m.get("epochs_completed", 0)),
+            reason=t.get(REASON_TAG, ""),
+            params={k[len("search."):]: v for k, v in p.items() if k.startswith("search.")},
+            over_energy=t.get("mixersnn.over_energy_limit") == "True",
+        ))
+    return sorted(rows, key=lambda r: r.trial_id)
+
+
+def _objectives(row: TrialRow, with_params: bool) -> tuple[float, ...]:
+    """Objectives as minimisation: (-accuracy, energy[, params])."""
+    v = (-float(row.test_acc), float(row.energy_uj))
+    return v + ((float(row.num_params or 0),) if with_params else ())
+
+
+def pareto_front(rows: Sequence[TrialRow], *, with_params: bool = False) -> list[TrialRow]:
+    """Non-dominated scored trials over (accuracy max, energy min[, parameters min]),
+    sorted by energy. A trial is dominated when another is no worse in every objective and
+    better in one."""
+    scored = [r for r in rows if r.scored]
+    front = []
+    for a in scored:
+        va = _objectives(a, with_params)
+        dominated = False
+        for b in scored:
+            vb = _objectives(b, with_params)
+            if b is not a and all(x <= y for x, y in zip(vb, va)) and any(x < y for x, y in zip(vb, va)):
+                dominated = True
+                break
+        if not dominated:
+            front.append(a)
+    return sorted(front, key=lambda r: (r.energy_uj, -r.test_acc))
+
+
+def format_table(rows: Sequence[TrialRow], *, title: str = "", mark: Optional[set[str]] = None) -> str:
+    """A fixed-width table: trial, status, accuracy, energy, parameters, epochs, architecture."""
+    mark = mark or set()
+    head = f"{'':1} {'trial':<14} {'status':<10} {'test_acc':>8} {'uJ/img':>8} {'params':>9} {'ep':>3}  architecture / reason"
+    lines = ([title] if title else []) + [head, "-" * len(head)]
+    for r in rows:
+        acc = f"{r.test_acc:.4f}" if r.test_acc is not None else "-"
+        en = f"{r.energy_uj:.3f}" if r.energy_uj is not None else "-"
+        n = f"{r.num_params:,}" if r.num_params is not None else "-"
+        tail = r.arch() + (f"  [{r.reason}]" if r.reason else "")
+        lines.append(f"{'*' if r.run_id in mark else ' ':1} {r.trial_id:<14} {r.status:<10} {acc:>8} {en:>8} {n:>9} {r.epochs:>3}  {tail}")
+    return "\n".join(lines)
+
+
+def rows_to_csv(rows: Sequence[TrialRow]) -> str:
+    buf = io.StringIO()
+    keys = ["trial_id", "run_id", "status", "test_acc", "energy_uj", "num_params", "epochs", "reason", "over_energy"]
+    pkeys = sorted({k for r in rows for k in r.params})
+    w = csv.writer(buf)
+    w.writerow(keys + pkeys)
+    for r in rows:
+        d = asdict(r)
+        w.writerow([d[k] for k in keys] + [r.params.get(k, "") for k in pkeys])
+    return buf.getvalue()
+
+
+def pareto_figure(rows: Sequence[TrialRow], front: Sequence[TrialRow], *, title: str,
+                  baselines: Optional[Sequence[dict[str, Any]]] = None) -> Any:
+    """Accuracy against energy per image (log scale): every scored trial, the front as a
+    staircase, optional reference points (``{"label", "test_acc", "energy_uj"}``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers; must precede pyplot
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
+    scored = [r for r in rows if r.scored and r not in front]
+    if scored:
+        ax.scatter([r.energy_uj for r in scored], [r.test_acc for r in scored], c="0.65", s=22, label="trials")
+    if front:
+        xs, ys = [r.energy_uj for r in front], [r.test_acc for r in front]
+        ax.step(xs, ys, where="post", c="C0", lw=1.2)
+        ax.scatter(xs, ys, c="C0", s=36, zorder=3, label="Pareto front")
+        for r in front:
+            ax.annotate(r.trial_id.split("_")[-1], (r.energy_uj, r.test_acc), fontsize=7,
+                        xytext=(3, -9), textcoords="offset points")
+    for b in baselines or []:
+        ax.scatter([b["energy_uj"]], [b["test_acc"]], marker="x", c="C3", s=50, zorder=4)
+        ax.annotate(b["label"], (b["energy_uj"], b["test_acc"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    if scored or front:
+        ax.set_xscale("log")
+    ax.set_xlabel("energy per image (uJ, measured, 45 nm)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def _optuna_study(rows: Sequence[TrialRow], directions: list[str]) -> Any:
+    """An in-memory Optuna study rebuilt from the trials (for Optuna's plots)."""
+    import optuna
+
+    study = optuna.create_study(directions=directions)
+    for r in rows:
+        if not r.scored:
+            continue
+        params, dists = {}, {}
+        for name, dist_json in json.loads(r.params.get("distributions", "{}")).items():
+            raw = r.params.get(f"optuna.{name}")
+            if raw is None:
+                continue
+            params[name] = json.loads(raw)  # the trial logs each sampled value as JSON
+            dists[name] = optuna.distributions.json_to_distribution(dist_json)
+        values = [r.test_acc, r.energy_uj][: len(directions)]
+        if len(directions) == 3:
+            values.append(float(r.num_params or 0))
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, values=values))
+    return study
+
+
+def optuna_figures(rows: Sequence[TrialRow], directions: list[str]) -> dict[str, Any]:
+    """Optuna's optimisation history and parameter importances (on accuracy), as matplotlib
+    figures; plots that cannot be drawn yet (e.g. fewer than 2 scored trials) are skipped."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import optuna
+    from optuna.visualization import matplotlib as ovm
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = _optuna_study(rows, directions)
+    figs: dict[str, Any] = {}
+    multi = len(directions) > 1
+    target = (lambda t: t.values[0]) if multi else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # optuna marks its matplotlib backend experimental
+        if len(study.trials) >= 1:
+            try:
+                figs["optuna_history.png"] = ovm.plot_optimization_history(study, target=target, target_name="test_acc").figure
+            except Exception:
+                pass
+        if len(study.trials) >= 2:
+            try:
+                figs["optuna_param_importances.png"] = ovm.plot_param_importances(
+                    study, target=target, target_name="test_acc").figure
+            except Exception:
+                pass
+            if multi:
+                try:
+                    ax = ovm.plot_pareto_front(study, target_names=["test_acc", "energy_uj"] + (["params"] if len(directions) == 3 else []))
+                    figs["optuna_pareto.png"] = ax.figure
+                except Exception:
+                    pass
+    return figs
+
+
+def select_best(rows: Sequence[TrialRow], criterion: str, max_energy_uj: Optional[float]) -> Optional[TrialRow]:
+    """The trial to register: ``max_acc`` (subject to the measured-energy cap) or ``knee``
+    (the front point nearest the ideal corner, accuracy and log-energy scaled to [0, 1])."""
+    ok = [r for r in rows if r.status == "ok" and r.scored and not r.over_energy]
+    if max_energy_uj is not None:
+        ok = [r for r in ok if r.energy_uj <= max_energy_uj]
+    if not ok:
+        return None
+    if criterion == "max_acc":
+        return max(ok, key=lambda r: (r.test_acc, -r.energy_uj))
+    front = pareto_front(ok)
+    accs = [r.test_acc for r in front]
+    logs = [math.log(max(r.energy_uj, 1e-12)) for r in front]
+    a0, a1, e0, e1 = min(accs), max(accs), min(logs), max(logs)
+
+    def dist(r: TrialRow) -> float:
+        a = (r.test_acc - a0) / (a1 - a0) if a1 > a0 else 1.0
+        e = (math.log(max(r.energy_uj, 1e-12)) - e0) / (e1 - e0) if e1 > e0 else 0.0
+        return math.hypot(1 - a, e)
+
+    return min(front, key=dist)
+
+
+def register_best(uri: str, row: TrialRow, model_name: str, *, tmp: Optional[str] = None) -> str:
+    """Log the trial's checkpoint as an MLflow PyTorch model in its own run and register it.
+
+    The trainer logs ``model/model.pt`` (a plain checkpoint file); the registry wants a model
+    with a flavour, so the driver loads the checkpoint and logs it with ``mlflow.pytorch``
+    (pickle format: the traced pt2 format needs an input example and a traceable graph).
+
+    Returns:
+        The registered version (a string, e.g. "1").
+    """
+    import mlflow
+
+    from mixersnn.models import load_model
+
+    client = _client(uri)
+    with tempfile.TemporaryDirectory(dir=tmp) as d:
+        local = client.download_artifacts(row.run_id, "model/model.pt", d)
+        model = load_model(local)
+    model.eval()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    status = client.get_run(row.run_id).info.status
+    with mlflow.start_run(run_id=row.run_id):
+        info = mlflow.pytorch.log_model(
+            model, name="registered_model", registered_model_name=model_name,
+            pip_requirements=["torch", "mixersnn"], serialization_format="pickle",
+        )
+    client.set_terminated(row.run_id, status)  # start_run(run_id) re-opened it: restore its status
+    versions = client.search_model_versions(f"name='{model_name}'")
+    mine = [v for v in versions if v.run_id == row.run_id]
+    version = max(mine or versions, key=lambda v: int(v.version)).version
+    client.set_model_version_tag(model_name, version, "mixersnn.test_acc", f"{row.test_acc:.4f}")
+    client.set_model_version_tag(model_name, version, "mixersnn.energy_per_image_uj", f"{row.energy_uj:.4f}")
+    client.set_model_version_tag(model_name, version, "mixersnn.trial_id", row.trial_id)
+    del info
+    return str(version)
+
+
+def log_summary(uri: str, parent_run_id: str, rows: Sequence[TrialRow], front: Sequence[TrialRow], *,
+                title: str, directions: list[str]) -> dict[str, Any]:
+    """Log the trial table, the Pareto front (CSV + JSON + PNG) and Optuna's plots on the
+    parent run; returns the summary metrics also logged there."""
+    import matplotlib.pyplot as plt
+
+    from trainers.tracking import MLflowTracker
+
+    tr = MLflowTracker(uri, parent_run_id)
+    with tempfile.TemporaryDirectory() as d:
+        for fname, rs in (("trials.csv", rows), ("pareto_front.csv", front)):
+            p = Path(d) / fname
+            p.write_text(rows_to_csv(rs))
+            tr.log_artifact(str(p), "search")
+    tr.log_dict([asdict(r) for r in front], "search/pareto_front.json")
+    fig = pareto_figure(rows, front, title=title)
+    tr.log_figure(fig, "search/pareto_front.png")
+    plt.close(fig)
+    for fname, f in optuna_figures(rows, directions).items():
+        tr.log_figure(f, f"search/{fname}")
+        plt.close(f)
+    counts: dict[str, float] = {}
+    for r in rows:
+        counts[f"trials_{r.status}"] = counts.get(f"trials_{r.status}", 0) + 1
+    summary = {"trials_total": float(len(rows)), **counts, "pareto_size": float(len(front))}
+    scored = [r for r in rows if r.scored]
+    if scored:
+        summary["best_test_acc"] = max(r.test_acc for r in scored)
+        summary["min_energy_per_image_uj"] = min(r.energy_uj for r in scored)
+    tr.log_metrics(summary, step=0)
+    return summary
