@@ -28,3 +28,17 @@ def seeded() -> int:
     random.seed(seed)
     torch.set_num_threads(int(os.environ.get("MIXERSNN_TEST_THREADS", "1")))
     return seed
+
+
+def make_fmnist_shards(out, *, train: int, test: int, per_shard: int):
+    """Real Fashion-MNIST: the first ``train``/``test`` images as shards under ``out``."""
+    from mixersnn.data import make_shards
+
+    make_shards(None, out, limit={"train": train, "test": test}, samples_per_shard=per_shard, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def fmnist_shards(tmp_path_factory: pytest.TempPathFactory):
+    """Real Fashion-MNIST, first 1024 train / 256 test images in shards of 128 (8 + 2)."""
+    return make_fmnist_shards(tmp_path_factory.mktemp("fmnist"), train=1024, test=256, per_shard=128)

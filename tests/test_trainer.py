@@ -14,16 +14,6 @@ from trainers.loop import CHECKPOINT_FILE, WorkerContext, build_scheduler, run_t
 TINY_MODEL = {"embed_dim": 12, "depths": [1, 1], "T": 2}
 
 
-@pytest.fixture(scope="session")
-def fmnist_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Real Fashion-MNIST: the first 1024 training and 256 test images, 8 + 2 shards."""
-    from mixersnn.data import make_shards
-
-    out = tmp_path_factory.mktemp("fmnist")
-    make_shards(None, out, limit={"train": 1024, "test": 256}, samples_per_shard=128, progress=False)
-    return out
-
-
 def _cfg(data: Path, **kw) -> TrainConfig:
     base = dict(
         model="mlp_spe_t",

@@ -28,11 +28,9 @@ WORKER_ENV = {"OMP_NUM_THREADS": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Real Fashion-MNIST slices: 512 train / 256 test images, 4 + 2 shards."""
-    from mixersnn.data import make_shards
+    from conftest import make_fmnist_shards
 
-    out = tmp_path_factory.mktemp("fmnist-ray")
-    make_shards(None, out, limit={"train": 512, "test": 256}, samples_per_shard=128, progress=False)
-    return out
+    return make_fmnist_shards(tmp_path_factory.mktemp("fmnist-ray"), train=512, test=256, per_shard=128)
 
 
 def _cfg(data: Path, tmp: Path, **kw) -> TrainConfig:
