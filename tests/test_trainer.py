@@ -67,9 +67,15 @@ def test_resume_continues_without_retraining(fmnist_shards: Path, tmp_path: Path
     full = Recorder(tmp_path / "full")
     run_training(_cfg(fmnist_shards, epochs=3), WorkerContext(report=full, log=lambda s: None))
 
-    # Stop after epoch 0 (a 3-epoch schedule with a 1-epoch budget), then resume from there.
+    # The first attempt crashes right after epoch 0 was checkpointed; resume from there.
     first = Recorder(tmp_path / "first")
-    run_training(_cfg(fmnist_shards, epochs=3, time_budget_s=1e-9), WorkerContext(report=first, log=lambda s: None))
+
+    def crash_after_first_epoch(metrics: dict, ckpt_dir) -> None:
+        first(metrics, ckpt_dir)
+        raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_training(_cfg(fmnist_shards, epochs=3), WorkerContext(report=crash_after_first_epoch, log=lambda s: None))
     assert [m["epoch"] for m in first.metrics] == [0]
     resumed = Recorder(tmp_path / "resumed")
     logs: list[str] = []
@@ -83,6 +89,20 @@ def test_resume_continues_without_retraining(fmnist_shards: Path, tmp_path: Path
     assert resumed.metrics[-1]["lr"] == pytest.approx(full.metrics[-1]["lr"], abs=1e-12)
     state = torch.load(tmp_path / "resumed" / "epoch_2" / CHECKPOINT_FILE, weights_only=True)
     assert [h["epoch"] for h in state["history"]] == [0, 1, 2]
+
+
+def test_time_budget_anneals_and_stops_mid_run(fmnist_shards: Path, tmp_path: Path) -> None:
+    rec = Recorder(tmp_path)
+    logs: list[str] = []
+    budget = 1.5
+    cfg = _cfg(fmnist_shards, epochs=200, time_budget_s=budget, lr=5e-3, min_lr_ratio=0.0)
+    final = run_training(cfg, WorkerContext(report=rec, log=logs.append))
+    assert final["epoch"] < 199, "a 200-epoch schedule must stop on the time budget"
+    assert any("time budget" in line for line in logs)
+    # The schedule followed the clock: the learning rate reached its floor (0) when time ran
+    # out, instead of stopping high on a 200-epoch cosine.
+    assert final["lr"] < 0.05 * cfg.lr, final["lr"]
+    assert final["train_time_s"] >= budget
 
 
 def test_nan_loss_is_a_clear_error(fmnist_shards: Path, tmp_path: Path) -> None:

@@ -121,15 +121,61 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))
 
 
-def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step linear warm-up then cosine decay to ``min_lr_ratio * lr`` over all epochs."""
+class TrainClock:
+    """Training time (seconds), excluding evaluation and checkpointing; survives resume."""
+
+    def __init__(self, already: float = 0.0) -> None:
+        self.already = already
+        self._start: Optional[float] = None
+
+    def start(self) -> None:
+        self._start = time.perf_counter()
+
+    def stop(self) -> None:
+        if self._start is not None:
+            self.already += time.perf_counter() - self._start
+            self._start = None
+
+    def elapsed(self) -> float:
+        return self.already + (time.perf_counter() - self._start if self._start is not None else 0.0)
+
+    def sync(self, device: torch.device) -> float:
+        """The elapsed time agreed by every rank (the maximum), kept in ``synced``.
+
+        Learning rates and the decision to stop must be identical on all ranks, or DDP
+        replicas drift apart (different steps) or hang (different step counts).
+        """
+        t = self.elapsed()
+        if dist.is_available() and dist.is_initialized():
+            v = torch.tensor([t], dtype=torch.float64, device=device)
+            dist.all_reduce(v, op=dist.ReduceOp.MAX)
+            t = float(v)
+        self.synced = t
+        return t
+
+    synced: float = 0.0
+
+
+def build_scheduler(
+    opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int, clock: Optional[TrainClock] = None
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step linear warm-up then cosine decay to ``min_lr_ratio * lr``.
+
+    The cosine runs over all ``epochs``, or, with ``time_budget_s`` and a ``clock``, over
+    whichever ends first: a fixed-time run (the 15-minute benchmark, a search trial with a
+    wall-clock budget) still anneals fully instead of stopping at a high learning rate.
+    """
     total = max(1, cfg.epochs * steps_per_epoch)
     warm = int(round(cfg.warmup_epochs * steps_per_epoch))
+    budget = cfg.time_budget_s if clock is not None else None
 
     def factor(step: int) -> float:
         if step < warm:
             return (step + 1) / warm
-        progress = min(1.0, (step - warm) / max(1, total - warm))
+        progress = (step - warm) / max(1, total - warm)
+        if budget is not None:
+            progress = max(progress, clock.synced / budget)  # type: ignore[union-attr]
+        progress = min(1.0, progress)
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
@@ -298,7 +344,12 @@ def run_training(cfg: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
         )
 
     opt = build_optimizer(model, cfg)
-    sched = build_scheduler(opt, cfg, steps_per_epoch)
+    start_time = 0.0
+    if ctx.resume_dir is not None:
+        peek = torch.load(Path(ctx.resume_dir) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+        start_time = float(peek.get("train_time_s", 0.0))
+    clock = TrainClock(start_time)
+    sched = build_scheduler(opt, cfg, steps_per_epoch, clock)
     autocast = amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast == torch.float16)
 
@@ -326,16 +377,20 @@ def run_training(cfg: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
 
     meter = _energy_meter(model) if cfg.measure_energy else None
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + ctx.rank)
-    t_train = sum(h.get("epoch_time_s", 0.0) for h in history)
+    out_of_time = False
     metrics: dict[str, Any] = history[-1] if history else {}
     for epoch in range(start_epoch, cfg.epochs):
         if hasattr(train_loader, "set_epoch"):
             train_loader.set_epoch(epoch)
         ddp_model.train()
         t0 = time.perf_counter()
+        clock.start()
         loss_sum = correct = seen = 0.0
         for step, (x, y) in enumerate(train_loader):
             if step >= steps_per_epoch:
+                break
+            if cfg.time_budget_s is not None and clock.sync(device) >= cfg.time_budget_s:
+                out_of_time = True  # the schedule has reached its floor: evaluate and stop
                 break
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             targets = soft_targets(y, spec.num_classes, cfg.label_smoothing)
@@ -364,8 +419,8 @@ def run_training(cfg: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
                     f"epoch {epoch + 1}/{cfg.epochs} step {step}/{steps_per_epoch} "
                     f"loss {loss_sum / max(seen, 1):.4f} lr {sched.get_last_lr()[0]:.3g}"
                 )
+        clock.stop()
         epoch_time = time.perf_counter() - t0
-        t_train += epoch_time
         loss_sum, correct, seen = _all_reduce_sum([loss_sum, correct, seen], device)
 
         if meter is not None:
@@ -381,13 +436,13 @@ def run_training(cfg: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
         )
         metrics = {
             "epoch": epoch,
-            "train_loss": loss_sum / max(seen, 1),
-            "train_acc": correct / max(seen, 1),
+            "train_loss": loss_sum / seen if seen else float("nan"),
+            "train_acc": correct / seen if seen else float("nan"),
             **ev,
             "lr": sched.get_last_lr()[0],
             "images_per_s": seen / max(epoch_time, 1e-9),
             "epoch_time_s": epoch_time,
-            "train_time_s": t_train,
+            "train_time_s": clock.elapsed(),
             "replica_divergence": replica_divergence(model, device),
             # Damaged data is skipped, counted and reported, never silently absorbed.
             "corrupt_shards_skipped": float(train_loader.stats.corrupt_shards + eval_loader.stats.corrupt_shards),
@@ -412,6 +467,7 @@ def run_training(cfg: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
                     "epoch": epoch,
                     "train_config": cfg.to_dict(),
                     "history": history,
+                    "train_time_s": clock.elapsed(),
                 },
                 ckpt_dir / CHECKPOINT_FILE,
             )
@@ -428,8 +484,8 @@ def run_training(cfg: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
         finally:
             if ckpt_dir is not None:
                 shutil.rmtree(ckpt_dir, ignore_errors=True)
-        if cfg.time_budget_s is not None and t_train >= cfg.time_budget_s and epoch + 1 < cfg.epochs:
-            ctx.log(f"time budget {cfg.time_budget_s:.0f} s reached after epoch {epoch + 1}; stopping")
+        if out_of_time:
+            ctx.log(f"time budget {cfg.time_budget_s:.0f} s of training used in epoch {epoch + 1}; stopping")
             break
 
     if ctx.is_main and ctx.tracker is not None and cfg.log_model:
