@@ -22,6 +22,8 @@ COMMANDS: dict[str, str] = {
     "energy": "mixersnn.commands.energy",
     "export": "mixersnn.commands.export",
     "train": "trainers.cli",
+    "search": "search.cli",
+    "report": "search.report",
 }
 
 

@@ -250,7 +250,8 @@ def _searcher(cfg: SearchConfig) -> Any:
         sampler = optuna.samplers.NSGAIISampler(population_size=cfg.objective.population_size, seed=cfg.seed)
     else:
         # Few trials: start modelling after a handful of random ones.
-        sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=max(2, min(8, cfg.budget.num_trials // 3)))
+        startup = cfg.objective.startup_trials or max(2, min(8, cfg.budget.num_trials // 3))
+        sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=startup)
     names, modes = cfg.objective.metrics()
     if cfg.objective.mode == "multi":
         # Multi-objective: metric/mode on the searcher, TuneConfig's left unset (no scheduler).

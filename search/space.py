@@ -260,12 +260,15 @@ class Objective:
         include_params: add the parameter count as a third objective (multi mode).
         sampler: "nsga2" (NSGA-II) or "tpe" (Optuna's TPE; multi-objective TPE in multi mode).
         population_size: NSGA-II generation size.
+        startup_trials: TPE's random trials before it starts modelling; None: a third of
+            the trial budget, between 2 and 8.
     """
 
     mode: str = "multi"
     include_params: bool = False
     sampler: str = "tpe"
     population_size: int = 8
+    startup_trials: Optional[int] = None
 
     def metrics(self) -> tuple[list[str], list[str]]:
         """Tune metric names and modes."""
@@ -438,6 +441,8 @@ def _validate(cfg: SearchConfig) -> None:
           "objective.include_params=true needs mode: multi (parameters are a second objective)")
     check(isinstance(o.population_size, int) and o.population_size >= 2,
           f"objective.population_size={o.population_size!r} must be an integer >= 2")
+    check(o.startup_trials is None or (isinstance(o.startup_trials, int) and o.startup_trials >= 1),
+          f"objective.startup_trials={o.startup_trials!r} must be an integer >= 1 or null")
     b = cfg.budget
     check(isinstance(b.num_trials, int) and b.num_trials >= 1, f"budget.num_trials={b.num_trials!r} must be an integer >= 1")
     check(b.time_budget_s is None or float(b.time_budget_s) > 0, f"budget.time_budget_s={b.time_budget_s!r} must be > 0 or null")
@@ -716,5 +721,12 @@ class Sampler:
         self.cfg = cfg
 
     def __call__(self, trial: Any) -> dict[str, Any]:
-        return {"resolved": suggest(trial, self.cfg)}
+        import optuna
+
+        resolved = suggest(trial, self.cfg)
+        # The distributions travel with the trial so the report can rebuild an Optuna study
+        # from MLflow alone (for Optuna's plots), whichever driver process ran the trial.
+        resolved["distributions"] = {k: optuna.distributions.distribution_to_json(d)
+                                     for k, d in trial.distributions.items()}
+        return {"resolved": resolved}
 

@@ -1,0 +1,68 @@
+"""``mixersnn search``: architecture search over the Mixer-SNN family (Ray Tune + Optuna + MLflow)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Optional
+
+HELP = "Search Mixer-SNN architectures and hyperparameters: accuracy vs energy per image (Ray Tune, Optuna, MLflow)."
+
+# The search the README runs; used when --config is not given and the file is present.
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "search_fashion_mnist.yaml"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help=f"search YAML (default: {DEFAULT_CONFIG.name} when present, else built-in defaults)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the search of this name (after the driver was killed): finished trials are kept")
+    p.add_argument("--num-trials", type=int, help="trial budget (overrides budget.num_trials)")
+    p.add_argument("--time-budget-s", type=float, help="wall-clock budget of the search in seconds (overrides budget.time_budget_s)")
+    p.add_argument("--max-concurrent-trials", type=int, help="trials at once (default: what the cluster's CPUs/GPUs hold)")
+    p.add_argument("--name", help="search name (Tune folder and parent MLflow run; the same name resumes)")
+    p.add_argument("--data", help="'fashion-mnist' or a folder with train/ and test/ shards")
+    p.add_argument("--storage-path", help="where Tune and Train keep state (default runs/search)")
+    p.add_argument("--tracking-uri", help="MLflow URI (default sqlite:///./mlflow.db)")
+    p.add_argument("--experiment", help="MLflow experiment")
+    p.add_argument("--address", help="Ray cluster address (default: start a local Ray runtime)")
+    p.add_argument("--no-register", action="store_true", help="do not register the selected model")
+    p.add_argument("--quiet", action="store_true", help="no per-trial progress lines")
+    p.add_argument("--verbose", action="store_true", help="show the training workers' logs")
+
+
+def _config(args: argparse.Namespace):  # -> SearchConfig
+    from search.space import load_search_config
+
+    path: Optional[str] = args.config
+    if path is None and DEFAULT_CONFIG.is_file():
+        path = str(DEFAULT_CONFIG)
+    cfg = load_search_config(path, name=args.name, data=args.data, storage_path=args.storage_path,
+                             tracking_uri=args.tracking_uri, experiment=args.experiment)
+    return cfg.replace_budget(num_trials=args.num_trials, time_budget_s=args.time_budget_s,
+                              max_concurrent_trials=args.max_concurrent_trials)
+
+
+def run(args: argparse.Namespace) -> int:
+    from search.driver import SearchExistsError, run_search
+    from trainers.tracking import resolve_tracking_uri
+
+    cfg = _config(args)
+    kw = {"address": args.address} if args.address else {}
+    if args.verbose:
+        kw["log_to_driver"] = True
+    try:
+        res = run_search(cfg, resume=args.resume, ray_init_kwargs=kw, quiet=args.quiet, register=not args.no_register)
+    except SearchExistsError as err:
+        print(f"error: {err}")
+        return 2
+    scored = [r for r in res.rows if r.scored]
+    print(f"\nsearch {cfg.name!r} finished in {res.wall_s:.0f} s: {len(res.rows)} trials, {len(scored)} scored, "
+          f"{sum(r.status == 'failed' for r in res.rows)} failed, {sum(r.status == 'infeasible' for r in res.rows)} infeasible")
+    uri = resolve_tracking_uri(cfg.tracking_uri)
+    print(f"report again: mixersnn report {cfg.experiment} --search {cfg.name}"
+          + (f" --tracking-uri {cfg.tracking_uri}" if cfg.tracking_uri else ""))
+    if uri.startswith("sqlite:"):
+        print(f"open the MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+    else:
+        print(f"open the MLflow UI: {uri}")
+    return 0

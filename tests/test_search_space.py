@@ -1,0 +1,168 @@
+"""The search space: YAML validation, the define-by-run sampler, constraints, Pareto logic.
+
+No Ray, no MLflow: a real Optuna study drives the sampler.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+optuna = pytest.importorskip("optuna")
+
+from mixersnn.models import ConfigError, model_config  # noqa: E402
+from search.space import Sampler, estimate, load_search_config, suggest  # noqa: E402
+from search.tracking import TrialRow, pareto_front, select_best  # noqa: E402
+from trainers.config import TrainConfig  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "search.yaml"
+    p.write_text(text)
+    return p
+
+
+def _sample(cfg, n: int, seed: int = 0) -> list[dict]:
+    study = optuna.create_study(directions=["maximize", "minimize"],
+                                sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=n))
+    out = []
+    for _ in range(n):
+        t = study.ask()
+        r = Sampler(cfg)(t)["resolved"]
+        study.tell(t, [0.5, r["energy_uj_est"]])
+        out.append(r)
+    return out
+
+
+def test_shipped_config_loads_and_samples_only_valid_models() -> None:
+    cfg = load_search_config(REPO / "configs" / "search_fashion_mnist.yaml")
+    assert cfg.shape.img_size == 28 and cfg.budget.num_trials >= 1
+    for r in _sample(cfg, 60):
+        a = r["arch"]
+        assert len(a["depths"]) in (2, 3)
+        assert 28 % a["patch_size"] == 0
+        if a["spe"]:
+            assert a["embed_dim"] % 3 == 0, a
+        # Every proposal builds, and meets the constraints unless flagged infeasible.
+        mc = model_config(cfg.base_model, img_size=28, in_chans=1, num_classes=10, **a)
+        assert mc.closed_form_num_params() == r["num_params"]
+        if r["infeasible"] is None:
+            assert r["num_params"] <= cfg.constraints.max_params
+            assert r["energy_uj_est"] <= cfg.constraints.max_energy_uj
+            TrainConfig.from_dict({**cfg.train, **r["train"], "model": cfg.base_model, "model_overrides": a})
+        # Optuna's own record holds the conditional width parameter matching SPE.
+        wnames = {k for k in r["distributions"] if k.startswith("embed_dim")}
+        assert wnames <= {"embed_dim_spe" if a["spe"] else "embed_dim_conv"}
+
+
+def test_width_is_bounded_by_the_constraints(tmp_path: Path) -> None:
+    # A parameter cap that only narrow models meet: the sampler lowers the width's upper end
+    # instead of proposing models that would be rejected.
+    cap = 20000
+    cfg = load_search_config(_write(tmp_path, f"""
+space: {{spe: [true, false], num_stages: 2, blocks_per_stage: 1, embed_dim: {{low: 6, high: 48, step: 6}}, T: [1, 2], patch_size: 7}}
+constraints: {{max_params: {cap}}}
+"""))
+    rs = _sample(cfg, 25)
+    assert all(r["infeasible"] is None and r["num_params"] <= cap for r in rs)
+    assert max(r["arch"]["embed_dim"] for r in rs) < 48
+
+
+def test_unmeetable_constraint_marks_trial_infeasible(tmp_path: Path) -> None:
+    # T=2 at the narrowest width breaks the energy cap, T=1 meets it: T=2 proposals are
+    # flagged with the reason (they never reach a trainer), T=1 ones are not.
+    base = dict(embed_dim=6, depths=[1, 1], patch_size=7, mlp_ratio=3, spe=False)
+    probe = load_search_config(None)
+    e1 = estimate(probe, {**base, "T": 1})["energy_uj_dense"]
+    e2 = estimate(probe, {**base, "T": 2})["energy_uj_dense"]
+    cap = (e1 + e2) / 2
+    cfg = load_search_config(_write(tmp_path, f"""
+space: {{spe: false, num_stages: 2, blocks_per_stage: 1, embed_dim: {{low: 6, high: 12, step: 6}}, mlp_ratio: 3, T: [1, 2], patch_size: 7}}
+constraints: {{max_energy_uj: {cap}}}
+"""))
+    rs = _sample(cfg, 20)
+    assert {r["arch"]["T"] for r in rs} == {1, 2}
+    for r in rs:
+        if r["arch"]["T"] == 2:
+            assert r["infeasible"] and "max_energy_uj" in r["infeasible"] and "dense bound" in r["infeasible"]
+        else:
+            assert r["infeasible"] is None and r["energy_uj_est"] <= cap
+
+
+def test_assumed_firing_rate_admits_larger_models(tmp_path: Path) -> None:
+    text = """
+space: {{spe: true, num_stages: 2, blocks_per_stage: 1, embed_dim: 24, T: 4, patch_size: 4}}
+constraints: {{max_energy_uj: {cap}, assumed_firing_rate: {rate}}}
+"""
+    arch = dict(embed_dim=24, depths=[1, 1], T=4, patch_size=4, mlp_ratio=3, spe=True)
+    dense = estimate(load_search_config(None), arch)["energy_uj_dense"]
+    with pytest.raises(ConfigError, match="smallest model"):
+        load_search_config(_write(tmp_path, text.format(cap=dense / 2, rate=1.0)))
+    cfg = load_search_config(_write(tmp_path, text.format(cap=dense / 2, rate=0.2)))
+    assert estimate(cfg, arch)["reason"] is None
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("space: {patch_size: [4, 5]}", r"patch_size=5 does not divide the image size 28"),
+        ("space: {spe: true, embed_dim: {low: 10, high: 11}}", r"multiple of 3"),
+        ("space: {lr: {low: 0, high: 0.1, log: true}}", r"log scale needs low > 0"),
+        ("space: {lr: {low: 0.1, high: 0.01}}", r"low=0.1 > high=0.01"),
+        ("space: {depth: 3}", r"unknown space parameters \['depth'\]"),
+        ("space: {T: [1, 2.5]}", r"space.T=.*must hold integers"),
+        ("space: {mlp_ratio: 2.5, embed_dim: 13, spe: false}", r"non-integer hidden width"),
+        ("train: {lr: 0.1}", r"set by the search"),
+        ("train: {epochs: 0}", r"epochs=0 must be an integer >= 1"),
+        ("objective: {mode: pareto}", r"objective.mode='pareto'"),
+        ("objective: {mode: single, include_params: true}", r"include_params=true needs mode: multi"),
+        ("budget: {num_trials: 0}", r"num_trials=0"),
+        ("constraints: {max_params: 10}", r"smallest model in the space"),
+        ("constraints: {assumed_firing_rate: 0}", r"assumed_firing_rate=0"),
+        ("select: {criterion: best}", r"criterion='best'"),
+        ("scale: {cpus_per_worker: 0}", r"cpus_per_worker=0"),
+        ("searchspace: {}", r"unknown top-level keys \['searchspace'\]"),
+    ],
+)
+def test_validation_errors_name_the_value_and_the_fix(tmp_path: Path, text: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        load_search_config(_write(tmp_path, text))
+
+
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_search_config(tmp_path / "nope.yaml")
+
+
+def _row(i: int, acc, energy, status="ok", params=1000) -> TrialRow:
+    return TrialRow(run_id=f"r{i}", trial_id=f"t{i}", status=status, test_acc=acc, energy_uj=energy,
+                    num_params=params, epochs=1)
+
+
+def test_pareto_front_and_selection() -> None:
+    rows = [
+        _row(0, 0.80, 1.0), _row(1, 0.85, 2.0), _row(2, 0.84, 3.0),  # 2 dominated by 1
+        _row(3, 0.70, 0.5), _row(4, 0.90, 5.0, params=10),
+        _row(5, None, 0.1, status="failed"), _row(6, None, 0.01, status="infeasible"),
+    ]
+    front = pareto_front(rows)
+    assert [r.trial_id for r in front] == ["t3", "t0", "t1", "t4"]
+    # With parameters as a third objective nothing new is dominated here, 2 still is.
+    assert "t2" not in {r.trial_id for r in pareto_front(rows, with_params=True)}
+    assert select_best(rows, "max_acc", None).trial_id == "t4"
+    assert select_best(rows, "max_acc", 2.5).trial_id == "t1"
+    assert select_best(rows, "knee", None).trial_id in {"t0", "t1"}
+    assert select_best(rows, "max_acc", 0.01) is None
+
+
+def test_suggest_is_a_plain_define_by_run_function() -> None:
+    cfg = load_search_config(REPO / "configs" / "search_fashion_mnist.yaml")
+    study = optuna.create_study()
+    t = study.ask()
+    r = suggest(t, cfg)
+    assert set(r) >= {"arch", "train", "num_params", "energy_uj_dense", "energy_uj_est", "infeasible"}
+    assert set(t.params) >= {"spe", "T", "lr", "weight_decay"}
