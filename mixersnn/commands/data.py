@@ -1,8 +1,13 @@
 """``mixersnn data``: convert data sets to WebDataset shards, inspect and fetch them.
 
     mixersnn data make-shards [SOURCE] --out DIR     # default SOURCE: Fashion-MNIST
-    mixersnn data info DIR/train [--verify]
+    mixersnn data make-shards [SOURCE] --out s3://bucket/prefix   # needs mixersnn[s3]
+    mixersnn data info DIR/train [--verify]          # or s3://bucket/prefix/train
+    mixersnn data upload DIR s3://bucket/prefix      # existing shards -> object store
     mixersnn data download DEST [--url URL]
+
+Object stores are reached through fsspec (``mixersnn.data.remote``); an S3-compatible server
+is chosen with the standard ``AWS_ENDPOINT_URL`` (or ``FSSPEC_S3_ENDPOINT_URL``) variable.
 """
 
 from __future__ import annotations
@@ -24,7 +29,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     m = sub.add_parser("make-shards", help="convert a data set to DIR/<split>/shard-*.tar + manifest.json")
     m.add_argument("source", nargs="?", default=None, help="idx, CIFAR or ImageFolder folder (default: Fashion-MNIST)")
-    m.add_argument("--out", required=True, type=Path, help="output folder; each split goes to OUT/<split>/")
+    m.add_argument(
+        "--out", required=True, type=_location,
+        help="output folder or object-store prefix (s3://bucket/prefix); each split goes to OUT/<split>/",
+    )
     m.add_argument("--format", default="auto", choices=["auto", "idx", "cifar", "imagefolder"])
     m.add_argument("--name", default=None, help="data set name for the manifest (default: from the folder)")
     m.add_argument("--split", default="train", help="split name when SOURCE is a single ImageFolder split")
@@ -41,14 +49,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--json", action="store_true", help="print the manifests as JSON")
 
     i = sub.add_parser("info", help="summarise a split's manifest")
-    i.add_argument("split_dir", type=Path)
+    i.add_argument("split_dir", type=_location, help="split folder, manifest.json, or s3://bucket/prefix/<split>")
     i.add_argument("--verify", action="store_true", help="check every shard's sha256")
     i.add_argument("--json", action="store_true")
+
+    u = sub.add_parser("upload", help="upload shard splits (made by make-shards) to an object store")
+    u.add_argument("source", type=Path, help="a split folder (DIR/train) or a folder of split folders (DIR)")
+    u.add_argument("dest", help="object-store prefix, e.g. s3://bucket/fmnist (splits go to DEST/<split>/)")
 
     d = sub.add_parser("download", help="fetch the Fashion-MNIST idx files (needs internet or a mirror)")
     d.add_argument("dest", type=Path)
     d.add_argument("--url", default=None, help="base URL (default: the canonical bucket; file:// for a mirror)")
     d.add_argument("--force", action="store_true")
+
+
+def _location(s: str):  # type: ignore[no-untyped-def]
+    """A local path as ``Path``, an object-store URL kept as ``str`` (``Path`` would fold ``//``)."""
+    from mixersnn.data.remote import is_remote
+
+    return s if is_remote(s) else Path(s)
+
+
+def _nbytes(m) -> int:  # type: ignore[no-untyped-def]
+    from mixersnn.data import remote
+
+    if isinstance(m.root, str):
+        return sum(remote.size(u) for u in m.shard_urls())
+    return sum((m.root / s.name).stat().st_size for s in m.shards)
 
 
 def _summary(m) -> str:  # type: ignore[no-untyped-def]
@@ -89,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
             return 0
         total = sum(m.num_samples for m in manifests.values())
         for m in manifests.values():
-            nbytes = sum((m.root / s.name).stat().st_size for s in m.shards)
+            nbytes = _nbytes(m)
             print(f"{_summary(m)}  ({nbytes / 1e6:.1f} MB)")
         print(f"wrote {total} samples in {dt:.1f} s ({total / max(dt, 1e-9):.0f} samples/s)")
         return 0
@@ -101,6 +128,26 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps(m.to_json(), indent=2))
         else:
             print(_summary(m) + ("  [sha256 verified]" if args.verify else ""))
+        return 0
+    if args.data_command == "upload":
+        from mixersnn.data import remote
+        from mixersnn.data.manifest import MANIFEST_NAME, read_manifest
+
+        if not remote.is_remote(args.dest):
+            raise SystemExit(f"dest={args.dest!r} is not an object-store URL; pass e.g. s3://bucket/prefix")
+        src = Path(args.source)
+        if (src / MANIFEST_NAME).is_file():
+            pairs = [(src, remote.join(args.dest, src.name))]
+        else:
+            pairs = [(d, remote.join(args.dest, d.name)) for d in sorted(src.iterdir()) if (d / MANIFEST_NAME).is_file()]
+        if not pairs:
+            raise SystemExit(
+                f"{src} holds no split with a {MANIFEST_NAME}; convert it first with `mixersnn data make-shards`"
+            )
+        for local, url in pairs:
+            read_manifest(local)  # refuse to upload a split whose shards are missing
+            remote.upload_split(local, url)
+            print(_summary(read_manifest(url)))
         return 0
     if args.data_command == "download":
         from mixersnn.data.datasets import FASHION_MNIST_URL, download_fashion_mnist

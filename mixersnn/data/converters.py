@@ -22,8 +22,9 @@ import io
 import os
 import pickle
 import re
+import tempfile
 from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -484,7 +485,10 @@ def make_shards(
 
     Args:
         source: idx, CIFAR or ImageFolder folder; None means Fashion-MNIST at FASHION_MNIST_DIR.
-        out: output root.
+        out: output root: a folder, or an object-store prefix (``s3://bucket/fmnist``). Remote
+            splits are written to a local staging folder under ``$TMPDIR`` first (one split at
+            a time, so it needs room for the largest split) and then uploaded with
+            :func:`mixersnn.data.remote.upload_split`, manifest last.
         format: ``auto``, ``idx``, ``cifar`` or ``imagefolder``.
         dataset: name for the manifest (default: from the folder).
         split: split name when an ImageFolder source is a single split.
@@ -502,5 +506,19 @@ def make_shards(
         if unknown:
             raise ValueError(f"splits {unknown} are not in {source}; it has {[s.split for s in srcs]}")
         srcs = [s for s in srcs if s.split in splits]
+    from mixersnn.data import remote
+
+    if remote.is_remote(out):
+        url = str(out)
+        bucket = url.split("://", 1)[0] + "://" + url.split("://", 1)[1].split("/", 1)[0]
+        if not remote.exists(bucket):  # fail before converting anything
+            raise FileNotFoundError(remote.missing_message(url))
+        manifests = {}
+        for s in srcs:
+            with tempfile.TemporaryDirectory(prefix=f"mixersnn-{s.split}-") as staging:
+                m = write_split(s.head(_parse_limit(limit, s.split)), Path(staging) / s.split, **write_kwargs)
+                remote.upload_split(Path(staging) / s.split, remote.join(url, s.split))
+            manifests[s.split] = replace(m, root=remote.join(url, s.split))
+        return manifests
     out = Path(out)
     return {s.split: write_split(s.head(_parse_limit(limit, s.split)), out / s.split, **write_kwargs) for s in srcs}

@@ -55,6 +55,7 @@ from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
+from mixersnn.data import remote
 from mixersnn.data.manifest import (
     MANIFEST_NAME,
     ManifestError,
@@ -132,11 +133,12 @@ def resolve_rank(rank: Optional[int] = None, world_size: Optional[int] = None) -
 def _groups(url: str) -> Iterator[dict[str, Any]]:
     """Samples of one shard as ``{__key__, __url__, ext: bytes}``, in tar order.
 
-    Uses WebDataset's ``gopen`` (local paths, ``file://``, ``pipe:``, http, ...) and tar
+    Uses WebDataset's ``gopen`` (local paths, ``file://``, ``pipe:``, http, ...), or
+    :func:`mixersnn.data.remote.open_read` for object stores (``s3://``), and WebDataset's tar
     iterator. A sample is only yielded once the next key starts (or the tar ends), so damage in
     the middle of a sample never produces a half sample; errors propagate to the caller.
     """
-    stream = gopen(url, "rb")
+    stream = remote.open_read(url) if remote.is_remote(url) else gopen(url, "rb")
     try:
         cur: Optional[dict[str, Any]] = None
         for f in tar_file_iterator(stream):
@@ -506,10 +508,50 @@ def _local_path(url: str) -> Optional[Path]:
     return Path(url)
 
 
+def _is_shard_pattern(source: str) -> bool:
+    """A string naming shards (brace pattern, ``::`` list, ``.tar``) rather than a split/manifest."""
+    return "{" in source or "::" in source or source.rstrip("/").endswith((".tar", ".tgz", ".tar.gz"))
+
+
+def _resolve_remote_urls(urls: list[str], verify: bool) -> tuple[list[str], list[int], Optional[Manifest]]:
+    """:func:`_resolve_urls` for object-store URLs: existence by listing, counts from the manifest."""
+    by_prefix: dict[str, set[str]] = {}
+    for u in urls:
+        pre = remote.parent(u)
+        if pre not in by_prefix:
+            by_prefix[pre] = remote.list_names(pre)
+    absent = [u for u in urls if remote.basename(u) not in by_prefix[remote.parent(u)]]
+    if absent:
+        raise MissingShardError(
+            f"{len(absent)} of {len(urls)} shards do not exist: {absent[:5]}{' ...' if len(absent) > 5 else ''}. "
+            + remote.missing_message(absent[0])
+        )
+    if len(by_prefix) == 1:
+        pre, names = next(iter(by_prefix.items()))
+        if MANIFEST_NAME in names:
+            m = read_manifest(pre, verify=verify)
+            by_name = {s.name: s for s in m.shards}
+            if all(remote.basename(u) in by_name for u in urls):
+                return urls, [by_name[remote.basename(u)].num_samples for u in urls], m
+    if verify:
+        raise ManifestError(
+            "verify=True needs the shards' manifest.json (it holds the checksums); these URLs have none next "
+            "to them. Pass the split prefix instead, or verify=False."
+        )
+    return urls, [count_samples(u) for u in urls], None
+
+
 def _resolve_urls(source: Union[str, Sequence[str]], verify: bool) -> tuple[list[str], list[int], Optional[Manifest]]:
     urls = expand_urls(source) if isinstance(source, str) else [str(u) for u in source]
     if not urls:
         raise ManifestError(f"the shard list {source!r} is empty; pass at least one shard URL")
+    if any(remote.is_remote(u) for u in urls):
+        if not all(remote.is_remote(u) for u in urls):
+            raise ManifestError(
+                f"the shard list mixes object-store URLs and other locations ({urls[:3]} ...); put the shards "
+                f"of one split in one place"
+            )
+        return _resolve_remote_urls(urls, verify)
     locals_ = [_local_path(u) for u in urls]
     absent = [u for u, p in zip(urls, locals_) if p is not None and not p.is_file()]
     if absent:
@@ -564,6 +606,8 @@ def build_loader(
         source: a split folder with ``manifest.json``, the manifest path, a :class:`Manifest`,
             or shard URLs: a list, or a string with brace patterns / ``::`` separators
             (``"/data/train/shard-{000000..000011}.tar"``, ``file://...``, ``pipe:cat ...``).
+            Splits, manifests and shards may live in an object store: ``s3://bucket/fmnist/train``
+            (see :mod:`mixersnn.data.remote`; needs ``pip install "mixersnn[s3]"``).
             URLs next to a ``manifest.json`` use it; others are scanned once for their counts
             and carry no class list or statistics.
         batch_size: samples per batch.
@@ -597,12 +641,17 @@ def build_loader(
     manifest: Optional[Manifest]
     if isinstance(source, Manifest):
         manifest = read_manifest(source.root, verify=verify) if source.root is not None else source  # type: ignore[arg-type]
-        urls, counts = [str(p) for p in manifest.shard_paths()], [s.num_samples for s in manifest.shards]
+        urls, counts = manifest.shard_urls(), [s.num_samples for s in manifest.shards]
     elif isinstance(source, Path) or (
-        isinstance(source, str) and (os.path.isdir(source) or source.endswith(".json"))
+        isinstance(source, str)
+        and (
+            os.path.isdir(source)
+            or source.endswith(".json")
+            or (remote.is_remote(source) and not _is_shard_pattern(source))
+        )
     ):
         manifest = read_manifest(source, verify=verify)
-        urls, counts = [str(p) for p in manifest.shard_paths()], [s.num_samples for s in manifest.shards]
+        urls, counts = manifest.shard_urls(), [s.num_samples for s in manifest.shards]
     else:
         urls, counts, manifest = _resolve_urls(source, verify)  # type: ignore[arg-type]
     n = sum(counts)

@@ -88,7 +88,8 @@ class Manifest:
         std: per-channel standard deviation on the same scale.
         encoding: how images are stored: ``png``, ``jpeg``, ``npy`` or ``keep``.
         shards: the shards in order.
-        root: the split directory the manifest was read from (not serialised).
+        root: the split directory the manifest was read from (not serialised): a local
+            ``Path``, or a ``str`` URL for splits in an object store (``s3://bucket/fmnist/train``).
         extra: free-form provenance (source path, seed, shuffle), kept as written.
     """
 
@@ -102,7 +103,7 @@ class Manifest:
     std: tuple[float, ...]
     encoding: str
     shards: tuple[ShardInfo, ...]
-    root: Optional[Path] = None
+    root: Union[Path, str, None] = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -110,10 +111,22 @@ class Manifest:
         return len(self.classes)
 
     def shard_paths(self) -> list[Path]:
-        """Absolute paths of the shards, in manifest order."""
+        """Absolute paths of the shards, in manifest order (local splits only)."""
         if self.root is None:
             raise ManifestError("this manifest was not read from disk, so it has no shard paths")
+        if isinstance(self.root, str):
+            raise ManifestError(
+                f"the shards of {self.root} are in an object store and have no local paths; use shard_urls()"
+            )
         return [self.root / s.name for s in self.shards]
+
+    def shard_urls(self) -> list[str]:
+        """The shards as strings the loader opens: local paths, or ``s3://...`` URLs."""
+        if isinstance(self.root, str):
+            from mixersnn.data import remote
+
+            return [remote.join(self.root, s.name) for s in self.shards]
+        return [str(p) for p in self.shard_paths()]
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object written to ``manifest.json`` (no ``root``)."""
@@ -193,7 +206,8 @@ def read_manifest(path_or_split_dir: Union[str, Path], *, verify: bool = False) 
     """Read and validate a split's manifest.
 
     Args:
-        path_or_split_dir: the split folder (``DIR/train``) or its ``manifest.json``.
+        path_or_split_dir: the split folder (``DIR/train``) or its ``manifest.json``; either may
+            be an object-store URL (``s3://bucket/fmnist/train``, see :mod:`mixersnn.data.remote`).
         verify: also recompute the sha256 of every shard (reads every byte; about 1 s/GB).
 
     Returns:
@@ -204,9 +218,73 @@ def read_manifest(path_or_split_dir: Union[str, Path], *, verify: bool = False) 
         MissingShardError: a listed shard is not on disk.
         ChecksumError: ``verify=True`` and a shard's bytes differ from the recorded sha256.
     """
+    from mixersnn.data import remote
+
+    if remote.is_remote(path_or_split_dir):
+        return _read_remote_manifest(str(path_or_split_dir), verify=verify)
     path = _manifest_path(path_or_split_dir)
+    m = _parse_manifest(path.read_bytes(), str(path), path.parent)
+    root = path.parent
+    shards = m.shards
+    absent = [s.name for s in shards if not (root / s.name).is_file()]
+    if absent:
+        raise MissingShardError(
+            f"{len(absent)} of {len(shards)} shards listed in {path} are missing: {absent[:5]}"
+            f"{' ...' if len(absent) > 5 else ''}. Copy them back or re-run `mixersnn data make-shards`."
+        )
+    if verify:
+        for s in shards:
+            digest = sha256_file(root / s.name)
+            if digest != s.sha256:
+                raise ChecksumError(
+                    f"{root / s.name}: sha256 {digest[:16]}... differs from the manifest's {s.sha256[:16]}...; "
+                    f"the shard is corrupt or was replaced. Re-run `mixersnn data make-shards` for this split."
+                )
+    return m
+
+
+def _read_remote_manifest(url: str, *, verify: bool) -> Manifest:
+    """:func:`read_manifest` for a split in an object store (``s3://bucket/fmnist/train``)."""
+    from mixersnn.data import remote
+
+    url = url.rstrip("/")
+    if url.endswith(".json"):
+        path, root = url, remote.parent(url)
+    else:
+        path, root = remote.join(url, MANIFEST_NAME), url
     try:
-        raw = json.loads(path.read_text())
+        data = remote.read_bytes(path)
+    except FileNotFoundError as e:
+        subs = sorted(n for n in remote.list_names(root) if remote.exists(remote.join(root, n, MANIFEST_NAME)))
+        hint = f" It holds split prefixes {subs}: pass one of them, e.g. {remote.join(root, subs[0])}." if subs else ""
+        raise ManifestError(
+            f"no {MANIFEST_NAME} at {path}: {e}{hint} (an upload that failed or is still running has no "
+            f"manifest yet)"
+        ) from None
+    m = _parse_manifest(data, path, root)
+    present = remote.list_names(root)
+    absent = [s.name for s in m.shards if s.name not in present]
+    if absent:
+        raise MissingShardError(
+            f"{len(absent)} of {len(m.shards)} shards listed in {path} are missing: {absent[:5]}"
+            f"{' ...' if len(absent) > 5 else ''}. Upload them again with `mixersnn data make-shards ... --out` "
+            f"or `mixersnn data upload`."
+        )
+    if verify:
+        for s in m.shards:
+            digest = remote.sha256_url(remote.join(root, s.name))
+            if digest != s.sha256:
+                raise ChecksumError(
+                    f"{remote.join(root, s.name)}: sha256 {digest[:16]}... differs from the manifest's "
+                    f"{s.sha256[:16]}...; the shard is corrupt or was replaced. Upload the split again."
+                )
+    return m
+
+
+def _parse_manifest(data: bytes, path: str, root: Union[Path, str]) -> Manifest:
+    """Parse and validate manifest bytes read from ``path`` (a file or a URL)."""
+    try:
+        raw = json.loads(data.decode())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ManifestError(f"{path} is not valid JSON ({e}); regenerate it with `mixersnn data make-shards`") from e
     if not isinstance(raw, dict):
@@ -248,8 +326,7 @@ def read_manifest(path_or_split_dir: Union[str, Path], *, verify: bool = False) 
     if not classes:
         raise ManifestError(f"{path}: classes is empty; a classification split needs at least one class")
     image_size = raw.get("image_size")
-    root = path.parent
-    m = Manifest(
+    return Manifest(
         dataset=str(raw["dataset"]),
         split=str(raw["split"]),
         classes=classes,
@@ -263,18 +340,3 @@ def read_manifest(path_or_split_dir: Union[str, Path], *, verify: bool = False) 
         root=root,
         extra=dict(raw.get("extra") or {}),
     )
-    absent = [s.name for s in shards if not (root / s.name).is_file()]
-    if absent:
-        raise MissingShardError(
-            f"{len(absent)} of {len(shards)} shards listed in {path} are missing: {absent[:5]}"
-            f"{' ...' if len(absent) > 5 else ''}. Copy them back or re-run `mixersnn data make-shards`."
-        )
-    if verify:
-        for s in shards:
-            digest = sha256_file(root / s.name)
-            if digest != s.sha256:
-                raise ChecksumError(
-                    f"{root / s.name}: sha256 {digest[:16]}... differs from the manifest's {s.sha256[:16]}...; "
-                    f"the shard is corrupt or was replaced. Re-run `mixersnn data make-shards` for this split."
-                )
-    return m
