@@ -198,3 +198,22 @@ except ImportError as e:
     assert out.returncode == 0, out.stderr
     assert "ERR s3://bucket/fmnist/train/manifest.json: s3:// URLs need the s3fs package" in out.stdout
     assert 'pip install "mixersnn[s3]"' in out.stdout
+
+
+def test_training_loop_reads_an_s3_prefix(uploaded: str, tmp_path: Path) -> None:
+    """`mixersnn train --data s3://...`: the loop resolves splits and manifests in the bucket."""
+    from trainers.config import TrainConfig
+    from trainers.loop import WorkerContext, resolve_data, run_training
+
+    root = uploaded  # the data set prefix holding train/ and test/
+    spec = resolve_data(root)
+    assert spec.train.startswith("s3://") and spec.eval.startswith("s3://")
+    assert (spec.img_size, spec.in_chans, spec.num_classes) == (28, 1, 10)
+    cfg = TrainConfig(
+        model="mlp_spe_t", model_overrides={"embed_dim": 6, "depths": [1], "T": 1}, data=root,
+        epochs=1, batch_size=16, eval_batch_size=64, max_steps_per_epoch=2, log_model=False,
+    )
+    seen: list[dict] = []
+    final = run_training(cfg, WorkerContext(report=lambda m, c: seen.append(m), log=lambda s: None))
+    assert [m["epoch"] for m in seen] == [0]
+    assert final["test_samples"] == spec.num_eval

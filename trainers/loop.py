@@ -79,23 +79,39 @@ def resolve_data(data: str) -> DataSpec:
     """Turn ``TrainConfig.data`` into split folders and read their manifests."""
     from mixersnn.data import default_shards, read_manifest
 
-    root = default_shards() if data == "fashion-mnist" else Path(data)
-    if not root.is_dir():
-        raise FileNotFoundError(
-            f"data={data!r}: {root} is not a folder. Pass 'fashion-mnist' (the embedded default) "
-            f"or a folder with train/ and test/ shard splits made by `mixersnn data make-shards`"
-        )
-    eval_dir = next((root / s for s in ("test", "val", "validation") if (root / s / "manifest.json").exists()), None)
-    if not (root / "train" / "manifest.json").exists() or eval_dir is None:
+    from mixersnn.data import remote
+
+    # Local folders and object-store prefixes (s3://bucket/data) are handled alike, as strings.
+    if data == "fashion-mnist":
+        root = str(default_shards())
+    elif remote.is_remote(data):
+        root = data.rstrip("/")
+    else:
+        root = str(Path(data))
+        if not Path(root).is_dir():
+            raise FileNotFoundError(
+                f"data={data!r}: {root} is not a folder. Pass 'fashion-mnist' (the embedded default), "
+                f"a folder or an s3:// prefix with train/ and test/ shard splits made by "
+                f"`mixersnn data make-shards`"
+            )
+
+    def join(*names: str) -> str:
+        return remote.join(root, *names) if remote.is_remote(root) else str(Path(root, *names))
+
+    def exists(path: str) -> bool:
+        return remote.exists(path) if remote.is_remote(path) else Path(path).exists()
+
+    eval_dir = next((join(s) for s in ("test", "val", "validation") if exists(join(s, "manifest.json"))), None)
+    if not exists(join("train", "manifest.json")) or eval_dir is None:
         raise FileNotFoundError(
             f"data={data!r}: {root} needs train/manifest.json and test/ (or val/) manifest.json; "
             f"make them with `mixersnn data make-shards`"
         )
-    mtrain = read_manifest(root / "train")
+    mtrain = read_manifest(join("train"))
     meval = read_manifest(eval_dir)
     return DataSpec(
-        train=str(root / "train"),
-        eval=str(eval_dir),
+        train=join("train"),
+        eval=eval_dir,
         # Variable-size data (ImageNet folders stored unresized) has no fixed size: 224.
         img_size=int(mtrain.image_size[0]) if mtrain.image_size else 224,
         in_chans=int(mtrain.channels),

@@ -154,7 +154,8 @@ def fit(
         ray.init(**kw)
 
     name = scale.name or run_name_for(cfg, scale)
-    storage = str(Path(scale.storage_path).resolve())
+    # Local paths are made absolute (workers may run elsewhere); URIs (s3://, gs://) pass as-is.
+    storage = scale.storage_path if "://" in scale.storage_path else str(Path(scale.storage_path).resolve())
     uri = resolve_tracking_uri(cfg.tracking_uri)
     run_id = None
     if track:
