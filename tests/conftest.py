@@ -1,4 +1,5 @@
-"""Shared pytest fixtures: deterministic seeds and a fixed thread count for every test."""
+"""Shared pytest fixtures: seeds and threads for every test, real Fashion-MNIST shards, and one
+real ``mlflow server`` on loopback for the tests that need a tracking server."""
 
 from __future__ import annotations
 
@@ -42,3 +43,53 @@ def make_fmnist_shards(out, *, train: int, test: int, per_shard: int):
 def fmnist_shards(tmp_path_factory: pytest.TempPathFactory):
     """Real Fashion-MNIST, first 1024 train / 256 test images in shards of 128 (8 + 2)."""
     return make_fmnist_shards(tmp_path_factory.mktemp("fmnist"), train=1024, test=256, per_shard=128)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real ``mlflow server`` (sqlite backend, proxied artefacts) on 127.0.0.1, shared by the
+    session: it takes 10-40 s to come up on 2 cores. Tests keep apart by experiment name."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("mlflow")), "server",
+         "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+         "--artifacts-destination", str(root / "artifacts"),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        # No background job runners (about ten processes) on CI's 2 cores: tracking only.
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"mlflow server on {url} did not become healthy")
+        time.sleep(0.5)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()

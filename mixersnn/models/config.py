@@ -221,7 +221,6 @@ class MixerSNNConfig:
         """Parameter count from the closed forms of design doc section 5 (generalised to any
         ``in_chans``, ``patch_size`` and ``mlp_ratio``). BN running stats are buffers, not
         parameters, and are not counted."""
-        a = self.mlp_ratio
         total = 0
         for s, (C, H, depth) in enumerate(zip(self.widths, self.grids, self.depths)):
             N = H * H
