@@ -15,6 +15,10 @@ spike gradient and u, writes the x gradient), 12 in 16 bits, so it cannot take l
     .venv/bin/python benchmarks/lif.py                          # T=4, N=4M, fp32 on CPU
     .venv/bin/python benchmarks/lif.py --steps 8 --numel 1000000 --json out.json
     .venv/bin/python benchmarks/lif.py --smoke                  # seconds, for CI
+
+The "cpu" backend is measured twice: with its output pool off ("fresh": each large output is
+new memory, page-faulted on first touch) and on ("pool", the default: outputs reuse idle,
+already-mapped buffers; ``mixersnn.kernels._alloc``).
 """
 
 from __future__ import annotations
@@ -22,41 +26,20 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-# Runnable as a script from the repository root without installing the package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import median_seconds, pool_modes, use_pool  # noqa: E402
 
 from mixersnn.neurons import available_backends, make_lif_params  # noqa: E402
 from mixersnn.neurons.backends import resolve_backend  # noqa: E402
 
 _BYTES_PER_ELEMENT = {torch.float32: 24, torch.float16: 12, torch.bfloat16: 12}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_seconds(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
-    """Median wall time of ``fn`` over ``repeats`` runs after ``warmup`` untimed runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def copy_bandwidth(device: torch.device, nbytes: int, warmup: int, repeats: int) -> float:
@@ -107,6 +90,8 @@ def run(args: argparse.Namespace) -> dict:
         usable = [b for b, reason in status.items() if reason is None]
         # The reference first: every other row is compared with it.
         usable.sort(key=lambda b: (b != "torch", b))
+        # The output pool is the cpu backend's; other rows run once.
+        modes = pool_modes(args.pool)
         bw = copy_bandwidth(device, args.copy_mib << 20, args.warmup, args.repeats)
         meta["copy_GBps"][device.type] = bw / 1e9
         dtypes = args.dtypes or (["float32"] if device.type == "cpu" else list(_DTYPES))
@@ -116,32 +101,38 @@ def run(args: argparse.Namespace) -> dict:
             floor_s = elements * _BYTES_PER_ELEMENT[dtype] / bw
             ref_s = None
             for backend in usable:
-                # The reference loop is slow on the CPU: fewer repeats keep the run short.
-                reps = max(3, args.repeats // 2) if backend == "torch" else args.repeats
-                secs = bench_backend(
-                    backend, device, dtype, args.steps, args.numel, args.warmup, reps
-                )
-                if backend == "torch":
-                    ref_s = secs
-                rows.append(_row(device, dtype_name, backend, secs, ref_s, elements, dtype, floor_s))
+                for mode in modes if backend == "cpu" else ["-"]:
+                    label = use_pool(mode) if backend == "cpu" else "-"
+                    # The reference loop is slow on the CPU: fewer repeats keep the run short.
+                    reps = max(3, args.repeats // 2) if backend == "torch" else args.repeats
+                    secs = bench_backend(
+                        backend, device, dtype, args.steps, args.numel, args.warmup, reps
+                    )
+                    if backend == "torch":
+                        ref_s = secs
+                    rows.append(
+                        _row(device, dtype_name, backend, label, secs, ref_s, elements, dtype, floor_s)
+                    )
                 if backend == "cpu" and dtype == torch.float32:
                     # The same kernels on preallocated, already-touched buffers: the arithmetic
-                    # and memory streaming alone, without autograd or first-touch page faults.
+                    # and memory streaming alone, without autograd or output allocation.
                     secs = bench_cpu_kernels_only(args.steps, args.numel, args.warmup, args.repeats)
                     rows.append(
-                        _row(device, dtype_name, "cpu-kern", secs, ref_s, elements, dtype, floor_s)
+                        _row(device, dtype_name, "cpu-kern", "-", secs, ref_s, elements, dtype, floor_s)
                     )
+        use_pool("pool")
     return {"meta": meta, "rows": rows}
 
 
 def _row(
-    device: torch.device, dtype_name: str, backend: str, secs: float, ref_s: float | None,
-    elements: int, dtype: torch.dtype, floor_s: float,
+    device: torch.device, dtype_name: str, backend: str, alloc: str, secs: float,
+    ref_s: float | None, elements: int, dtype: torch.dtype, floor_s: float,
 ) -> dict:  # fmt: skip
     return {
         "device": device.type,
         "dtype": dtype_name,
         "backend": backend,
+        "pool": alloc,
         "ms": secs * 1e3,
         "Gelem_per_s": elements / secs / 1e9,
         "vs_reference": None if ref_s is None else ref_s / secs,
@@ -184,21 +175,22 @@ def print_table(result: dict) -> None:
         for b, reason in status.items():
             if reason is not None:
                 print(f"  {dev}: backend {b!r} skipped: {reason}")
-    header = f"{'device':6} {'dtype':9} {'backend':8} {'ms':>9} {'Gelem/s':>8} {'vs ref':>7} {'GB/s':>7} {'floor':>6} {'floor ms':>9}"
+    header = f"{'device':6} {'dtype':9} {'backend':8} {'pool':6} {'ms':>9} {'Gelem/s':>8} {'vs ref':>7} {'GB/s':>7} {'floor':>6} {'floor ms':>9}"
     print(header)
     print("-" * len(header))
     for r in result["rows"]:
         ratio = "" if r["vs_reference"] is None else f"{r['vs_reference']:.2f}x"
         print(
-            f"{r['device']:6} {r['dtype']:9} {r['backend']:8} {r['ms']:9.2f} "
+            f"{r['device']:6} {r['dtype']:9} {r['backend']:8} {r['pool']:6} {r['ms']:9.2f} "
             f"{r['Gelem_per_s']:8.3f} {ratio:>7} {r['GBps_moved']:7.1f} "
             f"{r['fraction_of_floor']:6.2f} {r['floor_ms']:9.2f}"
         )
     print(
         "floor = (bytes a fused step must move / copy bandwidth) / measured time; "
         "1.00 runs at copy speed. vs ref = reference time / this time.\n"
-        "cpu-kern = the cpu backend's kernels alone on reused buffers (no autograd, no "
-        "first-touch page faults of fresh outputs)."
+        "pool: the cpu backend's output pool off (fresh: every large output is new memory, "
+        "page-faulted on first touch) or on (pool, the default: idle buffers are reused).\n"
+        "cpu-kern = the cpu backend's kernels alone on reused buffers (no autograd)."
     )
 
 
@@ -216,6 +208,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--devices", nargs="+", choices=["cpu", "cuda"], default=None,
         help="default: cpu, plus cuda when present",
+    )  # fmt: skip
+    ap.add_argument(
+        "--pool", choices=["both", "fresh", "pool"], default="both",
+        help="the cpu backend's output pool: off (fresh), on (pool, the default), or both side by side",
     )  # fmt: skip
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat (CI)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")

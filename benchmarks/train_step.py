@@ -3,7 +3,8 @@
 Measured, not asserted. On the CPU: forward + backward milliseconds of
 ``create_model("mlp_spe_t", img_size=32, num_classes=10, backend=b)`` on a batch of 8 at T=4,
 for every CPU backend (the "torch" reference loop and the fused "cpu" kernels), with the same
-weights and input, plus the loss difference between backends (a sanity check, not a test).
+weights and input, plus the loss difference between backends (a sanity check, not a test),
+with the cpu backend's output pool off ("fresh") and on ("pool", the default).
 With CUDA: images/s of a full training step (forward, backward, SGD) at 224 px under bf16
 autocast, per CUDA backend.
 
@@ -16,37 +17,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-# Runnable as a script from the repository root without installing the package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import median_seconds, pool_modes, use_pool  # noqa: E402
 
 from mixersnn.models import create_model  # noqa: E402
 from mixersnn.neurons import available_backends  # noqa: E402
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _median(fn, device: torch.device, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def cpu_rows(args: argparse.Namespace) -> list[dict]:
@@ -60,33 +42,38 @@ def cpu_rows(args: argparse.Namespace) -> list[dict]:
     rows: list[dict] = []
     ref_ms = ref_loss = None
     for backend in backends:
-        torch.manual_seed(0)  # identical weights for every backend
-        model = create_model("mlp_spe_t", img_size=32, num_classes=10, T=args.steps, backend=backend)
-        model.train()
+        # The output pool is the cpu backend's: the reference runs once.
+        for mode in pool_modes(args.pool) if backend == "cpu" else ["-"]:
+            label = use_pool(mode) if backend == "cpu" else "-"
+            torch.manual_seed(0)  # identical weights for every backend
+            model = create_model("mlp_spe_t", img_size=32, num_classes=10, T=args.steps, backend=backend)
+            model.train()
 
-        def step() -> float:
-            model.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(images).mean(0), labels)
-            loss.backward()
-            return float(loss.detach())
+            def step() -> float:
+                model.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(model(images).mean(0), labels)
+                loss.backward()
+                return float(loss.detach())
 
-        loss = step()
-        secs = _median(step, device, args.warmup, args.repeats)
-        if backend == "torch":
-            ref_ms, ref_loss = secs * 1e3, loss
-        rows.append(
-            {
-                "device": "cpu",
-                "backend": backend,
-                "img_size": 32,
-                "batch": args.batch,
-                "ms_fwd_bwd": secs * 1e3,
-                "images_per_s": args.batch / secs,
-                "vs_reference": None if ref_ms is None else ref_ms / (secs * 1e3),
-                "loss": loss,
-                "loss_diff_vs_reference": None if ref_loss is None else abs(loss - ref_loss),
-            }
-        )
+            loss = step()
+            secs = median_seconds(step, device, args.warmup, args.repeats)
+            if backend == "torch":
+                ref_ms, ref_loss = secs * 1e3, loss
+            rows.append(
+                {
+                    "device": "cpu",
+                    "backend": backend,
+                    "pool": label,
+                    "img_size": 32,
+                    "batch": args.batch,
+                    "ms_fwd_bwd": secs * 1e3,
+                    "images_per_s": args.batch / secs,
+                    "vs_reference": None if ref_ms is None else ref_ms / (secs * 1e3),
+                    "loss": loss,
+                    "loss_diff_vs_reference": None if ref_loss is None else abs(loss - ref_loss),
+                }
+            )
+    use_pool("pool")
     return rows
 
 
@@ -112,7 +99,7 @@ def cuda_rows(args: argparse.Namespace) -> list[dict]:
             opt.step()
 
         torch.cuda.reset_peak_memory_stats(device)
-        secs = _median(step, device, args.warmup, args.repeats)
+        secs = median_seconds(step, device, args.warmup, args.repeats)
         ips = args.cuda_batch / secs
         if backend == "torch":
             ref_ips = ips
@@ -143,11 +130,11 @@ def print_table(result: dict) -> None:
     cpu = [r for r in result["rows"] if r["device"] == "cpu"]
     if cpu:
         print(f"\nCPU, 32 px, batch {cpu[0]['batch']}, forward + backward")
-        print(f"{'backend':8} {'ms':>9} {'img/s':>8} {'vs ref':>7} {'|loss - ref|':>13}")
+        print(f"{'backend':8} {'pool':6} {'ms':>9} {'img/s':>8} {'vs ref':>7} {'|loss - ref|':>13}")
         for r in cpu:
             ratio = "" if r["vs_reference"] is None else f"{r['vs_reference']:.2f}x"
             diff = "" if r["loss_diff_vs_reference"] is None else f"{r['loss_diff_vs_reference']:.2e}"
-            print(f"{r['backend']:8} {r['ms_fwd_bwd']:9.1f} {r['images_per_s']:8.1f} {ratio:>7} {diff:>13}")
+            print(f"{r['backend']:8} {r['pool']:6} {r['ms_fwd_bwd']:9.1f} {r['images_per_s']:8.1f} {ratio:>7} {diff:>13}")
     gpu = [r for r in result["rows"] if r["device"] == "cuda"]
     if gpu:
         print(f"\nCUDA, 224 px, batch {gpu[0]['batch']}, bf16 autocast, forward + backward + SGD")
@@ -165,6 +152,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=5, help="timed steps; the median is shown")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     ap.add_argument("--cpu-only", action="store_true", help="skip CUDA even if present")
+    ap.add_argument(
+        "--pool", choices=["both", "fresh", "pool"], default="both",
+        help="the cpu backend's output pool: off (fresh), on (pool, the default), or both side by side",
+    )  # fmt: skip
     ap.add_argument("--smoke", action="store_true", help="batch 2, one repeat (CI)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)

@@ -99,9 +99,11 @@ def test_time_budget_anneals_and_stops_mid_run(fmnist_shards: Path, tmp_path: Pa
     final = run_training(cfg, WorkerContext(report=rec, log=logs.append))
     assert final["epoch"] < 199, "a 200-epoch schedule must stop on the time budget"
     assert any("time budget" in line for line in logs)
-    # The schedule followed the clock: the learning rate reached its floor (0) when time ran
-    # out, instead of stopping high on a 200-epoch cosine.
-    assert final["lr"] < 0.05 * cfg.lr, final["lr"]
+    # The schedule followed the clock: the learning rate was near its floor (0) when time ran
+    # out, instead of stopping at ~lr early in a 200-epoch cosine. How near depends on how long
+    # the last step took (a loaded 2-core machine: up to a third of the budget), so the bound
+    # is loose; an epoch-based schedule would still be above 0.99 * lr here.
+    assert final["lr"] < 0.5 * cfg.lr, final["lr"]
     assert final["train_time_s"] >= budget
 
 

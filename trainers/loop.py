@@ -360,24 +360,26 @@ def run_training(cfg: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
         )
 
     opt = build_optimizer(model, cfg)
-    start_time = 0.0
+    # Read once: the clock needs the time already trained before the scheduler is built, the
+    # rest is loaded into model, optimiser and scheduler below.
+    state = None
     if ctx.resume_dir is not None:
-        peek = torch.load(Path(ctx.resume_dir) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-        start_time = float(peek.get("train_time_s", 0.0))
+        state = torch.load(Path(ctx.resume_dir) / CHECKPOINT_FILE, map_location=device, weights_only=True)
+    start_time = float(state.get("train_time_s", 0.0)) if state is not None else 0.0
     clock = TrainClock(start_time)
     sched = build_scheduler(opt, cfg, steps_per_epoch, clock)
     autocast = amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast == torch.float16)
 
     start_epoch, history = 0, []
-    if ctx.resume_dir is not None:
-        state = torch.load(Path(ctx.resume_dir) / CHECKPOINT_FILE, map_location=device, weights_only=True)
+    if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         start_epoch = int(state["epoch"]) + 1
         history = list(state.get("history", []))
+        state = None  # the loaded copy is not needed any more
         ctx.log(f"resumed from epoch {start_epoch - 1} ({ctx.resume_dir})")
         if ctx.is_main and ctx.tracker is not None:
             ctx.tracker.log_metrics({"resumed_from_epoch": start_epoch - 1}, step=start_epoch)

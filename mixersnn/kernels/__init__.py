@@ -6,15 +6,29 @@ reason instead, and asking for that backend by name raises with it.
 
 - "cpu": ``lif.cu`` compiled as host C++ (OpenMP + simd) into a cached shared library.
 - "cupy": ``lif.cu`` compiled by NVRTC through CuPy, launched on torch's current stream.
+
+The "cpu" backend takes large outputs from a pool of already-mapped buffers, so they stop
+paying first-touch page faults every step (``mixersnn.kernels._alloc``; ``pool_stats()``,
+``set_pool_limit()``, ``empty_cache()``).
 """
 
 from __future__ import annotations
 
+from mixersnn.kernels._alloc import empty_cache, pool_limit, pool_stats, set_pool_limit
 from mixersnn.kernels.cpu import cpu_unavailable_reason, lif_cpu
 from mixersnn.kernels.cupy_backend import cupy_unavailable_reason, lif_cupy
 from mixersnn.neurons.backends import Backend, register_backend
 
-__all__ = ["lif_cpu", "lif_cupy", "cpu_unavailable_reason", "cupy_unavailable_reason"]
+__all__ = [
+    "lif_cpu",
+    "lif_cupy",
+    "cpu_unavailable_reason",
+    "cupy_unavailable_reason",
+    "empty_cache",
+    "pool_limit",
+    "pool_stats",
+    "set_pool_limit",
+]
 
 register_backend(
     Backend(

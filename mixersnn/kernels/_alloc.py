@@ -1,51 +1,156 @@
-"""Output allocation for the CPU kernels: ``torch.empty`` plus a transparent-huge-page hint.
+"""Output buffers for the CPU kernels: a pool of large, already-mapped buffers.
 
-A [T, N] output of 64 MiB is above glibc's largest mmap threshold (32 MiB), so every call
-gets fresh pages from the kernel and pays one page fault per 4 KiB on first touch, and an
-munmap on free. Measured here (a VM), that cost ~140 ms per 64 MiB, more than the kernel
-itself. ``madvise(MADV_HUGEPAGE)`` on such a buffer before it is touched lets Linux back it
-with 2 MiB pages (when THP is in "madvise" or "always" mode): ~5x cheaper first touch and a
-near-free munmap. The hint only changes page size, never contents; it is skipped for small
-buffers (heap memory that glibc reuses) and off Linux.
+Fresh memory costs more than the arithmetic here. A [T, N] output of 64 MiB is above glibc's
+largest mmap threshold (32 MiB), so every call gets new pages from the kernel: a page fault
+and a zero-fill per 4 KiB on first touch, an munmap on free. Measured on this machine (a
+2-core VM), that was ~140 ms per 64 MiB, more than the LIF kernel itself.
+
+So large outputs come from a pool, the way PyTorch's CUDA caching allocator serves GPU
+memory: a buffer whose last tensor dies goes back to the pool (a ``weakref.finalize`` on the
+numpy array the tensor's storage holds) and the next output of that size reuses its mapped
+pages. Only the pool's own buffers are recycled, so unlike a process-wide allocator setting
+(glibc's ``M_MMAP_MAX=0`` was tried: small allocations landing in a freed block fragment the
+heap and every large block is mapped afresh anyway) nothing else in the process changes.
+
+- Buffers below 32 MiB are plain ``torch.empty``: glibc reuses such heap memory already.
+- At most :func:`pool_limit` bytes (default 2 GiB, ``MIXERSNN_CPU_POOL_MB``) of *idle*
+  buffers are kept; buffers in use are not counted. :func:`empty_cache` drops the idle ones.
+- A new buffer gets an ``MADV_HUGEPAGE`` hint before it is touched (2 MiB pages where THP is
+  in "madvise" or "always" mode): its one first touch is ~5x cheaper.
+
+The tensors are ordinary CPU tensors (``torch.from_numpy`` views), except that they cannot be
+resized in place (``resize_``), which the backends' outputs never need.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
+import threading
+import weakref
+from collections import defaultdict
 from typing import Optional
 
+import numpy as np
 import torch
 
-__all__ = ["empty_like_large"]
+__all__ = ["empty_like_large", "empty_cache", "pool_limit", "set_pool_limit", "pool_stats"]
 
 _MADV_HUGEPAGE = 14
 _PAGE = 4096
-# glibc serves allocations above DEFAULT_MMAP_THRESHOLD_MAX (32 MiB on 64-bit) with their own
-# mmap, so the advised range belongs to this tensor alone.
+# Below this glibc serves allocations from its heap and reuses them: no pool needed.
 _MIN_BYTES = 32 * 1024 * 1024
 
-_madvise: Optional[ctypes._CFuncPtr] = None  # type: ignore[name-defined]
+_madvise = None
 if sys.platform.startswith("linux"):
     try:
-        _libc = ctypes.CDLL(None, use_errno=True)
-        _madvise = _libc.madvise
+        _madvise = ctypes.CDLL(None, use_errno=True).madvise
         _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         _madvise.restype = ctypes.c_int
     except (OSError, AttributeError):
         _madvise = None
 
 
-def empty_like_large(t: torch.Tensor) -> torch.Tensor:
-    """``torch.empty_like(t)`` (contiguous), with a huge-page hint when it is large.
+def _env_limit() -> int:
+    raw = os.environ.get("MIXERSNN_CPU_POOL_MB", "2048")
+    try:
+        mb = float(raw)
+    except ValueError:
+        raise ValueError(f"MIXERSNN_CPU_POOL_MB={raw!r} must be a number of MiB >= 0 (0 turns the pool off)") from None
+    if mb < 0:
+        raise ValueError(f"MIXERSNN_CPU_POOL_MB={raw!r} must be >= 0 (0 turns the pool off)")
+    return int(mb * 2**20)
 
-    Args:
-        t: any CPU tensor; the result has its shape and dtype.
-    """
-    out = torch.empty_like(t, memory_format=torch.contiguous_format)
-    if _madvise is not None and out.is_cpu and out.numel() * out.element_size() >= _MIN_BYTES:
-        start = (out.data_ptr() + _PAGE - 1) & ~(_PAGE - 1)
-        end = (out.data_ptr() + out.nbytes) & ~(_PAGE - 1)
+
+_LOCK = threading.Lock()
+_IDLE: dict[int, list[np.ndarray]] = defaultdict(list)  # nbytes -> idle buffers
+_STATE = {"limit": _env_limit(), "idle_bytes": 0, "hits": 0, "misses": 0}
+
+
+def pool_limit() -> int:
+    """Bytes of idle buffers the pool may keep (0: the pool is off)."""
+    return _STATE["limit"]
+
+
+def set_pool_limit(max_bytes: int) -> int:
+    """Set how many bytes of idle buffers the pool keeps (0 turns it off); returns the old
+    limit. Idle buffers above the new limit are released at once."""
+    if not isinstance(max_bytes, int) or max_bytes < 0:
+        raise ValueError(f"max_bytes={max_bytes!r} must be an integer >= 0 (0 turns the pool off)")
+    with _LOCK:
+        old = _STATE["limit"]
+        _STATE["limit"] = max_bytes
+        _trim_locked()
+    return old
+
+
+def empty_cache() -> None:
+    """Release every idle buffer (buffers in use are untouched and return to no pool)."""
+    with _LOCK:
+        _IDLE.clear()
+        _STATE["idle_bytes"] = 0
+
+
+def pool_stats() -> dict[str, int]:
+    """``{"limit", "idle_bytes", "idle_buffers", "hits", "misses"}`` of this process's pool."""
+    with _LOCK:
+        return {**_STATE, "idle_buffers": sum(len(v) for v in _IDLE.values())}
+
+
+def _trim_locked() -> None:
+    while _STATE["idle_bytes"] > _STATE["limit"] and _IDLE:
+        size = max(_IDLE)
+        _IDLE[size].pop()
+        if not _IDLE[size]:
+            del _IDLE[size]
+        _STATE["idle_bytes"] -= size
+
+
+def _give_back(buf: np.ndarray) -> None:
+    # Runs when the last tensor over ``buf`` is freed (any thread; the GIL is held).
+    with _LOCK:
+        if _STATE["idle_bytes"] + buf.nbytes > _STATE["limit"]:
+            return  # over the limit: let it go back to the OS
+        _IDLE[buf.nbytes].append(buf)
+        _STATE["idle_bytes"] += buf.nbytes
+
+
+def _new_buffer(nbytes: int) -> np.ndarray:
+    buf = np.empty(nbytes, dtype=np.uint8)
+    if _madvise is not None:
+        start = (buf.ctypes.data + _PAGE - 1) & ~(_PAGE - 1)
+        end = (buf.ctypes.data + nbytes) & ~(_PAGE - 1)
         if end > start:
             _madvise(start, end - start, _MADV_HUGEPAGE)  # a hint: failure changes nothing
-    return out
+    return buf
+
+
+def empty_like_large(t: torch.Tensor) -> torch.Tensor:
+    """An uninitialised contiguous CPU tensor with ``t``'s shape and dtype; large ones come
+    from the pool (see the module docstring), small ones from ``torch.empty``.
+
+    Args:
+        t: any CPU tensor.
+    """
+    nbytes = t.numel() * t.element_size()
+    if not t.is_cpu or nbytes < _MIN_BYTES:
+        return torch.empty_like(t, memory_format=torch.contiguous_format)
+    buf: Optional[np.ndarray] = None
+    with _LOCK:
+        if _STATE["limit"] > 0 and _IDLE.get(nbytes):
+            buf = _IDLE[nbytes].pop()
+            _STATE["idle_bytes"] -= nbytes
+            _STATE["hits"] += 1
+        else:
+            _STATE["misses"] += 1
+    if buf is None:
+        buf = _new_buffer(nbytes)
+    # The tensor's storage holds ``owner`` (a view of ``buf``); when the storage is freed the
+    # view dies and the finaliser hands ``buf`` back. ``buf`` itself stays referenced only by
+    # the finaliser (then by the pool), so it is never freed while a tensor uses it.
+    owner = buf.view()
+    if _STATE["limit"] > 0:
+        weakref.finalize(owner, _give_back, buf)
+    del buf
+    return torch.from_numpy(owner).view(t.dtype).view(t.shape)

@@ -1,0 +1,120 @@
+"""The cpu backend's output pool (``mixersnn.kernels._alloc``) and the benchmarks' smoke runs."""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mixersnn.kernels import empty_cache, pool_stats, set_pool_limit
+from mixersnn.kernels._alloc import empty_like_large
+from mixersnn.neurons import lif_multistep
+
+ROOT = Path(__file__).resolve().parents[1]
+BIG = (4, 4 << 20)  # 64 MiB of fp32: above glibc's mmap threshold, so pooled
+
+
+def _minflt() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+@pytest.fixture
+def pool():
+    old = set_pool_limit(1 << 30)
+    empty_cache()
+    yield
+    set_pool_limit(old)
+    empty_cache()
+
+
+def test_freed_large_outputs_are_reused_without_page_faults(pool) -> None:
+    like = torch.empty(BIG)
+    a = empty_like_large(like)
+    a.fill_(1.0)
+    ptr = a.data_ptr()
+    del a  # the last tensor over the buffer: it goes back to the pool
+    assert pool_stats()["idle_buffers"] == 1
+    f0 = _minflt()
+    b = empty_like_large(like)
+    b.fill_(2.0)
+    faults = _minflt() - f0
+    assert b.data_ptr() == ptr and pool_stats()["idle_buffers"] == 0
+    assert faults < 64, faults  # a fresh 64 MiB buffer takes ~16k (4 KiB pages) or ~32 (THP)
+    assert b.shape == like.shape and b.dtype == like.dtype and b.is_contiguous()
+    # A buffer in use is never handed out twice.
+    c = empty_like_large(like)
+    assert c.data_ptr() != b.data_ptr()
+
+
+def test_a_buffer_returns_only_when_its_last_view_dies(pool) -> None:
+    like = torch.empty(BIG)
+    a = empty_like_large(like)
+    row = a[1]  # a view keeps the storage alive
+    del a
+    assert pool_stats()["idle_buffers"] == 0
+    row.fill_(3.0)
+    del row
+    assert pool_stats()["idle_buffers"] == 1
+
+
+def test_pool_limit_bounds_idle_memory_and_zero_turns_it_off(pool) -> None:
+    like = torch.empty(BIG)
+    bufs = [empty_like_large(like) for _ in range(3)]
+    set_pool_limit(2 * like.nbytes)
+    del bufs
+    assert pool_stats()["idle_bytes"] == 2 * like.nbytes  # the third went back to the OS
+    set_pool_limit(0)
+    assert pool_stats()["idle_bytes"] == 0
+    a = empty_like_large(like)
+    del a
+    assert pool_stats()["idle_buffers"] == 0
+    with pytest.raises(ValueError, match="max_bytes=-1 must be an integer >= 0"):
+        set_pool_limit(-1)
+
+
+def test_small_outputs_are_plain_tensors(pool) -> None:
+    misses = pool_stats()["misses"]
+    t = empty_like_large(torch.empty(1024))
+    assert t.shape == (1024,) and pool_stats()["misses"] == misses
+
+
+def test_pooled_outputs_through_autograd_match_fresh_ones(pool) -> None:
+    # A full-size LIF step twice (the second one on recycled buffers) against the pool off.
+    x = torch.randn(*BIG, requires_grad=True)
+    g = torch.randn(*BIG)
+    results = []
+    for limit in (1 << 30, 1 << 30, 0):
+        set_pool_limit(limit)
+        s, v = lif_multistep(x, tau=2.0, v_threshold=1.0, backend="cpu")
+        s.backward(g)
+        results.append((s.clone(), v.clone(), x.grad.clone()))
+        x.grad = None
+        del s, v
+    for got in results[1:]:
+        for a, b in zip(results[0], got):
+            assert torch.equal(a, b)
+
+
+def test_bad_pool_size_in_the_environment_names_the_value() -> None:
+    proc = subprocess.run([sys.executable, "-c", "import mixersnn.kernels"], capture_output=True, text=True,
+                          cwd=ROOT, env={"MIXERSNN_CPU_POOL_MB": "lots", "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert proc.returncode != 0 and "MIXERSNN_CPU_POOL_MB='lots' must be a number of MiB >= 0" in proc.stderr
+
+
+@pytest.mark.parametrize("script", ["lif.py", "train_step.py"])
+def test_benchmark_smoke_runs_measure_the_pool_side_by_side(script: str, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--json", str(out)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [r for r in json.loads(out.read_text())["rows"] if r["device"] == "cpu"]
+    seen = {(r["backend"], r["pool"]) for r in rows}
+    assert {("torch", "-"), ("cpu", "fresh"), ("cpu", "pool")} <= seen, seen
+    if script == "train_step.py":
+        # Same weights and batch: the fused kernels give the reference's loss, pool or not.
+        assert all(r["loss_diff_vs_reference"] is None or r["loss_diff_vs_reference"] < 1e-4 for r in rows), rows
