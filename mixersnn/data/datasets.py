@@ -11,11 +11,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
 import urllib.request
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
+from mixersnn._atomic import atomic_path
 from mixersnn.data.idx import FASHION_MNIST_DIR, read_idx
 from mixersnn.data.manifest import ManifestError, read_manifest
 
@@ -133,17 +133,11 @@ def download_fashion_mnist(
             except ValueError:
                 pass  # damaged: fetch again
         # The temp name ends in ".gz" so read_idx picks the gzip reader for the check.
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part.gz", dir=dest)
-        try:
-            with os.fdopen(fd, "wb") as f, urllib.request.urlopen(base + name, timeout=timeout) as r:
+        with atomic_path(target, suffix=".part.gz") as tmp:
+            with open(tmp, "wb") as f, urllib.request.urlopen(base + name, timeout=timeout) as r:
                 shutil.copyfileobj(r, f)
             got = read_idx(tmp).shape
             if got != shape:
                 raise ValueError(f"{base + name} holds an array of shape {list(got)}, expected {list(shape)}")
-            os.replace(tmp, target)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
     return dest
 

@@ -14,13 +14,13 @@ import hashlib
 import io
 import os
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
 import numpy as np
 from PIL import Image
+from mixersnn._atomic import atomic_path
 
 __all__ = ["ENCODINGS", "encode_image", "decode_image", "ShardResult", "write_shard", "IMAGE_EXTS"]
 
@@ -140,14 +140,12 @@ def write_shard(
             decoded ``uint8 [H, W, C]`` image used for the statistics.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     n = 0
     psum: Optional[np.ndarray] = None
     psq: Optional[np.ndarray] = None
     count = 0
     sizes: set[tuple[int, int]] = set()
-    try:
+    with atomic_path(path) as tmp:
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
             for key, data, ext, label, pixels in samples:
                 if "." in key or "/" in key:
@@ -167,12 +165,6 @@ def write_shard(
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
         nbytes = os.path.getsize(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return ShardResult(
         name=path.name,
         num_samples=n,

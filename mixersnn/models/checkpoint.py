@@ -8,13 +8,12 @@ ignores what it does not need.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
 
+from mixersnn._atomic import atomic_path
 from mixersnn.models.config import MixerSNNConfig
 from mixersnn.models.mixer_snn import MixerSNN
 
@@ -26,17 +25,8 @@ CHECKPOINT_FORMAT = "mixersnn-checkpoint/1"
 def atomic_torch_save(obj: Any, path: Union[str, Path]) -> None:
     """``torch.save`` to a temporary file in the same folder, then rename: a crash never leaves
     a half-written file where a good one was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_checkpoint(
