@@ -25,6 +25,7 @@ from typing import Callable, Optional
 import torch
 
 from mixersnn.kernels._alloc import empty_like_large
+from mixersnn.kernels._function import FusedLIF
 from mixersnn.kernels.source import (
     backward_variant,
     backward_variants,
@@ -241,48 +242,28 @@ def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
     return None if t is None else t.data_ptr()
 
 
-class _CpuLIF(torch.autograd.Function):
-    """Fused LIF on fp32 CPU tensors; backward is the fused exact BPTT."""
+class _CpuLauncher:
+    """The host build of ``lif.cu`` (fp32), called through ctypes; large outputs come from
+    the buffer pool (``mixersnn.kernels._alloc``)."""
+
+    empty = staticmethod(empty_like_large)
 
     @staticmethod
-    def forward(ctx, x_seq: torch.Tensor, v0: torch.Tensor, p: LIFParams, save: bool):  # type: ignore[override]
-        x = x_seq.contiguous()
-        v = v0.contiguous()
-        steps, n = x.shape[0], v.numel()
-        spikes = empty_like_large(x)
-        u_saved = empty_like_large(x) if save else None
-        v_final = torch.empty_like(v)
-        if n > 0:
-            _forward_fn(p, save)(
-                x.data_ptr(), v.data_ptr(), spikes.data_ptr(), _ptr(u_saved),
-                v_final.data_ptr(), n, steps, 1.0 / p.tau, p.v_reset_charge,
-                p.v_threshold, torch.get_num_threads(),
-            )  # fmt: skip
-        ctx.set_materialize_grads(False)
-        ctx.p = p
-        if save:
-            ctx.save_for_backward(u_saved)
-        return spikes, v_final
+    def forward(p: LIFParams, x: torch.Tensor, v0: torch.Tensor, spikes: torch.Tensor,
+                u_saved: Optional[torch.Tensor], v_final: torch.Tensor, n: int, steps: int) -> None:  # fmt: skip
+        _forward_fn(p, u_saved is not None)(
+            x.data_ptr(), v0.data_ptr(), spikes.data_ptr(), _ptr(u_saved), v_final.data_ptr(),
+            n, steps, 1.0 / p.tau, p.v_reset_charge, p.v_threshold, torch.get_num_threads(),
+        )  # fmt: skip
 
     @staticmethod
-    def backward(ctx, grad_spikes: Optional[torch.Tensor], grad_vfinal: Optional[torch.Tensor]):  # type: ignore[override]
-        p: LIFParams = ctx.p
-        (u_saved,) = ctx.saved_tensors
-        steps = u_saved.shape[0]
-        n = u_saved[0].numel()
-        if grad_spikes is None:  # only v_final was used downstream
-            grad_spikes = torch.zeros_like(u_saved)
-        gs = grad_spikes.to(torch.float32).contiguous()
-        gv = None if grad_vfinal is None else grad_vfinal.to(torch.float32).contiguous()
-        grad_x = empty_like_large(u_saved)
-        grad_v0 = torch.empty_like(u_saved[0]) if ctx.needs_input_grad[1] else None
-        if n > 0:
-            _backward_fn(p)(
-                u_saved.data_ptr(), gs.data_ptr(), _ptr(gv), grad_x.data_ptr(),
-                _ptr(grad_v0), n, steps, 1.0 / p.tau, p.v_reset_charge, p.v_threshold,
-                p.alpha, torch.get_num_threads(),
-            )  # fmt: skip
-        return (grad_x if ctx.needs_input_grad[0] else None), grad_v0, None, None
+    def backward(p: LIFParams, u_saved: torch.Tensor, gs: torch.Tensor, gv: Optional[torch.Tensor],
+                 grad_x: torch.Tensor, grad_v0: Optional[torch.Tensor], n: int, steps: int) -> None:  # fmt: skip
+        _backward_fn(p)(
+            u_saved.data_ptr(), gs.data_ptr(), _ptr(gv), grad_x.data_ptr(), _ptr(grad_v0),
+            n, steps, 1.0 / p.tau, p.v_reset_charge, p.v_threshold, p.alpha,
+            torch.get_num_threads(),
+        )  # fmt: skip
 
 
 def lif_cpu(x_seq: torch.Tensor, v0: torch.Tensor, p: LIFParams) -> tuple[torch.Tensor, torch.Tensor]:
@@ -311,6 +292,6 @@ def lif_cpu(x_seq: torch.Tensor, v0: torch.Tensor, p: LIFParams) -> tuple[torch.
     # no_grad, so whether to store u for backward is decided here.
     save = torch.is_grad_enabled() and (x_seq.requires_grad or v0.requires_grad)
     if dtype == torch.float32:
-        return _CpuLIF.apply(x_seq, v0.to(torch.float32), p, save)
-    spikes, v_final = _CpuLIF.apply(x_seq.to(torch.float32), v0.to(torch.float32), p, save)
+        return FusedLIF.apply(x_seq, v0.to(torch.float32), p, save, _CpuLauncher)
+    spikes, v_final = FusedLIF.apply(x_seq.to(torch.float32), v0.to(torch.float32), p, save, _CpuLauncher)
     return spikes.to(dtype), v_final.to(dtype)

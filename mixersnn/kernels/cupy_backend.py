@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import torch
 
+from mixersnn.kernels._function import FusedLIF
 from mixersnn.kernels.source import (
     KernelVariant,
     backward_variant,
@@ -207,54 +208,37 @@ def _launch(variant: KernelVariant, n: int, device: torch.device, args: tuple) -
         kernel((blocks,), (_THREADS,), cargs)
 
 
-class _CupyLIF(torch.autograd.Function):
-    """Fused LIF on CUDA tensors (fp32/fp16/bf16 storage, fp32 arithmetic)."""
+class _CupyLauncher:
+    """``lif.cu`` through NVRTC/CuPy on torch's current stream; outputs from torch's caching
+    allocator."""
 
     @staticmethod
-    def forward(ctx, x_seq: torch.Tensor, v0: torch.Tensor, p: LIFParams, save: bool):  # type: ignore[override]
-        import numpy
-
-        x = x_seq.contiguous()
-        v = v0.to(x.dtype).contiguous()
-        dtype = _DTYPE_NAMES[x.dtype]
-        steps, n = x.shape[0], v.numel()
-        spikes = torch.empty_like(x)
-        u_saved = torch.empty_like(x) if save else None
-        v_final = torch.empty_like(v)
-        if n > 0:
-            args = (
-                x, v, spikes, u_saved, v_final, numpy.int64(n), numpy.int32(steps),
-                numpy.float32(1.0 / p.tau), numpy.float32(p.v_reset_charge),
-                numpy.float32(p.v_threshold),
-            )  # fmt: skip
-            _launch(forward_variant(p, dtype, save), n, x.device, args)
-        ctx.set_materialize_grads(False)
-        ctx.p = p
-        if save:
-            ctx.save_for_backward(u_saved)
-        return spikes, v_final
+    def empty(like: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(like, memory_format=torch.contiguous_format)
 
     @staticmethod
-    def backward(ctx, grad_spikes: Optional[torch.Tensor], grad_vfinal: Optional[torch.Tensor]):  # type: ignore[override]
+    def forward(p: LIFParams, x: torch.Tensor, v0: torch.Tensor, spikes: torch.Tensor,
+                u_saved: Optional[torch.Tensor], v_final: torch.Tensor, n: int, steps: int) -> None:  # fmt: skip
         import numpy
 
-        p: LIFParams = ctx.p
-        (u_saved,) = ctx.saved_tensors
-        steps, n = u_saved.shape[0], u_saved[0].numel()
-        if grad_spikes is None:
-            grad_spikes = torch.zeros_like(u_saved)
-        gs = grad_spikes.to(u_saved.dtype).contiguous()
-        gv = None if grad_vfinal is None else grad_vfinal.to(u_saved.dtype).contiguous()
-        grad_x = torch.empty_like(u_saved)
-        grad_v0 = torch.empty_like(u_saved[0]) if ctx.needs_input_grad[1] else None
-        if n > 0:
-            args = (
-                u_saved, gs, gv, grad_x, grad_v0, numpy.int64(n), numpy.int32(steps),
-                numpy.float32(1.0 / p.tau), numpy.float32(p.v_reset_charge),
-                numpy.float32(p.v_threshold), numpy.float32(p.alpha),
-            )  # fmt: skip
-            _launch(backward_variant(p, _DTYPE_NAMES[u_saved.dtype]), n, u_saved.device, args)
-        return (grad_x if ctx.needs_input_grad[0] else None), grad_v0, None, None
+        args = (
+            x, v0, spikes, u_saved, v_final, numpy.int64(n), numpy.int32(steps),
+            numpy.float32(1.0 / p.tau), numpy.float32(p.v_reset_charge),
+            numpy.float32(p.v_threshold),
+        )  # fmt: skip
+        _launch(forward_variant(p, _DTYPE_NAMES[x.dtype], u_saved is not None), n, x.device, args)
+
+    @staticmethod
+    def backward(p: LIFParams, u_saved: torch.Tensor, gs: torch.Tensor, gv: Optional[torch.Tensor],
+                 grad_x: torch.Tensor, grad_v0: Optional[torch.Tensor], n: int, steps: int) -> None:  # fmt: skip
+        import numpy
+
+        args = (
+            u_saved, gs, gv, grad_x, grad_v0, numpy.int64(n), numpy.int32(steps),
+            numpy.float32(1.0 / p.tau), numpy.float32(p.v_reset_charge),
+            numpy.float32(p.v_threshold), numpy.float32(p.alpha),
+        )  # fmt: skip
+        _launch(backward_variant(p, _DTYPE_NAMES[u_saved.dtype]), n, u_saved.device, args)
 
 
 def lif_cupy(x_seq: torch.Tensor, v0: torch.Tensor, p: LIFParams) -> tuple[torch.Tensor, torch.Tensor]:
@@ -278,4 +262,4 @@ def lif_cupy(x_seq: torch.Tensor, v0: torch.Tensor, p: LIFParams) -> tuple[torch
 
         return lif_reference(x_seq, v0, p)
     save = torch.is_grad_enabled() and (x_seq.requires_grad or v0.requires_grad)
-    return _CupyLIF.apply(x_seq, v0, p, save)
+    return FusedLIF.apply(x_seq, v0.to(x_seq.dtype), p, save, _CupyLauncher)

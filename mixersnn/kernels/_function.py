@@ -1,0 +1,70 @@
+"""The autograd wrapper both fused backends share: what is saved, what is allocated, which
+gradients are returned. Each backend supplies only a :class:`Launcher` (how to allocate an
+output and how to run the forward and backward kernels on its device)."""
+
+from __future__ import annotations
+
+from typing import Optional, Protocol
+
+import torch
+
+from mixersnn.neurons.backends import LIFParams
+
+__all__ = ["Launcher", "FusedLIF"]
+
+
+class Launcher(Protocol):
+    """A device's kernel calls. Tensors are contiguous; ``u_saved``/``grad_v0``/``grad_vfinal``
+    may be None (not needed / no gradient), which the kernels take as a null pointer."""
+
+    def empty(self, like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised contiguous tensor shaped like ``like`` ([steps, n] outputs)."""
+
+    def forward(self, p: LIFParams, x: torch.Tensor, v0: torch.Tensor, spikes: torch.Tensor,
+                u_saved: Optional[torch.Tensor], v_final: torch.Tensor, n: int, steps: int) -> None:
+        """Run ``lif_forward`` (``lif.cu``)."""
+
+    def backward(self, p: LIFParams, u_saved: torch.Tensor, grad_spikes: torch.Tensor,
+                 grad_vfinal: Optional[torch.Tensor], grad_x: torch.Tensor,
+                 grad_v0: Optional[torch.Tensor], n: int, steps: int) -> None:
+        """Run ``lif_backward`` (``lif.cu``)."""
+
+
+class FusedLIF(torch.autograd.Function):
+    """Fused multi-step LIF: forward saves only u = H - v_threshold, backward is exact BPTT.
+
+    ``apply(x_seq, v0, p, save, launcher)``: ``v0`` must already have ``x_seq``'s dtype; with
+    ``save`` False nothing is stored (inference) and backward is not possible.
+    """
+
+    @staticmethod
+    def forward(ctx, x_seq: torch.Tensor, v0: torch.Tensor, p: LIFParams, save: bool,  # type: ignore[override]
+                launcher: Launcher):  # fmt: skip
+        x = x_seq.contiguous()
+        v = v0.contiguous()
+        steps, n = x.shape[0], v.numel()
+        spikes = launcher.empty(x)
+        u_saved = launcher.empty(x) if save else None
+        v_final = torch.empty_like(v)
+        if n > 0:
+            launcher.forward(p, x, v, spikes, u_saved, v_final, n, steps)
+        ctx.set_materialize_grads(False)
+        ctx.p = p
+        ctx.launcher = launcher
+        if save:
+            ctx.save_for_backward(u_saved)
+        return spikes, v_final
+
+    @staticmethod
+    def backward(ctx, grad_spikes: Optional[torch.Tensor], grad_vfinal: Optional[torch.Tensor]):  # type: ignore[override]
+        (u_saved,) = ctx.saved_tensors
+        steps, n = u_saved.shape[0], u_saved[0].numel()
+        if grad_spikes is None:  # only v_final was used downstream
+            grad_spikes = torch.zeros_like(u_saved)
+        gs = grad_spikes.to(u_saved.dtype).contiguous()
+        gv = None if grad_vfinal is None else grad_vfinal.to(u_saved.dtype).contiguous()
+        grad_x = ctx.launcher.empty(u_saved)
+        grad_v0 = torch.empty_like(u_saved[0]) if ctx.needs_input_grad[1] else None
+        if n > 0:
+            ctx.launcher.backward(ctx.p, u_saved, gs, gv, grad_x, grad_v0, n, steps)
+        return (grad_x if ctx.needs_input_grad[0] else None), grad_v0, None, None, None
