@@ -125,6 +125,11 @@ constraints: {{max_energy_uj: {cap}, assumed_firing_rate: {rate}}}
         ("constraints: {assumed_firing_rate: 0}", r"assumed_firing_rate=0"),
         ("select: {criterion: best}", r"criterion='best'"),
         ("scale: {cpus_per_worker: 0}", r"cpus_per_worker=0"),
+        ("scale: {use_gpu: true, gpus_per_worker: 0}", r"scale: gpus_per_worker=0 must be > 0 .*fraction in \(0, 1\)"),
+        ("scale: {use_gpu: true, gpus_per_worker: 1.5}", r"scale: gpus_per_worker=1.5 cannot be scheduled.*use 1 or 2"),
+        ("scale: {use_gpu: true, gpus_per_worker: 0.5, num_workers: 2}", r"num_workers=2: .*use whole GPUs"),
+        ("budget: {autoscale_wait_s: 0}", r"budget.autoscale_wait_s=0 must be a number of seconds > 0"),
+        ("budget: {autoscale_wait_s: soon}", r"budget.autoscale_wait_s='soon' is not a number"),
         ("searchspace: {}", r"unknown top-level keys \['searchspace'\]"),
     ],
 )
@@ -166,3 +171,20 @@ def test_suggest_is_a_plain_define_by_run_function() -> None:
     r = suggest(t, cfg)
     assert set(r) >= {"arch", "train", "num_params", "energy_uj_dense", "energy_uj_est", "infeasible"}
     assert set(t.params) >= {"spe", "T", "lr", "weight_decay"}
+
+
+def test_fractional_gpu_scale_validates_and_sets_the_auto_concurrency() -> None:
+    from search.resources import concurrency, trial_bundles
+
+    cfg = load_search_config(None, scale={"use_gpu": True, "gpus_per_worker": 0.25, "cpus_per_worker": 0.45},
+                             budget={"autoscale_wait_s": "30"})
+    assert cfg.budget.max_concurrent_trials == "auto" and cfg.budget.autoscale_wait_s == 30
+    assert trial_bundles(cfg.scale) == [{"CPU": 0.01}, {"CPU": 0.45, "GPU": 0.25}]
+    assert concurrency(cfg.scale, [{"CPU": 16, "GPU": 2}]) == 8        # 2 GPUs / 0.25
+    assert concurrency(cfg.scale, [{"CPU": 2, "GPU": 2}]) == 4         # capped by CPUs: 2 / 0.46
+    assert concurrency(cfg.scale, [{"CPU": 8}, {"GPU": 1}]) == 0       # no node holds a worker
+    assert concurrency(cfg.scale, [{"CPU": 0}]) == 0                   # a cluster scaling from zero
+    # Whole GPUs, several workers: workers per node add up, trials need all their workers.
+    multi = {"num_workers": 2, "use_gpu": True, "gpus_per_worker": 1, "cpus_per_worker": 4}
+    assert concurrency(multi, [{"CPU": 96, "GPU": 8}] * 2) == 8
+
