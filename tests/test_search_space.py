@@ -188,3 +188,43 @@ def test_fractional_gpu_scale_validates_and_sets_the_auto_concurrency() -> None:
     multi = {"num_workers": 2, "use_gpu": True, "gpus_per_worker": 1, "cpus_per_worker": 4}
     assert concurrency(multi, [{"CPU": 96, "GPU": 8}] * 2) == 8
 
+
+def test_gpu_cluster_config_fits_the_cluster_yaml_gpu_nodes(fmnist_shards: Path) -> None:
+    """configs/search_gpu_cluster.yaml as shipped, against the cluster it is for.
+
+    Its data is an s3:// prefix whose manifest load_search_config would read; here the same
+    Fashion-MNIST shards come from a local folder (no network; reading shards from S3 is
+    tested in test_data_s3.py). Everything else is the file as shipped.
+    """
+    import yaml
+
+    from search.resources import concurrency, trial_bundles
+    from trainers.ray_train import scaling_config
+
+    path = REPO / "configs" / "search_gpu_cluster.yaml"
+    raw = yaml.safe_load(path.read_text())
+    cluster = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    # Where cluster.yaml puts things: shards in the bucket, state on the EFS mount every node
+    # sees, MLflow on the head's port 5000.
+    assert raw["data"].startswith("s3://REPLACE_BUCKET/datasets/")
+    assert raw["storage_path"].startswith("/mnt/shared/runs")
+    assert raw["tracking_uri"] == "http://HEAD_PRIVATE_IP:5000"
+    assert "--port 5000" in " ".join(cluster["head_start_ray_commands"])
+
+    cfg = load_search_config(path, data=str(fmnist_shards))
+    assert cfg.shape.img_size == 28 and cfg.scale["use_gpu"] is True and cfg.scale["gpus_per_worker"] == 0.25
+    from trainers.config import ScaleConfig
+
+    sc = scaling_config(ScaleConfig(**cfg.scale))
+    assert sc.resources_per_worker == {"CPU": 1.5, "GPU": 0.25} and sc.num_workers == 1
+    assert trial_bundles(cfg.scale) == [{"CPU": 0.01}, {"CPU": 1.5, "GPU": 0.25}]
+    # The search runs on the gpu_1x nodes: 4 trials per node, and max_concurrent_trials is
+    # what auto would count on the largest cluster cluster.yaml allows.
+    node = cluster["available_node_types"]["gpu_1x"]
+    head = cluster["available_node_types"][cluster["head_node_type"]]["resources"]
+    assert concurrency(cfg.scale, [head]) == 0, "no trial on the head"
+    assert concurrency(cfg.scale, [head, node["resources"]]) == 4
+    largest = [head] + [node["resources"]] * node["max_workers"]
+    assert concurrency(cfg.scale, largest) == cfg.budget.max_concurrent_trials == 32
+    for a in (r["arch"] for r in _sample(cfg, 20)):
+        assert 28 % a["patch_size"] == 0
