@@ -220,26 +220,16 @@ def _tune_callback_cls() -> type:
 
 
 # ---------------------------------------------------------------------------- driver
-def _max_concurrent(cfg: SearchConfig) -> int:
-    """Trials at once: what the cluster's CPUs (and GPUs) hold, or the user's number."""
-    import ray
+def _max_concurrent(cfg: SearchConfig, log: Callable[[str], None] = print) -> int:
+    """Trials at once: the user's number, or for "auto" what the alive nodes' CPUs and GPUs
+    hold (:mod:`search.resources`). A cluster that cannot hold one trial yet (one that scales
+    from zero GPU nodes) is asked for one trial's resources, and the search waits up to
+    ``budget.autoscale_wait_s`` for them; the number is fixed when the search starts."""
+    from search.resources import max_concurrent_auto
 
     if cfg.budget.max_concurrent_trials != "auto":
         return int(cfg.budget.max_concurrent_trials)
-    res = ray.cluster_resources()
-    workers = int(cfg.scale.get("num_workers", 1))
-    per_cpu = workers * float(cfg.scale.get("cpus_per_worker", 1.0)) + 0.01
-    n = math.floor(float(res.get("CPU", 1.0)) / per_cpu + 1e-9)
-    if cfg.scale.get("use_gpu"):
-        per_gpu = workers * float(cfg.scale.get("gpus_per_worker", 1.0))
-        n = min(n, math.floor(float(res.get("GPU", 0.0)) / per_gpu + 1e-9))
-    if n < 1:
-        raise RuntimeError(
-            f"one trial needs {per_cpu:.2f} CPUs"
-            + (f" and {workers * float(cfg.scale.get('gpus_per_worker', 1.0))} GPUs" if cfg.scale.get("use_gpu") else "")
-            + f" but the Ray cluster has {dict(res)}; lower scale.cpus_per_worker / num_workers or add nodes"
-        )
-    return n
+    return max_concurrent_auto(cfg.scale, float(cfg.budget.autoscale_wait_s), log=log)
 
 
 def _searcher(cfg: SearchConfig) -> Any:

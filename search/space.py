@@ -4,7 +4,8 @@ A search file has these sections (every one optional; see ``configs/search_fashi
 
     name, experiment, data, tracking_uri, storage_path, base_model, seed
     objective:   mode (multi | single), include_params, sampler (nsga2 | tpe)
-    budget:      num_trials, time_budget_s, max_concurrent_trials (an int or "auto")
+    budget:      num_trials, time_budget_s, max_concurrent_trials (an int or "auto"),
+                 autoscale_wait_s
     asha:        grace_period, reduction_factor            (single-objective mode)
     constraints: max_params, max_energy_uj, assumed_firing_rate
     space:       spe, num_stages, blocks_per_stage, embed_dim, mlp_ratio, T, patch_size,
@@ -289,12 +290,17 @@ class Budget:
         num_trials: trials to sample in total (Tune's ``num_samples``).
         time_budget_s: wall-clock cap for the whole search (running trials stop), or None.
         max_concurrent_trials: trials at once; "auto" fits as many as the cluster's CPUs
-            (and GPUs) hold given the per-trial ``scale``.
+            (and GPUs) hold given the per-trial ``scale``, counted once when the search
+            starts. On a cluster that cannot hold one trial yet (autoscaling from zero) it
+            asks the autoscaler for one trial's resources and waits for them first.
+        autoscale_wait_s: how long "auto" waits for the first trial's resources before it
+            gives up with an error (seconds).
     """
 
     num_trials: int = 12
     time_budget_s: Optional[float] = None
     max_concurrent_trials: Union[int, str] = "auto"
+    autoscale_wait_s: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -448,6 +454,10 @@ def _validate(cfg: SearchConfig) -> None:
     check(b.time_budget_s is None or float(b.time_budget_s) > 0, f"budget.time_budget_s={b.time_budget_s!r} must be > 0 or null")
     check(b.max_concurrent_trials == "auto" or (isinstance(b.max_concurrent_trials, int) and b.max_concurrent_trials >= 1),
           f"budget.max_concurrent_trials={b.max_concurrent_trials!r} must be 'auto' or an integer >= 1")
+    check(not isinstance(b.autoscale_wait_s, bool) and isinstance(b.autoscale_wait_s, (int, float))
+          and b.autoscale_wait_s > 0,
+          f"budget.autoscale_wait_s={b.autoscale_wait_s!r} must be a number of seconds > 0 (how long "
+          f"max_concurrent_trials: auto waits for an autoscaling cluster to hold one trial; default 600)")
     a = cfg.asha
     check(isinstance(a.grace_period, int) and a.grace_period >= 1, f"asha.grace_period={a.grace_period!r} must be an integer >= 1")
     check(isinstance(a.reduction_factor, int) and a.reduction_factor >= 2,
@@ -565,6 +575,10 @@ def load_search_config(path: Union[str, Path, None] = None, **overrides: Any) ->
         from dataclasses import replace
 
         budget = replace(budget, time_budget_s=float(_num(budget.time_budget_s, "budget.time_budget_s")))
+    if isinstance(budget.autoscale_wait_s, str):
+        from dataclasses import replace
+
+        budget = replace(budget, autoscale_wait_s=_num(budget.autoscale_wait_s, "budget.autoscale_wait_s"))
     constraints = _section(raw, "constraints", Constraints, where)
     if constraints.max_energy_uj is not None:
         from dataclasses import replace

@@ -295,6 +295,23 @@ def test_readme_scaling_commands_are_real() -> None:
     assert {"mixersnn", "ray"} <= checked, checked
 
 
+def test_readme_cluster_search_uses_the_gpu_cluster_config() -> None:
+    """The search job the README submits runs the search config written for cluster.yaml, and
+    that config's paths are the ones cluster.yaml sets up (EFS mount, MLflow port on the head)."""
+    searches = [a for a in _readme_scaling_commands() if _program(a[0]) == "ray" and a[1:3] == ["job", "submit"]
+                and "search" in a[a.index("--") + 2 : a.index("--") + 3]]
+    assert searches, "the README submits no search job to the cluster"
+    for argv in searches:
+        entry = argv[argv.index("--") + 1 :]
+        assert entry[entry.index("--config") + 1] == "configs/search_gpu_cluster.yaml", entry
+    search = yaml.safe_load((ROOT / "configs" / "search_gpu_cluster.yaml").read_text())
+    text = CLUSTER.read_text()
+    assert search["storage_path"].startswith("/mnt/shared/") and "/mnt/shared" in text
+    port = re.search(r"mlflow server .*?--port (\d+)", text, flags=re.S)
+    assert port and search["tracking_uri"].endswith(f":{port.group(1)}")
+    assert search["scale"]["use_gpu"] is True and 0 < search["scale"]["gpus_per_worker"] < 1
+
+
 def test_the_shell_splitter_understands_our_lines() -> None:
     line = "ulimit -n 65536; RAY_AUTH_MODE=token ray start --head --port=6379 2>&1 > log && nohup mlflow server -w 2 > x &"
     got = list(_segments(line))

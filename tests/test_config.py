@@ -214,3 +214,45 @@ def test_derived_shapes():
     assert cfg.grids == (7, 4, 2, 1)  # 28/4 = 7, then ceil halves
     assert MixerSNNConfig(**BASE).grids == (8, 4, 2, 1)
     assert model_config("mlp_spe_t").grids == (56, 28, 14, 7)
+
+
+# --------------------------------------------------------------------------- ScaleConfig (Ray resources)
+@pytest.mark.parametrize("gpus", [0.25, 0.5, 0.0001, 1, 1.0, 2, 8])
+def test_gpu_amounts_ray_can_schedule_are_accepted(gpus):
+    from trainers.config import ScaleConfig
+
+    workers = 1 if gpus < 1 else 4
+    ScaleConfig(num_workers=workers, use_gpu=True, gpus_per_worker=gpus)
+
+
+@pytest.mark.parametrize(
+    "gpus, workers, match",
+    [
+        (0, 1, r"gpus_per_worker=0 must be > 0 .*fraction in \(0, 1\).*use_gpu: false"),
+        (-0.5, 1, r"gpus_per_worker=-0.5 must be > 0"),
+        (1.5, 1, r"gpus_per_worker=1.5 cannot be scheduled: Ray accepts GPU amounts in \(0, 1\) or whole numbers.*use 1 or 2"),
+        (0.00001, 1, r"gpus_per_worker=1e-05 is below Ray's resource precision 0.0001"),
+        ("0.25", 1, r"gpus_per_worker='0.25' must be a number"),
+        (0.5, 2, r"gpus_per_worker=0.5 with num_workers=2: .*nccl refuses; use whole GPUs"),
+    ],
+)
+def test_gpu_amounts_ray_cannot_schedule_name_the_value_range_and_fix(gpus, workers, match):
+    from trainers.config import ScaleConfig
+
+    with pytest.raises(ConfigError, match=match):
+        ScaleConfig(num_workers=workers, use_gpu=True, gpus_per_worker=gpus)
+    # Without use_gpu the GPU amount is not used, and not checked.
+    ScaleConfig(num_workers=workers, use_gpu=False, gpus_per_worker=gpus)
+
+
+def test_scaling_config_carries_the_fractional_gpu_per_worker():
+    pytest.importorskip("ray")
+    from trainers.config import ScaleConfig
+    from trainers.ray_train import scaling_config, worker_resources
+
+    sc = scaling_config(ScaleConfig(num_workers=1, use_gpu=True, gpus_per_worker=0.25, cpus_per_worker=2))
+    assert (sc.num_workers, sc.use_gpu, sc.resources_per_worker) == (1, True, {"CPU": 2.0, "GPU": 0.25})
+    assert sc.total_resources == {"CPU": 2.0, "GPU": 0.25}
+    cpu = scaling_config(ScaleConfig(num_workers=2, cpus_per_worker=0.5, gpus_per_worker=0.25))
+    assert (cpu.use_gpu, cpu.resources_per_worker) == (False, {"CPU": 0.5})  # no GPU asked without use_gpu
+    assert worker_resources(ScaleConfig(num_workers=4, use_gpu=True, gpus_per_worker=1)) == {"CPU": 1.0, "GPU": 1.0}

@@ -125,6 +125,11 @@ constraints: {{max_energy_uj: {cap}, assumed_firing_rate: {rate}}}
         ("constraints: {assumed_firing_rate: 0}", r"assumed_firing_rate=0"),
         ("select: {criterion: best}", r"criterion='best'"),
         ("scale: {cpus_per_worker: 0}", r"cpus_per_worker=0"),
+        ("scale: {use_gpu: true, gpus_per_worker: 0}", r"scale: gpus_per_worker=0 must be > 0 .*fraction in \(0, 1\)"),
+        ("scale: {use_gpu: true, gpus_per_worker: 1.5}", r"scale: gpus_per_worker=1.5 cannot be scheduled.*use 1 or 2"),
+        ("scale: {use_gpu: true, gpus_per_worker: 0.5, num_workers: 2}", r"num_workers=2: .*use whole GPUs"),
+        ("budget: {autoscale_wait_s: 0}", r"budget.autoscale_wait_s=0 must be a number of seconds > 0"),
+        ("budget: {autoscale_wait_s: soon}", r"budget.autoscale_wait_s='soon' is not a number"),
         ("searchspace: {}", r"unknown top-level keys \['searchspace'\]"),
     ],
 )
@@ -166,3 +171,60 @@ def test_suggest_is_a_plain_define_by_run_function() -> None:
     r = suggest(t, cfg)
     assert set(r) >= {"arch", "train", "num_params", "energy_uj_dense", "energy_uj_est", "infeasible"}
     assert set(t.params) >= {"spe", "T", "lr", "weight_decay"}
+
+
+def test_fractional_gpu_scale_validates_and_sets_the_auto_concurrency() -> None:
+    from search.resources import concurrency, trial_bundles
+
+    cfg = load_search_config(None, scale={"use_gpu": True, "gpus_per_worker": 0.25, "cpus_per_worker": 0.45},
+                             budget={"autoscale_wait_s": "30"})
+    assert cfg.budget.max_concurrent_trials == "auto" and cfg.budget.autoscale_wait_s == 30
+    assert trial_bundles(cfg.scale) == [{"CPU": 0.01}, {"CPU": 0.45, "GPU": 0.25}]
+    assert concurrency(cfg.scale, [{"CPU": 16, "GPU": 2}]) == 8        # 2 GPUs / 0.25
+    assert concurrency(cfg.scale, [{"CPU": 2, "GPU": 2}]) == 4         # capped by CPUs: 2 / 0.46
+    assert concurrency(cfg.scale, [{"CPU": 8}, {"GPU": 1}]) == 0       # no node holds a worker
+    assert concurrency(cfg.scale, [{"CPU": 0}]) == 0                   # a cluster scaling from zero
+    # Whole GPUs, several workers: workers per node add up, trials need all their workers.
+    multi = {"num_workers": 2, "use_gpu": True, "gpus_per_worker": 1, "cpus_per_worker": 4}
+    assert concurrency(multi, [{"CPU": 96, "GPU": 8}] * 2) == 8
+
+
+def test_gpu_cluster_config_fits_the_cluster_yaml_gpu_nodes(fmnist_shards: Path) -> None:
+    """configs/search_gpu_cluster.yaml as shipped, against the cluster it is for.
+
+    Its data is an s3:// prefix whose manifest load_search_config would read; here the same
+    Fashion-MNIST shards come from a local folder (no network; reading shards from S3 is
+    tested in test_data_s3.py). Everything else is the file as shipped.
+    """
+    import yaml
+
+    from search.resources import concurrency, trial_bundles
+    from trainers.ray_train import scaling_config
+
+    path = REPO / "configs" / "search_gpu_cluster.yaml"
+    raw = yaml.safe_load(path.read_text())
+    cluster = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    # Where cluster.yaml puts things: shards in the bucket, state on the EFS mount every node
+    # sees, MLflow on the head's port 5000.
+    assert raw["data"].startswith("s3://REPLACE_BUCKET/datasets/")
+    assert raw["storage_path"].startswith("/mnt/shared/runs")
+    assert raw["tracking_uri"] == "http://HEAD_PRIVATE_IP:5000"
+    assert "--port 5000" in " ".join(cluster["head_start_ray_commands"])
+
+    cfg = load_search_config(path, data=str(fmnist_shards))
+    assert cfg.shape.img_size == 28 and cfg.scale["use_gpu"] is True and cfg.scale["gpus_per_worker"] == 0.25
+    from trainers.config import ScaleConfig
+
+    sc = scaling_config(ScaleConfig(**cfg.scale))
+    assert sc.resources_per_worker == {"CPU": 1.5, "GPU": 0.25} and sc.num_workers == 1
+    assert trial_bundles(cfg.scale) == [{"CPU": 0.01}, {"CPU": 1.5, "GPU": 0.25}]
+    # The search runs on the gpu_1x nodes: 4 trials per node, and max_concurrent_trials is
+    # what auto would count on the largest cluster cluster.yaml allows.
+    node = cluster["available_node_types"]["gpu_1x"]
+    head = cluster["available_node_types"][cluster["head_node_type"]]["resources"]
+    assert concurrency(cfg.scale, [head]) == 0, "no trial on the head"
+    assert concurrency(cfg.scale, [head, node["resources"]]) == 4
+    largest = [head] + [node["resources"]] * node["max_workers"]
+    assert concurrency(cfg.scale, largest) == cfg.budget.max_concurrent_trials == 32
+    for a in (r["arch"] for r in _sample(cfg, 20)):
+        assert 28 % a["patch_size"] == 0

@@ -7,6 +7,7 @@ files are read into the same dataclass (unknown keys are an error, not silently 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -147,7 +148,11 @@ class ScaleConfig:
     Attributes:
         num_workers: data-parallel workers (DDP ranks).
         use_gpu: one or more GPUs per worker (nccl); else CPU workers (gloo).
-        gpus_per_worker: GPUs per worker (fractions allowed for small models).
+        gpus_per_worker: GPUs per worker when ``use_gpu``: a fraction in (0, 1) shares one GPU
+            between runs (0.25: four one-worker search trials per GPU), or a whole number.
+            Ray schedules GPUs as units: amounts above 1 must be whole (1.5 is refused), and
+            fractions have a precision of 0.0001. A fraction needs ``num_workers`` 1: the
+            ranks of one DDP run would share a device, which nccl refuses.
         cpus_per_worker: CPUs per worker (fractions allowed: on a 2-core machine two workers
             of 0.5 CPU leave room for the driver and the data loader).
         max_failures: worker-group restarts from the latest checkpoint before giving up.
@@ -169,13 +174,38 @@ class ScaleConfig:
             raise ConfigError(f"num_workers={self.num_workers!r} must be an integer >= 1")
         if self.cpus_per_worker <= 0:
             raise ConfigError(f"cpus_per_worker={self.cpus_per_worker} must be > 0 (fractions like 0.5 are fine)")
-        if self.use_gpu and self.gpus_per_worker <= 0:
-            raise ConfigError(f"gpus_per_worker={self.gpus_per_worker} must be > 0 when use_gpu is set")
+        if self.use_gpu:
+            _check_gpus(self.gpus_per_worker, self.num_workers)
         if self.max_failures < -1:
             raise ConfigError(f"max_failures={self.max_failures} must be >= 0, or -1 for unlimited")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# Ray's smallest unit of a fractional resource (``ray._raylet.RESOURCE_UNIT_SCALING`` = 10000).
+_RESOURCE_PRECISION = 1e-4
+
+
+def _check_gpus(g: Any, num_workers: int) -> None:
+    """Ray's rule for GPU amounts: a fraction in (0, 1) or a whole number (GPUs are unit
+    resources: 1.5 cannot be scheduled), in steps of at least 0.0001."""
+    if isinstance(g, bool) or not isinstance(g, (int, float)):
+        raise ConfigError(f"gpus_per_worker={g!r} must be a number: a fraction in (0, 1) such as 0.25, or a whole number >= 1")
+    if not g > 0:
+        raise ConfigError(f"gpus_per_worker={g} must be > 0 when use_gpu is set: a fraction in (0, 1) such as 0.25 "
+                          f"(runs share a GPU), or a whole number >= 1; for CPU-only runs set use_gpu: false")
+    if g > 1 and not float(g).is_integer():
+        raise ConfigError(f"gpus_per_worker={g} cannot be scheduled: Ray accepts GPU amounts in (0, 1) or whole numbers "
+                          f"(1, 2, ...), not fractions above 1; use {math.floor(g)} or {math.ceil(g)}, or give each "
+                          f"worker a fraction of one GPU (e.g. 0.5)")
+    if g < 1 and g < _RESOURCE_PRECISION:
+        raise ConfigError(f"gpus_per_worker={g} is below Ray's resource precision {_RESOURCE_PRECISION}; "
+                          f"use a fraction in [{_RESOURCE_PRECISION}, 1), e.g. 0.25")
+    if g < 1 and num_workers > 1:
+        raise ConfigError(f"gpus_per_worker={g} with num_workers={num_workers}: the ranks of one DDP run may land on "
+                          f"the same GPU, which nccl refuses; use whole GPUs (gpus_per_worker: 1) for multi-worker runs, "
+                          f"or num_workers: 1 to share GPUs between runs (search trials)")
 
 
 def load_yaml_config(path: Union[str, Path]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -20,7 +20,7 @@ from typing import Any, Optional
 from trainers.config import ScaleConfig, TrainConfig
 from trainers.tracking import MLflowTracker, end_run, resolve_tracking_uri, start_run
 
-__all__ = ["fit", "FitResult", "run_name_for"]
+__all__ = ["fit", "FitResult", "run_name_for", "worker_resources", "scaling_config"]
 
 # Test hook (documented, off unless set): the worker whose rank matches kills itself with
 # SIGKILL at the start of this epoch, once (a marker file makes the retry survive). This is
@@ -47,6 +47,24 @@ def run_name_for(cfg: TrainConfig, scale: ScaleConfig) -> str:
         return cfg.run_name
     blob = json.dumps({"train": cfg.to_dict(), "workers": scale.num_workers}, sort_keys=True)
     return f"{cfg.model}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
+
+
+def worker_resources(scale: ScaleConfig) -> dict[str, float]:
+    """The Ray resources of one training worker: ``{"CPU": cpus_per_worker}`` plus
+    ``"GPU": gpus_per_worker`` when ``use_gpu`` (a fraction such as 0.25 shares a GPU)."""
+    res: dict[str, float] = {"CPU": float(scale.cpus_per_worker)}
+    if scale.use_gpu:
+        res["GPU"] = float(scale.gpus_per_worker)
+    return res
+
+
+def scaling_config(scale: ScaleConfig) -> Any:
+    """Ray Train's ``ScalingConfig`` for ``scale``: ``num_workers`` workers of
+    :func:`worker_resources` each (no Ray cluster needed to build it)."""
+    from ray.train import ScalingConfig
+
+    return ScalingConfig(num_workers=scale.num_workers, use_gpu=scale.use_gpu,
+                         resources_per_worker=worker_resources(scale))
 
 
 def _worker_loop(config: dict[str, Any]) -> None:
@@ -88,6 +106,10 @@ def _worker_loop(config: dict[str, Any]) -> None:
     if world > 1 and dist.is_initialized():
         node_ids = [None] * world
         dist.all_gather_object(node_ids, node_id)
+    if tracker is not None:
+        # The run records where its ranks ran (a search's child run: which trial ran where).
+        # After a restart the latest placement wins.
+        tracker.set_tags({"mixersnn.node_ids": ",".join(node_ids), "mixersnn.num_nodes": len(set(node_ids))})
 
     def report(metrics: dict[str, Any], ckpt_dir: Optional[Path]) -> None:
         metrics = {**metrics, "num_nodes": len(set(node_ids)), "worker_node_ids": list(node_ids)}
@@ -145,7 +167,7 @@ def fit(
             this runs inside a Tune trial (the search does that).
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     if not ray.is_initialized():
@@ -162,9 +184,6 @@ def fit(
         run_id = start_run(uri, cfg.experiment, name, parent_run_id=cfg.parent_run_id,
                            tags={"mixersnn.kind": "train", "mixersnn.model": cfg.model})
 
-    resources: dict[str, float] = {"CPU": scale.cpus_per_worker}
-    if scale.use_gpu:
-        resources["GPU"] = scale.gpus_per_worker
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={
@@ -174,11 +193,7 @@ def fit(
             "torch_threads": max(1, int(scale.cpus_per_worker)),
         },
         torch_config=TorchConfig(backend="nccl" if scale.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=scale.num_workers,
-            use_gpu=scale.use_gpu,
-            resources_per_worker=resources,
-        ),
+        scaling_config=scaling_config(scale),
         run_config=RunConfig(
             name=name,
             storage_path=storage,
