@@ -6,7 +6,6 @@ import argparse
 import functools
 import json
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -23,46 +22,21 @@ from mixersnn.accounting import (
     measure_energy,
     model_size,
 )
-from mixersnn.data import FASHION_MNIST_DIR, load_idx_split
+from mixersnn.data import FASHION_MNIST_DIR
 from mixersnn.models import create_model, list_models, model_config, save_checkpoint
+
+from _helpers import fmnist, train_briefly
 
 SMALL = dict(img_size=28, in_chans=1, num_classes=10, embed_dim=12, depths=(1, 1, 1, 1), T=2)
 
 
-TRAIN_FROM = 5000  # the few training steps use test images 5000+; checks use images < 5000
-
-
-@functools.lru_cache(maxsize=1)
-def _test_split() -> tuple[np.ndarray, np.ndarray]:
-    # The 10k test split loads in ~1 s; the 60k training split takes ~6 s on 2 cores.
-    return load_idx_split(FASHION_MNIST_DIR, "test")
-
-
-def fmnist(start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Real Fashion-MNIST test images, normalised: ``[n, 1, 28, 28]`` float32, ``[n]`` int64."""
-    x, y = _test_split()
-    img = torch.from_numpy(x[start : start + n]).float().div(255).sub(0.2860).div(0.3530)
-    return img.unsqueeze(1), torch.from_numpy(y[start : start + n])
-
-
-def train_briefly(model: nn.Module, steps: int = 4, batch: int = 24) -> nn.Module:
-    """A few SGD steps on real training data, so BN running stats and weights move."""
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    model.train()
-    for i in range(steps):
-        x, y = fmnist(TRAIN_FROM + i * batch, batch)
-        loss = nn.functional.cross_entropy(model(x).mean(0), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
 def trained_spe() -> nn.Module:
     """One briefly trained small SPE model shared by the rate, energy and CLI tests."""
     torch.manual_seed(0)
-    return train_briefly(create_model("mlp_spe_t", **SMALL))
+    return train_briefly(create_model("mlp_spe_t", **SMALL), batch=24)
 
 
 # ---------------------------------------------------------------------------- counts

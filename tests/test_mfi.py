@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -22,36 +20,11 @@ from mixersnn.accounting import (
     load_mfi,
     save_mfi,
 )
-from mixersnn.data import FASHION_MNIST_DIR, load_idx_split
 from mixersnn.models import create_model, list_models, save_checkpoint
 
+from _helpers import fmnist, train_briefly
+
 SMALL = dict(img_size=28, in_chans=1, num_classes=10, embed_dim=12, depths=(1, 2, 1, 1), T=2)
-TRAIN_FROM = 5000  # training steps use test images 5000+; checks use images < 5000
-
-
-@functools.lru_cache(maxsize=1)
-def _test_split() -> tuple[np.ndarray, np.ndarray]:
-    return load_idx_split(FASHION_MNIST_DIR, "test")
-
-
-def fmnist(start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Real Fashion-MNIST test images, normalised: ``[n, 1, 28, 28]`` float32, ``[n]`` int64."""
-    x, y = _test_split()
-    img = torch.from_numpy(x[start : start + n]).float().div(255).sub(0.2860).div(0.3530)
-    return img.unsqueeze(1), torch.from_numpy(y[start : start + n])
-
-
-def train_briefly(model: nn.Module, steps: int = 4, batch: int = 16) -> nn.Module:
-    """A few SGD steps on real images, so BN running stats and weights are non-trivial."""
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    model.train()
-    for i in range(steps):
-        x, y = fmnist(TRAIN_FROM + i * batch, batch)
-        loss = nn.functional.cross_entropy(model(x).mean(0), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
 
 
 def randomise_bn(model: nn.Module, seed: int) -> nn.Module:

@@ -11,23 +11,10 @@ from mixersnn.models import ConfigError, load_model
 from trainers.config import ScaleConfig, TrainConfig, load_yaml_config
 from trainers.loop import CHECKPOINT_FILE, WorkerContext, build_scheduler, run_training
 
-TINY_MODEL = {"embed_dim": 12, "depths": [1, 1], "T": 2}
-
+from _helpers import tiny_train_config
 
 def _cfg(data: Path, **kw) -> TrainConfig:
-    base = dict(
-        model="mlp_spe_t",
-        model_overrides=dict(TINY_MODEL),
-        data=str(data),
-        epochs=2,
-        batch_size=32,
-        eval_batch_size=128,
-        lr=5e-3,
-        warmup_epochs=0.0,
-        log_model=False,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_train_config(data, log_model=False, **kw)
 
 
 class Recorder:

@@ -14,9 +14,10 @@ import pytest
 from mixersnn.models import load_model
 from trainers.config import ScaleConfig, TrainConfig
 
+from _helpers import tiny_train_config
+
 ray = pytest.importorskip("ray")
 
-TINY_MODEL = {"embed_dim": 12, "depths": [1, 1], "T": 2}
 # Workers inherit these: one torch thread each (2 cores), fast Ray Train health checks.
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
@@ -30,20 +31,7 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _cfg(data: Path, tmp: Path, **kw) -> TrainConfig:
-    base = dict(
-        model="mlp_spe_t",
-        model_overrides=dict(TINY_MODEL),
-        data=str(data),
-        epochs=2,
-        batch_size=32,
-        eval_batch_size=128,
-        lr=5e-3,
-        warmup_epochs=0.0,
-        tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}",
-        experiment="test",
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_train_config(data, tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}", experiment="test", **kw)
 
 
 @pytest.fixture

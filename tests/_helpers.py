@@ -1,0 +1,68 @@
+"""Helpers several test files share (fixtures live in conftest.py; plain functions here).
+
+- :func:`fmnist` / :func:`train_briefly`: real Fashion-MNIST test images in memory and a few
+  SGD steps on them, for tests that need a model with moved weights and BN statistics.
+- :func:`tiny_train_config`: the smallest sensible ``TrainConfig`` on a shard folder.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+# Training steps use test images from here on; checks use images below it.
+TRAIN_FROM = 5000
+# A two-stage MLP-SPE-T that trains in a second or two per epoch on 1024 images.
+TINY_MODEL = {"embed_dim": 12, "depths": [1, 1], "T": 2}
+
+
+@functools.lru_cache(maxsize=1)
+def _test_split() -> tuple[np.ndarray, np.ndarray]:
+    # The 10k test split loads in ~1 s; the 60k training split takes ~6 s on 2 cores.
+    from mixersnn.data import FASHION_MNIST_DIR, load_idx_split
+
+    return load_idx_split(FASHION_MNIST_DIR, "test")
+
+
+def fmnist(start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real Fashion-MNIST test images, normalised: ``[n, 1, 28, 28]`` float32, ``[n]`` int64."""
+    x, y = _test_split()
+    img = torch.from_numpy(x[start : start + n]).float().div(255).sub(0.2860).div(0.3530)
+    return img.unsqueeze(1), torch.from_numpy(y[start : start + n])
+
+
+def train_briefly(model: nn.Module, steps: int = 4, batch: int = 16) -> nn.Module:
+    """A few SGD steps on real images (from :data:`TRAIN_FROM`), so weights and BN running
+    statistics are non-trivial; returns the model in eval mode."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model.train()
+    for i in range(steps):
+        x, y = fmnist(TRAIN_FROM + i * batch, batch)
+        loss = nn.functional.cross_entropy(model(x).mean(0), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def tiny_train_config(data: Path, **kw: Any):
+    """A ``TrainConfig`` for :data:`TINY_MODEL` on the shards in ``data``; ``kw`` overrides."""
+    from trainers.config import TrainConfig
+
+    base: dict[str, Any] = dict(
+        model="mlp_spe_t",
+        model_overrides=dict(TINY_MODEL),
+        data=str(data),
+        epochs=2,
+        batch_size=32,
+        eval_batch_size=128,
+        lr=5e-3,
+        warmup_epochs=0.0,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
