@@ -171,7 +171,11 @@ def fit(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     if not ray.is_initialized():
-        kw = {"include_dashboard": True, "dashboard_host": "127.0.0.1", "log_to_driver": True}
+        # A new local runtime unless told otherwise (ray_init_kwargs["address"], or RAY_ADDRESS
+        # as `ray job submit` sets it): a bare ray.init() would join whatever cluster `ray
+        # start` (or a test's simulated cluster) last recorded in /tmp/ray on this machine.
+        kw = {"address": os.environ.get("RAY_ADDRESS") or "local", "include_dashboard": True,
+              "dashboard_host": "127.0.0.1", "log_to_driver": True}
         kw.update(ray_init_kwargs or {})
         ray.init(**kw)
 
