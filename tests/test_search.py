@@ -27,11 +27,9 @@ WORKER_ENV = {"OMP_NUM_THREADS": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Real Fashion-MNIST slices: 256 train / 128 test images in shards of 64."""
-    from mixersnn.data import make_shards
+    from conftest import make_fmnist_shards
 
-    out = tmp_path_factory.mktemp("fmnist-search")
-    make_shards(None, out, limit={"train": 256, "test": 128}, samples_per_shard=64, progress=False)
-    return out
+    return make_fmnist_shards(tmp_path_factory.mktemp("fmnist-search"), train=256, test=128, per_shard=64)
 
 
 def _yaml(path: Path, d: dict) -> Path:
@@ -63,6 +61,14 @@ def _tiny_config(tmp: Path, shards: Path, uri: str, name: str, **extra) -> dict:
          "constraints": {"max_energy_uj": cap}, "select": {"criterion": "max_acc"}}
     d.update(extra)
     return d
+
+
+def _ray_up() -> None:
+    """A fresh local Ray runtime of 2 CPUs (``address="local"``: a bare init would join any
+    cluster that ``ray start`` recorded on this machine)."""
+    os.environ.update(WORKER_ENV)
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+             runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False)
 
 
 def _outcomes(cfg_path: Path, n: int) -> list[str]:
@@ -98,9 +104,7 @@ def test_search_end_to_end_on_mlflow_server(shards: Path, tmp_path: Path, mlflow
         pytest.fail("no seed gives every outcome")
     cfg = load_search_config(path)
 
-    os.environ.update(WORKER_ENV)
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
-             runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False)
+    _ray_up()
     try:
         res = run_search(cfg, quiet=True)
     finally:
@@ -274,3 +278,188 @@ def test_killed_driver_resumes_without_duplicates(shards: Path, tmp_path: Path, 
     for c in children:
         assert [h.step for h in client.get_metric_history(c.info.run_id, "test_acc")] == [0]
     assert len(client.search_model_versions("name='resumable-best'")) == 1
+
+
+
+
+def _children(client, experiment: str) -> tuple:  # type: ignore[no-untyped-def]
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    (parent,) = [r for r in runs if r.data.tags.get("mixersnn.kind") == "search"]
+    return parent, [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+
+
+# One stage, width 12, T=1: the smallest model that still learns in three steps. lr 0.02
+# lifts the accuracy on the 64 evaluation images from 0.125 to 0.219 after the first epoch
+# (measured); lr 1e-6 leaves it at 0.125. Same seed, same data, one thread: deterministic.
+ASHA_SPACE = {"spe": False, "num_stages": 1, "blocks_per_stage": 1, "embed_dim": 12, "mlp_ratio": 2, "T": 1,
+              "patch_size": 7, "batch_size": 32, "lr": [0.02, 1.0e-6], "weight_decay": 0.0, "label_smoothing": 0.0}
+GOOD_LR = 0.02
+
+
+def test_asha_stops_a_weak_trial_early(shards: Path, tmp_path: Path, mlflow_server: str) -> None:
+    """Single-objective mode with ASHA over epochs: a trial that learns nothing is stopped at
+    the first rung, with its true epoch count; the others run every epoch; the best is
+    registered."""
+    from mlflow.tracking import MlflowClient
+
+    from search.driver import run_search
+    from search.space import Sampler, load_search_config
+
+    # Two good trials first (they fill the first rung), then a weak one: it reaches the first
+    # rung below the cutoff (the median of the good ones) whatever the timing of the others.
+    for seed in range(200):
+        path = _yaml(tmp_path / "search.yaml", _tiny_config(
+            tmp_path, shards, mlflow_server, "asha", seed=seed, space=dict(ASHA_SPACE), constraints={},
+            train={**TINY_TRAIN, "epochs": 4}, objective={"mode": "single", "sampler": "tpe", "startup_trials": 3},
+            budget={"num_trials": 3, "max_concurrent_trials": 2}, asha={"grace_period": 1, "reduction_factor": 2}))
+        cfg = load_search_config(path)
+        study = optuna.create_study(direction="maximize",
+                                    sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=3))
+        lrs = [Sampler(cfg)(study.ask())["resolved"]["train"]["lr"] for _ in range(3)]
+        if lrs == [GOOD_LR, GOOD_LR, 1.0e-6]:
+            break
+    else:
+        pytest.fail("no seed proposes good, good, weak")
+
+    _ray_up()
+    try:
+        res = run_search(cfg, quiet=True)
+    finally:
+        ray.shutdown()
+
+    client = MlflowClient(mlflow_server)
+    parent, children = _children(client, "exp-asha")
+    assert parent.info.status == "FINISHED" and len(children) == 3
+    by_lr = {c.info.run_id: float(c.data.params["search.hp.lr"]) for c in children}
+    (weak,) = [c for c in children if by_lr[c.info.run_id] < 1e-3]
+    good = [c for c in children if by_lr[c.info.run_id] == GOOD_LR]
+    # The weak trial: stopped at the first rung (after epoch 1), and the record holds the
+    # epochs it really finished, not 0. Its workers may finish another epoch while the stop
+    # travels from ASHA to them (measured: 2 of 4), so the count is read, not assumed.
+    assert weak.data.tags["mixersnn.trial_status"] == "stopped" and weak.info.status == "KILLED"
+    steps = [h.step for h in client.get_metric_history(weak.info.run_id, "test_acc")]
+    n = weak.data.metrics["epochs_completed"]
+    assert 1 <= n < 4 and steps == list(range(int(n))), (n, steps)
+    assert f"stopped after {int(n)} epoch(s)" in weak.data.tags["mixersnn.reason"]
+    # The others ran every epoch.
+    for c in good:
+        assert c.data.tags["mixersnn.trial_status"] == "ok" and c.info.status == "FINISHED"
+        assert c.data.metrics["epochs_completed"] == 4
+        assert [h.step for h in client.get_metric_history(c.info.run_id, "test_acc")] == [0, 1, 2, 3]
+    rows = {r.run_id: r for r in res.rows}
+    assert rows[weak.info.run_id].epochs == n and all(rows[c.info.run_id].epochs == 4 for c in good)
+    # The best (a good one) is registered.
+    versions = client.search_model_versions("name='asha-best'")
+    assert len(versions) == 1 and versions[0].run_id in {c.info.run_id for c in good}
+    assert versions[0].run_id == res.best.run_id
+
+
+def test_finalize_counts_the_epochs_of_a_trial_cut_off_by_the_time_budget(tmp_path: Path) -> None:
+    """Tune's time budget stops running trials without a callback: their child runs are still
+    RUNNING when the search ends. finalize() settles them with the epochs their record holds."""
+    from mlflow.tracking import MlflowClient
+
+    from search.driver import finalize
+    from search.space import load_search_config
+    from search.tracking import STATUS_TAG
+    from trainers.tracking import MLflowTracker, start_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_search_config(None, name="budget", experiment="exp-budget", tracking_uri=uri)
+    parent = start_run(uri, cfg.experiment, cfg.name, tags={"mixersnn.kind": "search"})
+    child = start_run(uri, cfg.experiment, "trial-cut_00000", parent_run_id=parent,
+                      tags={"mixersnn.kind": "trial", "mixersnn.trial_id": "cut_00000", STATUS_TAG: "running"})
+    tr = MLflowTracker(uri, child)
+    tr.log_metrics({"num_params": 1000, "search.energy_uj_est": 1.0}, step=0)
+    for epoch, acc in enumerate([0.3, 0.4]):  # what rank 0 logs per finished epoch
+        tr.log_metrics({"test_acc": acc, "energy_per_image_uj": 0.5}, step=epoch)
+
+    res = finalize(cfg, uri, parent, register=False, log=lambda s: None)
+
+    (row,) = res.rows
+    assert row.status == "stopped" and row.epochs == 2 and row.test_acc == 0.4
+    run = MlflowClient(uri).get_run(child)
+    assert run.info.status == "KILLED" and run.data.metrics["epochs_completed"] == 2
+    assert run.data.tags[STATUS_TAG] == "stopped" and "after 2 epoch(s)" in run.data.tags["mixersnn.reason"]
+    assert [r.run_id for r in res.front] == [child]  # a stopped trial still counts with what it measured
+
+
+def _dominates(a, b) -> bool:  # type: ignore[no-untyped-def]
+    """(acc, energy): a is no worse in both and better in one."""
+    return a[0] >= b[0] and a[1] <= b[1] and (a[0] > b[0] or a[1] < b[1])
+
+
+def test_nsga2_search_with_a_baseline(shards: Path, tmp_path: Path, mlflow_server: str, capsys) -> None:  # type: ignore[no-untyped-def]
+    """Multi-objective search with NSGA-II and one baseline: NSGA-II really proposes the
+    trials (its generations advance), the front in MLflow is non-dominated, and the baseline
+    is trained once, tagged, kept off the front and the registry, and compared with the front."""
+    from mlflow.tracking import MlflowClient
+
+    from mixersnn.cli import main
+    from search.driver import run_search
+    from search.space import load_search_config
+
+    space = {**TINY_SPACE, "T": 1, "batch_size": 32, "num_stages": 1, "embed_dim": {"low": 6, "high": 12, "step": 3}}
+    # The cheapest model of all: 3 channels halve the patch embedding's MACs, which alone
+    # (0.0219 uJ) cost every trial more than this whole model (0.0112 uJ dense). Were
+    # baselines candidates, it would always sit on the front.
+    baseline = {"model": "mlp_spe_t", "label": "tiny-ref",
+                "model_overrides": {"embed_dim": 3, "depths": [1], "T": 1, "patch_size": 14, "mlp_ratio": 2, "spe": False}}
+    path = _yaml(tmp_path / "search.yaml", _tiny_config(
+        tmp_path, shards, mlflow_server, "nsga", space=space, constraints={},
+        objective={"mode": "multi", "sampler": "nsga2", "population_size": 2},
+        budget={"num_trials": 4, "max_concurrent_trials": 2}, baselines=[baseline]))
+    cfg = load_search_config(path)
+    lines: list[str] = []
+    _ray_up()
+    try:
+        res = run_search(cfg, quiet=True, log=lines.append)
+    finally:
+        ray.shutdown()
+
+    client = MlflowClient(mlflow_server)
+    parent, children = _children(client, "exp-nsga")
+    assert parent.info.status == "FINISHED"
+    trials = [c for c in children if c.data.tags["mixersnn.kind"] == "trial"]
+    (base,) = [c for c in children if c.data.tags["mixersnn.kind"] == "baseline"]
+    assert len(trials) == 4 and all(c.data.tags["mixersnn.trial_status"] == "ok" for c in trials)
+
+    # NSGA-II proposed every trial, and bred a second generation from the first.
+    assert {c.data.params["search.sampler"] for c in trials} == {"NSGAIISampler"}
+    gens = sorted(int(c.data.params["search.sampler_generation"]) for c in trials)
+    assert gens[0] == 0 and gens[-1] >= 1, gens
+
+    # The front in MLflow: no trial dominates a front point; every other trial is dominated.
+    front = json.loads(Path(client.download_artifacts(parent.info.run_id, "search/pareto_front.json",
+                                                      str(tmp_path))).read_text())
+    point = {c.info.run_id: (c.data.metrics["test_acc"], c.data.metrics["energy_per_image_uj"]) for c in trials}
+    on_front = {f["run_id"] for f in front}
+    assert on_front and on_front <= set(point)
+    for rid in on_front:
+        assert not any(_dominates(point[o], point[rid]) for o in point if o != rid)
+    for rid in set(point) - on_front:
+        assert any(_dominates(point[f], point[rid]) for f in on_front)
+
+    # The baseline: trained once with the search's train config, tagged, its own model.
+    assert base.info.run_name == "nsga-baseline-tiny-ref" and base.info.status == "FINISHED"
+    assert base.data.tags["mixersnn.baseline"] == "tiny-ref" and base.data.tags["mixersnn.trial_status"] == "ok"
+    assert base.data.params["model.embed_dim"] == "3" and base.data.params["model.patch_size"] == "14"
+    assert base.data.params["model.spe"] == "False" and base.data.params["train.max_steps_per_epoch"] == "3"
+    b_point = (base.data.metrics["test_acc"], base.data.metrics["energy_per_image_uj"])
+    assert b_point[1] < min(e for _, e in point.values())  # it would be on the front...
+    assert base.info.run_id not in on_front  # ...but is not a candidate
+    assert parent.data.metrics["trials_total"] == 4 and parent.data.metrics["baselines_total"] == 1
+    versions = client.search_model_versions("name='nsga-best'")
+    assert len(versions) == 1 and versions[0].run_id in point
+    # The comparison names it, at the end of the search and in the report.
+    text = "\n".join(lines)
+    assert "baselines vs the Pareto front" in text and "tiny-ref" in text and "not dominated" in text
+    assert "B baseline:tiny-ref" in text
+    capsys.readouterr()
+    assert main(["report", "exp-nsga", "--tracking-uri", mlflow_server, "--out", str(tmp_path / "f.png")]) == 0
+    out = capsys.readouterr().out
+    assert "4 trials" in out and "1 baseline(s)" in out and "tiny-ref" in out and "not dominated" in out
+    assert [b["label"] for b in json.loads(Path(client.download_artifacts(
+        parent.info.run_id, "search/baselines.json", str(tmp_path))).read_text())] == ["tiny-ref"]
+    assert res.best is not None and not res.best.is_baseline
