@@ -77,8 +77,12 @@ def _outcomes(cfg_path: Path, n: int) -> list[str]:
     from search.space import Sampler, load_search_config
 
     cfg = load_search_config(cfg_path)
-    study = optuna.create_study(directions=["maximize", "minimize"],
-                                sampler=optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=n))
+    if cfg.objective.sampler == "nsga2":  # the first generation is random
+        assert n <= cfg.objective.population_size
+        sampler = optuna.samplers.NSGAIISampler(population_size=cfg.objective.population_size, seed=cfg.seed)
+    else:
+        sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=n)
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
     out = []
     for _ in range(n):
         r = Sampler(cfg)(study.ask())["resolved"]
@@ -86,17 +90,35 @@ def _outcomes(cfg_path: Path, n: int) -> list[str]:
     return out
 
 
-def test_search_end_to_end_on_mlflow_server(shards: Path, tmp_path: Path, mlflow_server: str) -> None:
+# The cheapest model of all: 3 channels halve the patch embedding's MACs, which alone
+# (0.0219 uJ) cost every trial more than this whole model (0.0112 uJ dense). Were baselines
+# candidates, it would always sit on the front.
+TINY_BASELINE = {"model": "mlp_spe_t", "label": "tiny-ref",
+                 "model_overrides": {"embed_dim": 3, "depths": [1], "T": 1, "patch_size": 14, "mlp_ratio": 2,
+                                     "spe": False}}
+
+
+def _dominates(a, b) -> bool:  # type: ignore[no-untyped-def]
+    """(acc, energy): a is no worse in both and better in one."""
+    return a[0] >= b[0] and a[1] <= b[1] and (a[0] > b[0] or a[1] < b[1])
+
+
+def test_search_end_to_end_on_mlflow_server(shards: Path, tmp_path: Path, mlflow_server: str, capsys) -> None:  # type: ignore[no-untyped-def]
+    """The whole multi-objective search with NSGA-II and one baseline: every trial outcome
+    (trained, infeasible, failed), the front, the registry, the baseline kept off both and
+    compared with the front, and the report."""
     from mlflow.tracking import MlflowClient
 
     from mixersnn.cli import main
     from search.driver import run_search
     from search.space import load_search_config
 
-    # A seed whose four proposals cover every outcome: two that train, one over the energy
-    # cap, one that crashes in the trainer.
+    # A seed whose four proposals (NSGA-II's first, random generation) cover every outcome:
+    # two that train, one over the energy cap, one that crashes in the trainer.
     for seed in range(200):
-        path = _yaml(tmp_path / "search.yaml", _tiny_config(tmp_path, shards, mlflow_server, "e2e", seed=seed))
+        path = _yaml(tmp_path / "search.yaml", _tiny_config(
+            tmp_path, shards, mlflow_server, "e2e", seed=seed, baselines=[TINY_BASELINE],
+            objective={"mode": "multi", "sampler": "nsga2", "population_size": 4}))
         expected = _outcomes(path, 4)
         if sorted(expected) == ["failed", "infeasible", "ok", "ok"]:
             break
@@ -104,9 +126,10 @@ def test_search_end_to_end_on_mlflow_server(shards: Path, tmp_path: Path, mlflow
         pytest.fail("no seed gives every outcome")
     cfg = load_search_config(path)
 
+    lines: list[str] = []
     _ray_up()
     try:
-        res = run_search(cfg, quiet=True)
+        res = run_search(cfg, quiet=True, log=lines.append)
     finally:
         ray.shutdown()
 
@@ -116,9 +139,14 @@ def test_search_end_to_end_on_mlflow_server(shards: Path, tmp_path: Path, mlflow
     parents = [r for r in runs if r.data.tags.get("mixersnn.kind") == "search"]
     assert len(parents) == 1 and parents[0].info.run_name == "e2e" and parents[0].info.status == "FINISHED"
     parent = parents[0]
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    (base,) = [c for c in kids if c.data.tags["mixersnn.kind"] == "baseline"]
+    children = [c for c in kids if c.data.tags["mixersnn.kind"] == "trial"]
     assert len(children) == 4 and len({c.info.run_name for c in children}) == 4
     assert all(c.info.run_name.startswith("trial-") for c in children)
+    # NSGA-II, the sampler in the searcher (not only the one configured), proposed every trial.
+    assert {c.data.params["search.sampler"] for c in children} == {"NSGAIISampler"}
+    assert {c.data.params["search.sampler_generation"] for c in children} == {"0"}
     by_status: dict[str, list] = {}
     for c in children:
         by_status.setdefault(c.data.tags["mixersnn.trial_status"], []).append(c)
@@ -157,6 +185,27 @@ def test_search_end_to_end_on_mlflow_server(shards: Path, tmp_path: Path, mlflow
     assert parent.data.metrics["trials_total"] == 4 and parent.data.metrics["trials_ok"] == 2
     front = json.loads(Path(client.download_artifacts(parent.info.run_id, "search/pareto_front.json", str(tmp_path))).read_text())
     assert 1 <= len(front) <= 2 and {f["run_id"] for f in front} <= {c.info.run_id for c in by_status["ok"]}
+    # The front is non-dominated, and the trained trial off it is dominated by it.
+    point = {c.info.run_id: (c.data.metrics["test_acc"], c.data.metrics["energy_per_image_uj"]) for c in by_status["ok"]}
+    on_front = {f["run_id"] for f in front}
+    for rid in on_front:
+        assert not any(_dominates(point[o], point[rid]) for o in point if o != rid)
+    for rid in set(point) - on_front:
+        assert any(_dominates(point[f], point[rid]) for f in on_front)
+
+    # The baseline: trained once with the search's train config, tagged, its own model; off
+    # the front although nothing is cheaper, never registered; compared with the front.
+    assert base.info.run_name == "e2e-baseline-tiny-ref" and base.info.status == "FINISHED"
+    assert base.data.tags["mixersnn.baseline"] == "tiny-ref" and base.data.tags["mixersnn.trial_status"] == "ok"
+    assert base.data.params["model.embed_dim"] == "3" and base.data.params["model.patch_size"] == "14"
+    assert base.data.params["model.spe"] == "False" and base.data.params["train.max_steps_per_epoch"] == "3"
+    assert base.data.metrics["energy_per_image_uj"] < min(e for _, e in point.values())
+    assert base.info.run_id not in on_front and parent.data.metrics["baselines_total"] == 1
+    text = "\n".join(lines)
+    assert "baselines vs the Pareto front" in text and "tiny-ref" in text and "not dominated" in text
+    assert "B baseline:tiny-ref" in text
+    assert [b["label"] for b in json.loads(Path(client.download_artifacts(
+        parent.info.run_id, "search/baselines.json", str(tmp_path))).read_text())] == ["tiny-ref"]
 
     # The registry holds the most accurate trial as an MLflow PyTorch model.
     # Tiny one-epoch models can tie exactly (same accuracy; no spikes, so the same MAC-only
@@ -177,8 +226,11 @@ def test_search_end_to_end_on_mlflow_server(shards: Path, tmp_path: Path, mlflow
 
     # The report command reads it all back from MLflow.
     out = tmp_path / "front.png"
+    capsys.readouterr()
     assert main(["report", "exp-e2e", "--tracking-uri", mlflow_server, "--out", str(out)]) == 0
     assert out.stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert "4 trials" in printed and "1 baseline(s)" in printed and "tiny-ref" in printed and "not dominated" in printed
 
 
 def _descendants(pid: int) -> set[int]:
@@ -383,83 +435,3 @@ def test_finalize_counts_the_epochs_of_a_trial_cut_off_by_the_time_budget(tmp_pa
     assert run.info.status == "KILLED" and run.data.metrics["epochs_completed"] == 2
     assert run.data.tags[STATUS_TAG] == "stopped" and "after 2 epoch(s)" in run.data.tags["mixersnn.reason"]
     assert [r.run_id for r in res.front] == [child]  # a stopped trial still counts with what it measured
-
-
-def _dominates(a, b) -> bool:  # type: ignore[no-untyped-def]
-    """(acc, energy): a is no worse in both and better in one."""
-    return a[0] >= b[0] and a[1] <= b[1] and (a[0] > b[0] or a[1] < b[1])
-
-
-def test_nsga2_search_with_a_baseline(shards: Path, tmp_path: Path, mlflow_server: str, capsys) -> None:  # type: ignore[no-untyped-def]
-    """Multi-objective search with NSGA-II and one baseline: NSGA-II really proposes the
-    trials (its generations advance), the front in MLflow is non-dominated, and the baseline
-    is trained once, tagged, kept off the front and the registry, and compared with the front."""
-    from mlflow.tracking import MlflowClient
-
-    from mixersnn.cli import main
-    from search.driver import run_search
-    from search.space import load_search_config
-
-    space = {**TINY_SPACE, "T": 1, "batch_size": 32, "num_stages": 1, "embed_dim": {"low": 6, "high": 12, "step": 3}}
-    # The cheapest model of all: 3 channels halve the patch embedding's MACs, which alone
-    # (0.0219 uJ) cost every trial more than this whole model (0.0112 uJ dense). Were
-    # baselines candidates, it would always sit on the front.
-    baseline = {"model": "mlp_spe_t", "label": "tiny-ref",
-                "model_overrides": {"embed_dim": 3, "depths": [1], "T": 1, "patch_size": 14, "mlp_ratio": 2, "spe": False}}
-    path = _yaml(tmp_path / "search.yaml", _tiny_config(
-        tmp_path, shards, mlflow_server, "nsga", space=space, constraints={},
-        objective={"mode": "multi", "sampler": "nsga2", "population_size": 2},
-        budget={"num_trials": 4, "max_concurrent_trials": 2}, baselines=[baseline]))
-    cfg = load_search_config(path)
-    lines: list[str] = []
-    _ray_up()
-    try:
-        res = run_search(cfg, quiet=True, log=lines.append)
-    finally:
-        ray.shutdown()
-
-    client = MlflowClient(mlflow_server)
-    parent, children = _children(client, "exp-nsga")
-    assert parent.info.status == "FINISHED"
-    trials = [c for c in children if c.data.tags["mixersnn.kind"] == "trial"]
-    (base,) = [c for c in children if c.data.tags["mixersnn.kind"] == "baseline"]
-    assert len(trials) == 4 and all(c.data.tags["mixersnn.trial_status"] == "ok" for c in trials)
-
-    # NSGA-II proposed every trial, and bred a second generation from the first.
-    assert {c.data.params["search.sampler"] for c in trials} == {"NSGAIISampler"}
-    gens = sorted(int(c.data.params["search.sampler_generation"]) for c in trials)
-    assert gens[0] == 0 and gens[-1] >= 1, gens
-
-    # The front in MLflow: no trial dominates a front point; every other trial is dominated.
-    front = json.loads(Path(client.download_artifacts(parent.info.run_id, "search/pareto_front.json",
-                                                      str(tmp_path))).read_text())
-    point = {c.info.run_id: (c.data.metrics["test_acc"], c.data.metrics["energy_per_image_uj"]) for c in trials}
-    on_front = {f["run_id"] for f in front}
-    assert on_front and on_front <= set(point)
-    for rid in on_front:
-        assert not any(_dominates(point[o], point[rid]) for o in point if o != rid)
-    for rid in set(point) - on_front:
-        assert any(_dominates(point[f], point[rid]) for f in on_front)
-
-    # The baseline: trained once with the search's train config, tagged, its own model.
-    assert base.info.run_name == "nsga-baseline-tiny-ref" and base.info.status == "FINISHED"
-    assert base.data.tags["mixersnn.baseline"] == "tiny-ref" and base.data.tags["mixersnn.trial_status"] == "ok"
-    assert base.data.params["model.embed_dim"] == "3" and base.data.params["model.patch_size"] == "14"
-    assert base.data.params["model.spe"] == "False" and base.data.params["train.max_steps_per_epoch"] == "3"
-    b_point = (base.data.metrics["test_acc"], base.data.metrics["energy_per_image_uj"])
-    assert b_point[1] < min(e for _, e in point.values())  # it would be on the front...
-    assert base.info.run_id not in on_front  # ...but is not a candidate
-    assert parent.data.metrics["trials_total"] == 4 and parent.data.metrics["baselines_total"] == 1
-    versions = client.search_model_versions("name='nsga-best'")
-    assert len(versions) == 1 and versions[0].run_id in point
-    # The comparison names it, at the end of the search and in the report.
-    text = "\n".join(lines)
-    assert "baselines vs the Pareto front" in text and "tiny-ref" in text and "not dominated" in text
-    assert "B baseline:tiny-ref" in text
-    capsys.readouterr()
-    assert main(["report", "exp-nsga", "--tracking-uri", mlflow_server, "--out", str(tmp_path / "f.png")]) == 0
-    out = capsys.readouterr().out
-    assert "4 trials" in out and "1 baseline(s)" in out and "tiny-ref" in out and "not dominated" in out
-    assert [b["label"] for b in json.loads(Path(client.download_artifacts(
-        parent.info.run_id, "search/baselines.json", str(tmp_path))).read_text())] == ["tiny-ref"]
-    assert res.best is not None and not res.best.is_baseline
