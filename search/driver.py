@@ -185,13 +185,18 @@ def _tune_callback_cls() -> type:
             en = res.get("energy_per_image_uj")
             resolved = (trial.config or {}).get("resolved", {})
             arch = resolved.get("arch", {})
-            who = f"baseline {resolved['label']}" if resolved.get("kind") == "baseline" else f"trial-{trial.trial_id}"
+            if resolved.get("kind") == "baseline":
+                who = f"baseline {resolved['label']}"
+                desc = f"{resolved.get('model')} " + (" ".join(f"{k}={v}" for k, v in arch.items()) or "(registry variant)")
+            else:
+                who = f"trial-{trial.trial_id}"
+                desc = (f"C={arch.get('embed_dim')} d={arch.get('depths')} T={arch.get('T')} "
+                        f"p={arch.get('patch_size')} spe={arch.get('spe')}")
             print(
                 f"[{time.time() - self.t0:6.0f}s] {done:>3}/{self.total} {who} {status:<10} "
                 + (f"acc {acc:.4f} " if isinstance(acc, (int, float)) else "")
                 + (f"energy {en:.3f} uJ " if isinstance(en, (int, float)) else "")
-                + f"| C={arch.get('embed_dim')} d={arch.get('depths')} T={arch.get('T')} "
-                f"p={arch.get('patch_size')} spe={arch.get('spe')} {extra}",
+                + f"| {desc} {extra}",
                 flush=True,
             )
 

@@ -88,9 +88,12 @@ class TrialRow:
 
     def arch(self) -> str:
         p = self.params
+        if self.is_baseline:
+            # A baseline's overrides only (the rest is the registry variant's).
+            over = " ".join(f"{k[len('arch.'):]}={v}" for k, v in sorted(p.items()) if k.startswith("arch."))
+            return f"{p.get('model', '?')} " + (over or "(registry variant)")
         spe = p.get("arch.spe", "?")
-        model = f"{p['model']} " if self.is_baseline and "model" in p else ""
-        return model + (f"C={p.get('arch.embed_dim', '?')} d={p.get('arch.depths', '?')} T={p.get('arch.T', '?')} "
+        return (f"C={p.get('arch.embed_dim', '?')} d={p.get('arch.depths', '?')} T={p.get('arch.T', '?')} "
                 f"p={p.get('arch.patch_size', '?')} r={p.get('arch.mlp_ratio', '?')} spe={spe}")
 
 
@@ -295,7 +298,8 @@ def pareto_figure(rows: Sequence[TrialRow], front: Sequence[TrialRow], *, title:
     ax.set_ylabel("test accuracy")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.margins(x=0.12)  # room for the labels of the outermost points
+    ax.legend(fontsize=8, loc="best")  # not over a point (a weak baseline sits bottom right)
     fig.tight_layout()
     return fig
 
