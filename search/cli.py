@@ -55,9 +55,12 @@ def run(args: argparse.Namespace) -> int:
     except SearchExistsError as err:
         print(f"error: {err}")
         return 2
-    scored = [r for r in res.rows if r.scored]
-    print(f"\nsearch {cfg.name!r} finished in {res.wall_s:.0f} s: {len(res.rows)} trials, {len(scored)} scored, "
-          f"{sum(r.status == 'failed' for r in res.rows)} failed, {sum(r.status == 'infeasible' for r in res.rows)} infeasible")
+    trials = [r for r in res.rows if not r.is_baseline]
+    scored = [r for r in trials if r.scored]
+    nb = len(res.rows) - len(trials)
+    print(f"\nsearch {cfg.name!r} finished in {res.wall_s:.0f} s: {len(trials)} trials, {len(scored)} scored, "
+          f"{sum(r.status == 'failed' for r in trials)} failed, {sum(r.status == 'infeasible' for r in trials)} infeasible"
+          + (f"; {nb} baseline(s)" if nb else ""))
     uri = resolve_tracking_uri(cfg.tracking_uri)
     print(f"report again: mixersnn report {cfg.experiment} --search {cfg.name}"
           + (f" --tracking-uri {cfg.tracking_uri}" if cfg.tracking_uri else ""))

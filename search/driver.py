@@ -26,13 +26,15 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from search.space import Sampler, SearchConfig
-from search.tracking import REASON_TAG, SEARCH_TAG, STATUS_TAG, TrialRow
+from search.tracking import BASELINE_TAG, REASON_TAG, SEARCH_TAG, STATUS_TAG, TrialRow
 
 __all__ = ["run_search", "SearchResult", "SearchExistsError"]
 
 # Tune snapshots its experiment state (the resume point) at most this often; the default
 # ("auto") can be minutes apart, and a driver killed in between restarts trials from scratch.
 _CHECKPOINT_PERIOD_S = "2"
+# The baselines' own Tune experiment, inside the search's folder.
+_BASELINE_DIR = "baselines"
 
 
 class SearchExistsError(RuntimeError):
@@ -65,6 +67,13 @@ def _failure_reason(err: BaseException) -> str:
     return (lines[-1] if lines else type(err).__name__)[:500]
 
 
+def _run_name(resolved: dict[str, Any], trial_id: str) -> str:
+    """The child run's name (also the Train run's): ``trial-<Tune trial id>``, or the name the
+    baseline carries (``<search>-baseline-<label>``: baselines have no random id, so the
+    search name keeps two searches in one experiment apart)."""
+    return resolved.get("run_name") or f"trial-{trial_id}"
+
+
 def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     """One Tune trial: record the child run, then train through Ray Train (or skip if infeasible).
 
@@ -82,12 +91,15 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
 
     trial_id = ray.tune.get_context().get_trial_id()
     r = config["resolved"]
-    run_name = f"trial-{trial_id}"
+    kind = r.get("kind", "trial")  # "trial" (sampled) or "baseline" (a fixed model, see baselines:)
+    run_name = _run_name(r, trial_id)
     uri = ctx["tracking_uri"]
     # Created here (before fit) so infeasible and crashed trials have a run too; fit() finds
     # it by name and logs into it. Reuse by name also makes a restarted trial write here.
-    run_id = start_run(uri, ctx["experiment"], run_name, parent_run_id=ctx["parent_run_id"],
-                       tags={SEARCH_TAG: ctx["search"], "mixersnn.trial_id": trial_id, "mixersnn.kind": "trial"})
+    tags = {SEARCH_TAG: ctx["search"], "mixersnn.trial_id": trial_id, "mixersnn.kind": kind}
+    if kind == "baseline":
+        tags[BASELINE_TAG] = r["label"]
+    run_id = start_run(uri, ctx["experiment"], run_name, parent_run_id=ctx["parent_run_id"], tags=tags)
     tr = MLflowTracker(uri, run_id)
     sampled = {f"optuna.{k}": json.dumps(v) for k, v in config.items() if k != "resolved"}
     searched = {
@@ -96,6 +108,7 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         **{f"hp.{k}": v for k, v in r["train"].items()},
         "trial_id": trial_id,
         "distributions": json.dumps(r.get("distributions", {})),
+        **{k: r[k] for k in ("sampler", "sampler_generation", "model", "label") if r.get(k) is not None},
     }
     tr.log_params({f"search.{k}": v for k, v in searched.items()})
     tr.log_metrics({"num_params": r["num_params"], "search.energy_uj_dense": r["energy_uj_dense"],
@@ -110,7 +123,7 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
 
     tr.set_tags({STATUS_TAG: "running"})
     cfg = TrainConfig.from_dict({
-        **ctx["train"], **r["train"], "model": ctx["base_model"], "data": ctx["data"],
+        **ctx["train"], **r["train"], "model": r.get("model", ctx["base_model"]), "data": ctx["data"],
         "model_overrides": dict(r["arch"]), "tracking_uri": uri, "experiment": ctx["experiment"],
         "run_name": run_name, "parent_run_id": ctx["parent_run_id"],
     })
@@ -125,7 +138,7 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     energy = m.get("energy_per_image_uj")
     cap = ctx.get("max_energy_uj")
     tags: dict[str, Any] = {STATUS_TAG: "ok"}
-    if cap is not None and energy is not None and energy > cap:
+    if cap is not None and energy is not None and energy > cap and kind == "trial":
         # Passed the pre-training estimate (an assumed firing rate below 1) but not the
         # measurement: keep the result, never register it.
         tags.update({"mixersnn.over_energy_limit": True,
@@ -146,8 +159,10 @@ def _tune_callback_cls() -> type:
         """Prints one line per finished trial and settles the status of trials the trial
         function could not settle itself (stopped by ASHA or the time budget, crashed actors)."""
 
-        def __init__(self, *, total: int, uri: str, experiment: str, quiet: bool = False) -> None:
+        def __init__(self, *, total: int, uri: str, experiment: str, quiet: bool = False,
+                     what: str = "trial") -> None:
             self.total = total
+            self.what = what
             self.uri = uri
             self.experiment = experiment
             self.quiet = quiet
@@ -157,7 +172,7 @@ def _tune_callback_cls() -> type:
         def _child(self, trial: Any) -> Optional[str]:
             from trainers.tracking import find_run
 
-            return find_run(self.uri, self.experiment, f"trial-{trial.trial_id}")
+            return find_run(self.uri, self.experiment, _run_name((trial.config or {}).get("resolved", {}), trial.trial_id))
 
         def _line(self, trials: list, trial: Any, status: str, extra: str = "") -> None:
             if self.quiet:
@@ -168,13 +183,20 @@ def _tune_callback_cls() -> type:
             res = trial.last_result or {}
             acc = res.get("test_acc")
             en = res.get("energy_per_image_uj")
-            arch = (trial.config or {}).get("resolved", {}).get("arch", {})
+            resolved = (trial.config or {}).get("resolved", {})
+            arch = resolved.get("arch", {})
+            if resolved.get("kind") == "baseline":
+                who = f"baseline {resolved['label']}"
+                desc = f"{resolved.get('model')} " + (" ".join(f"{k}={v}" for k, v in arch.items()) or "(registry variant)")
+            else:
+                who = f"trial-{trial.trial_id}"
+                desc = (f"C={arch.get('embed_dim')} d={arch.get('depths')} T={arch.get('T')} "
+                        f"p={arch.get('patch_size')} spe={arch.get('spe')}")
             print(
-                f"[{time.time() - self.t0:6.0f}s] {done:>3}/{self.total} trial-{trial.trial_id} {status:<10} "
+                f"[{time.time() - self.t0:6.0f}s] {done:>3}/{self.total} {who} {status:<10} "
                 + (f"acc {acc:.4f} " if isinstance(acc, (int, float)) else "")
                 + (f"energy {en:.3f} uJ " if isinstance(en, (int, float)) else "")
-                + f"| C={arch.get('embed_dim')} d={arch.get('depths')} T={arch.get('T')} "
-                f"p={arch.get('patch_size')} spe={arch.get('spe')} {extra}",
+                + f"| {desc} {extra}",
                 flush=True,
             )
 
@@ -186,10 +208,16 @@ def _tune_callback_cls() -> type:
             if res.get("search_final"):
                 self._line(trials, trial, "done")
                 return
-            # Stopped between epochs: ASHA, or the search's time budget ran out.
-            epochs = int(res.get("epoch", -1)) + 1
-            reason = f"stopped after {epochs} epoch(s) (ASHA early stopping or the search time budget)"
+            # Stopped between epochs by ASHA (the time budget stops trials without calling
+            # this; finalize() settles those). The count comes from the run's record: Train
+            # forwards the epoch index, but a stop can land before any epoch was reported.
             rid = self._child(trial)
+            epochs = int(res.get("epoch", -1)) + 1
+            if rid is not None:
+                from search.tracking import epochs_logged
+
+                epochs = max(epochs, epochs_logged(self.uri, rid))
+            reason = f"stopped after {epochs} epoch(s) (ASHA early stopping or the search time budget)"
             if rid is not None:
                 from trainers.tracking import MLflowTracker, end_run
 
@@ -246,8 +274,11 @@ def _searcher(cfg: SearchConfig) -> Any:
     if cfg.objective.mode == "multi":
         # Multi-objective: metric/mode on the searcher, TuneConfig's left unset (no scheduler).
         return OptunaSearch(space=Sampler(cfg), metric=names, mode=modes, sampler=sampler)
-    # Single objective: metric/mode go in TuneConfig (ASHA needs them there too).
-    return OptunaSearch(space=Sampler(cfg), sampler=sampler)
+    # Single objective: metric/mode on the searcher too. Tune hands TuneConfig's metric/mode to
+    # a searcher only through set_search_properties, which it calls only with a param_space,
+    # and OptunaSearch ignores it once it has a space (ours, define-by-run): without them here
+    # the first suggestion raises. TuneConfig keeps them as well, for ASHA.
+    return OptunaSearch(space=Sampler(cfg), metric=names[0], mode=modes[0], sampler=sampler)
 
 
 def _ctx(cfg: SearchConfig, uri: str, parent_run_id: str) -> dict[str, Any]:
@@ -298,7 +329,8 @@ def run_search(
     t0 = time.time()
     uri = resolve_tracking_uri(cfg.tracking_uri)
     sdir = cfg.search_dir()
-    exists = (sdir / "tuner.pkl").exists()
+    bdir = sdir / _BASELINE_DIR
+    exists = (sdir / "tuner.pkl").exists() or (bdir / "tuner.pkl").exists()
     if resume and not exists:
         raise SearchExistsError(f"--resume: no search state at {sdir}; start it without --resume "
                                 f"(or point storage_path/name at the search to resume)")
@@ -316,15 +348,20 @@ def run_search(
 
     if not ray.is_initialized():
         env = {"OMP_NUM_THREADS": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
-        kw: dict[str, Any] = {"include_dashboard": True, "dashboard_host": "127.0.0.1", "log_to_driver": False,
-                              "runtime_env": {"env_vars": env}}
+        # A new local runtime unless told otherwise (--address, or RAY_ADDRESS as set by `ray job
+        # submit`): a bare ray.init() would join whatever cluster `ray start` last recorded in
+        # /tmp/ray/ray_current_cluster on this machine, another user's or a dead one.
+        kw: dict[str, Any] = {"address": os.environ.get("RAY_ADDRESS") or "local", "include_dashboard": True,
+                              "dashboard_host": "127.0.0.1", "log_to_driver": False, "runtime_env": {"env_vars": env}}
         kw.update(ray_init_kwargs or {})
         ray.init(**kw)
 
     trainable = tune.with_resources(tune.with_parameters(_trial, ctx=_ctx(cfg, uri, parent)), {"CPU": 0.01})
     status = "FAILED"
     try:
-        if resume:
+        if cfg.baselines:
+            _fit_baselines(cfg, trainable, uri, resume=resume, quiet=quiet, log=log)
+        if resume and (sdir / "tuner.pkl").exists():
             log(f"resuming search {cfg.name!r} from {sdir}")
             tuner = tune.Tuner.restore(str(sdir), trainable=trainable, resume_unfinished=True, resume_errored=False)
         else:
@@ -374,20 +411,68 @@ def run_search(
     return result
 
 
+def _fit_baselines(cfg: SearchConfig, trainable: Any, uri: str, *, resume: bool, quiet: bool,
+                   log: Callable[[str], None]) -> None:
+    """Train the search file's baselines, before the sampled trials: one fixed Tune trial each
+    (a grid over their configs) through the same trial function, so each is trained once with
+    the search's ``train:``, ``scale`` and per-trial budget and recorded as a child run tagged
+    ``mixersnn.kind=baseline``. Constraints are not applied to them, and neither ASHA nor the
+    search's ``budget.time_budget_s`` (which bounds the sampled trials) stops them; the
+    per-trial ``train.time_budget_s`` bounds their training. Their own Tune experiment
+    (``<search>/baselines``) makes them resumable like the trials: after a kill, finished
+    baselines are kept and an unfinished one continues from its checkpoint."""
+    from ray import tune
+
+    from search.space import baseline_resolved
+
+    bdir = cfg.search_dir() / _BASELINE_DIR
+    callback = _tune_callback_cls()(total=len(cfg.baselines), uri=uri, experiment=cfg.experiment, quiet=quiet,
+                                    what="baseline")
+    if resume and (bdir / "tuner.pkl").exists():
+        log(f"resuming the baselines of {cfg.name!r} from {bdir}")
+        tuner = tune.Tuner.restore(str(bdir), trainable=trainable, resume_unfinished=True, resume_errored=False)
+    else:
+        log(f"baselines of {cfg.name!r}: {', '.join(b.label for b in cfg.baselines)} (trained once each, before the "
+            f"search's trials, with the same train config and per-trial budget; constraints not applied)")
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"resolved": tune.grid_search([baseline_resolved(cfg, b) for b in cfg.baselines])},
+            tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=_max_concurrent(cfg), reuse_actors=False),
+            run_config=tune.RunConfig(name=_BASELINE_DIR, storage_path=str(cfg.search_dir()), callbacks=[callback],
+                                      failure_config=tune.FailureConfig(max_failures=0), verbose=0),
+        )
+    tuner.fit()
+
+
 def finalize(cfg: SearchConfig, uri: str, parent: str, *, register: bool = True,
              log: Callable[[str], None] = print) -> SearchResult:
     """Settle leftover statuses, then log the Pareto front, plots and registry entry."""
-    from search.tracking import collect_trials, format_table, log_summary, pareto_front, register_best, select_best
+    from search.tracking import (collect_trials, compare_baselines, epochs_logged, format_comparison, format_table,
+                                 log_summary, pareto_front, register_best, select_best)
     from trainers.tracking import MLflowTracker, end_run
 
     rows = collect_trials(uri, parent)
     for r in rows:
         if r.status == "running":
             # Nothing runs after tuner.fit() returns: a run still marked running was cut off
-            # (its trial process was killed before it could close the run).
-            MLflowTracker(uri, r.run_id).set_tags({STATUS_TAG: "stopped", REASON_TAG: "stopped before its last epoch"})
+            # (the search's time budget stops trials without a callback, or the trial process
+            # was killed before it could close the run). Its epochs are the ones it logged.
+            r.epochs = epochs_logged(uri, r.run_id)
+            reason = f"stopped after {r.epochs} epoch(s) (the search time budget, or the trial was killed)"
+            tr = MLflowTracker(uri, r.run_id)
+            tr.set_tags({STATUS_TAG: "stopped", REASON_TAG: reason})
+            tr.log_metrics({"epochs_completed": r.epochs}, step=0)
             end_run(uri, r.run_id, "KILLED")
-            r.status, r.reason = "stopped", "stopped before its last epoch"
+            r.status, r.reason = "stopped", reason
+        elif r.status == "stopped":
+            # Stopped by ASHA: its workers may have finished another epoch while the stop
+            # travelled to them (after the callback counted): count again now all is still.
+            n = epochs_logged(uri, r.run_id)
+            if n != r.epochs:
+                r.epochs = n
+                r.reason = f"stopped after {n} epoch(s) (ASHA early stopping or the search time budget)"
+                MLflowTracker(uri, r.run_id).set_tags({REASON_TAG: r.reason})
+                MLflowTracker(uri, r.run_id).log_metrics({"epochs_completed": n}, step=0)
     with_params = cfg.objective.include_params
     front = pareto_front(rows, with_params=with_params)
     names, modes = cfg.objective.metrics()
@@ -404,10 +489,15 @@ def finalize(cfg: SearchConfig, uri: str, parent: str, *, register: bool = True,
                                              "mixersnn.registered_model": f"{cfg.registered_model_name()}/{version}"})
     log("")
     log(format_table(sorted(rows, key=lambda r: -(r.test_acc if r.test_acc is not None else -1)),
-                     title=f"trials of {cfg.name!r} (best first; * = Pareto front)", mark={r.run_id for r in front}))
+                     title=f"trials of {cfg.name!r} (best first; * = Pareto front, B = baseline)",
+                     mark={r.run_id for r in front}))
     log("")
     log(format_table(front, title="Pareto front: accuracy (max) vs energy per image (min)"
                      + (" vs parameters (min)" if with_params else "")))
+    comparison = format_comparison(compare_baselines(rows, front, with_params=with_params))
+    if comparison:
+        log("")
+        log(comparison)
     if best is not None:
         log(f"\nselected ({cfg.select.criterion}): trial-{best.trial_id} acc {best.test_acc:.4f}, "
             f"{best.energy_uj:.3f} uJ/image, {best.num_params:,} params"

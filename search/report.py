@@ -20,7 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import matplotlib.pyplot as plt
 
-    from search.tracking import collect_trials, find_search_run, format_table, pareto_figure, pareto_front
+    from search.tracking import (collect_trials, compare_baselines, find_search_run, format_comparison, format_table,
+                                 pareto_figure, pareto_front)
     from trainers.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
@@ -33,15 +34,21 @@ def run(args: argparse.Namespace) -> int:
     rows = collect_trials(uri, parent.info.run_id)
     front = pareto_front(rows, with_params=args.params)
     board = sorted(rows, key=lambda r: -(r.test_acc if r.test_acc is not None else -1))[: args.top]
-    counts = {s: sum(r.status == s for r in rows) for s in ("ok", "stopped", "failed", "infeasible", "running")}
-    print(f"search {name!r} ({parent.info.status}) in {args.experiment!r}: {len(rows)} trials "
-          + ", ".join(f"{v} {k}" for k, v in counts.items() if v))
+    trials = [r for r in rows if not r.is_baseline]
+    counts = {s: sum(r.status == s for r in trials) for s in ("ok", "stopped", "failed", "infeasible", "running")}
+    nb = len(rows) - len(trials)
+    print(f"search {name!r} ({parent.info.status}) in {args.experiment!r}: {len(trials)} trials "
+          + ", ".join(f"{v} {k}" for k, v in counts.items() if v) + (f"; {nb} baseline(s)" if nb else ""))
     print()
-    print(format_table(board, title=f"leaderboard (top {args.top} by test accuracy; * = Pareto front)",
+    print(format_table(board, title=f"leaderboard (top {args.top} by test accuracy; * = Pareto front, B = baseline)",
                        mark={r.run_id for r in front}))
     print()
     print(format_table(front, title="Pareto front: accuracy (max) vs energy per image (min)"
                        + (" vs parameters (min)" if args.params else "")))
+    comparison = format_comparison(compare_baselines(rows, front, with_params=args.params))
+    if comparison:
+        print()
+        print(comparison)
     reg = parent.data.tags.get("mixersnn.registered_model")
     if reg:
         print(f"\nregistered model: {reg} (trial {parent.data.tags.get('mixersnn.best_trial')})")

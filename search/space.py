@@ -13,6 +13,8 @@ A search file has these sections (every one optional; see ``configs/search_fashi
     train:       fixed TrainConfig fields for every trial (epochs, max_steps_per_epoch, ...)
     scale:       num_workers, cpus_per_worker, use_gpu, gpus_per_worker per trial
     select:      which finished trial is registered (criterion, max_energy_uj, registered_model)
+    baselines:   fixed reference models trained once beside the search (list of
+                 {model, label, model_overrides, train}), compared with the Pareto front
 
 Each ``space`` entry is a constant, a list of choices, or ``{low, high[, step][, log]}``.
 Keys left out take defaults that fit the data set's image size (:func:`default_space`).
@@ -44,6 +46,7 @@ __all__ = [
     "Asha",
     "Constraints",
     "Select",
+    "Baseline",
     "SearchConfig",
     "DataShape",
     "default_space",
@@ -52,6 +55,7 @@ __all__ = [
     "estimate",
     "suggest",
     "Sampler",
+    "baseline_resolved",
 ]
 
 # Parameters of the space and whether they must be integers.
@@ -355,6 +359,34 @@ class Select:
 
 
 @dataclass(frozen=True)
+class Baseline:
+    """A fixed reference model, trained once with the search's own ``train:`` config, ``scale``
+    and per-trial budget, so it is comparable with the trials (e.g. the paper's MLP-SPE-T at
+    the data's image size). Constraints are not applied to baselines (a reference may be far
+    over any limit); they are never on the Pareto front and never registered.
+
+    Attributes:
+        model: registry name (``mlp_spe_t``, ...); the data sets image size, channels, classes.
+        label: its name in the tables, the plot and the run name (letters, digits, ``.``,
+            ``_``, ``-``); default: the model name.
+        model_overrides: model fields changed from the registry variant (e.g. ``embed_dim``,
+            ``depths``, ``T``).
+        train: values of the hyperparameters the search samples for trials (``lr``,
+            ``weight_decay``, ``batch_size``, ``label_smoothing``); each one not given takes
+            the space's value when the space holds a constant, else the TrainConfig default.
+    """
+
+    model: str
+    label: str
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "label": self.label, "model_overrides": dict(self.model_overrides),
+                "train": dict(self.train)}
+
+
+@dataclass(frozen=True)
 class SearchConfig:
     """One search, read from YAML (:func:`load_search_config`).
 
@@ -372,6 +404,8 @@ class SearchConfig:
         train: fixed TrainConfig fields (epochs, max_steps_per_epoch, optimizer, ...).
         scale: per-trial ScaleConfig fields (num_workers, cpus_per_worker, use_gpu, ...).
         shape: image size, channels and classes of the data.
+        baselines: reference models trained once before the search's trials (see
+            :class:`Baseline`).
     """
 
     name: str = "search"
@@ -390,6 +424,7 @@ class SearchConfig:
     train: dict[str, Any] = field(default_factory=dict)
     scale: dict[str, Any] = field(default_factory=dict)
     shape: DataShape = field(default_factory=lambda: DataShape(28, 1, 10))
+    baselines: tuple[Baseline, ...] = ()
 
     def search_dir(self) -> Path:
         return Path(self.storage_path).resolve() / self.name
@@ -407,6 +442,7 @@ class SearchConfig:
             "asha": asdict(self.asha), "constraints": asdict(self.constraints),
             "select": asdict(self.select), "space": self.space.to_yaml(),
             "train": dict(self.train), "scale": dict(self.scale),
+            "baselines": [b.to_dict() for b in self.baselines],
         }
 
     def replace_budget(self, **kw: Any) -> "SearchConfig":
@@ -519,6 +555,23 @@ def _validate(cfg: SearchConfig) -> None:
     ls = sp["label_smoothing"].values()
     check(min(ls) >= 0 and max(ls) < 1, f"space.label_smoothing={sp['label_smoothing'].to_yaml()} must lie in [0, 1)")
 
+    # Baselines: a registered model that builds at the data's size and a valid TrainConfig.
+    for i, bl in enumerate(cfg.baselines):
+        at = f"baselines[{i}] ({bl.label})"
+        check(bl.model in list_models(), f"{at}: model={bl.model!r} is not registered; choose one of {list_models()}")
+        owned = sorted(set(bl.model_overrides) & {"img_size", "in_chans", "num_classes"})
+        check(not owned, f"{at}: model_overrides {owned} are set by the data ({cfg.data}); remove them")
+        bad = sorted(set(bl.train) - set(_TRAIN_KEYS))
+        check(not bad, f"{at}: train keys {bad} cannot be set per baseline; baselines share the search's train: "
+                       f"section and may set only {list(_TRAIN_KEYS)}")
+        try:
+            r = baseline_resolved(cfg, bl)
+            TrainConfig.from_dict({**cfg.train, **r["train"], "model": bl.model, "data": cfg.data,
+                                   "model_overrides": {"img_size": cfg.shape.img_size, "in_chans": cfg.shape.in_chans,
+                                                       "num_classes": cfg.shape.num_classes, **bl.model_overrides}})
+        except (ConfigError, TypeError, ValueError) as err:
+            raise ConfigError(f"{at}: {err}") from None
+
     # The smallest model of the space must meet the constraints, or nothing can ever train.
     smallest = {"spe": False if False in sp["spe"].values() else True}
     w_ok = [w for w in widths if (not smallest["spe"]) or w % 3 == 0]
@@ -556,7 +609,7 @@ def load_search_config(path: Union[str, Path, None] = None, **overrides: Any) ->
             raise ConfigError(f"{where} must hold a mapping, got {type(raw).__name__}")
     raw.update({k: v for k, v in overrides.items() if v is not None})
     top = {"name", "experiment", "data", "tracking_uri", "storage_path", "base_model", "seed", "space",
-           "objective", "budget", "asha", "constraints", "select", "train", "scale"}
+           "objective", "budget", "asha", "constraints", "select", "train", "scale", "baselines"}
     unknown = sorted(set(raw) - top)
     if unknown:
         raise ConfigError(f"{where}: unknown top-level keys {unknown}; valid: {sorted(top)}")
@@ -603,19 +656,89 @@ def load_search_config(path: Union[str, Path, None] = None, **overrides: Any) ->
         train=train,
         scale=scale,
         shape=shape,
+        baselines=_baselines(raw.get("baselines"), where),
     )
     _validate(cfg)
     return cfg
 
 
+_BASELINE_KEYS = ("model", "label", "model_overrides", "train")
+
+
+def _baselines(raw: Any, where: str) -> tuple[Baseline, ...]:
+    """Parse ``baselines:`` (a list of mappings); the full checks are in :func:`_validate`."""
+    import re
+
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ConfigError(f"{where}: 'baselines:' must be a list of {{model, label, model_overrides, train}} "
+                          f"mappings, got {raw!r}")
+    out = []
+    for i, b in enumerate(raw):
+        at = f"baselines[{i}]"
+        if isinstance(b, str):
+            b = {"model": b}
+        if not isinstance(b, dict) or "model" not in b:
+            raise ConfigError(f"{at}={b!r} must be a mapping with at least 'model' (a registry name, e.g. mlp_spe_t)")
+        extra = sorted(set(b) - set(_BASELINE_KEYS))
+        if extra:
+            raise ConfigError(f"{at}: unknown keys {extra}; valid: {list(_BASELINE_KEYS)}")
+        label = str(b.get("label") or b["model"])
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,60}", label):
+            raise ConfigError(f"{at}.label={label!r} must be 1-60 letters, digits, '.', '_' or '-' "
+                              f"(it names the MLflow run), e.g. mlp_spe_t-28px")
+        for key in ("model_overrides", "train"):
+            if not isinstance(b.get(key) or {}, dict):
+                raise ConfigError(f"{at}.{key}={b[key]!r} must be a mapping")
+        out.append(Baseline(str(b["model"]), label, dict(b.get("model_overrides") or {}), dict(b.get("train") or {})))
+    labels = [b.label for b in out]
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+        raise ConfigError(f"baselines: labels {dup} appear more than once; give each baseline its own label")
+    return tuple(out)
+
+
+def baseline_resolved(cfg: SearchConfig, b: Baseline) -> dict[str, Any]:
+    """A baseline as the driver's trial function takes it: the same shape as
+    :func:`suggest`'s result plus ``kind``, ``label``, ``model`` and ``run_name``."""
+    sp = cfg.space.params
+    train: dict[str, Any] = {}
+    from trainers.config import TrainConfig
+
+    defaults = TrainConfig.from_dict({"model": b.model}).to_dict()
+    for k in _TRAIN_KEYS:
+        if k in b.train:
+            train[k] = b.train[k]
+        elif sp[k].choices is not None and len(sp[k].choices) == 1:
+            train[k] = sp[k].choices[0]
+        else:
+            train[k] = defaults[k]
+    est = estimate(cfg, dict(b.model_overrides), model=b.model)
+    return {
+        "kind": "baseline",
+        "label": b.label,
+        "model": b.model,
+        "run_name": f"{cfg.name}-baseline-{b.label}",
+        "arch": dict(b.model_overrides),
+        "train": train,
+        "num_params": est["num_params"],
+        "energy_uj_dense": est["energy_uj_dense"],
+        "energy_uj_est": est["energy_uj_est"],
+        "infeasible": None,
+        "distributions": {},
+    }
+
+
 # ---------------------------------------------------------------------------- estimates
-def estimate(cfg: SearchConfig, arch: dict[str, Any]) -> dict[str, Any]:
+def estimate(cfg: SearchConfig, arch: dict[str, Any], *, model: Optional[str] = None) -> dict[str, Any]:
     """Parameters and pre-training energy estimate of one architecture, and the constraint
     it breaks (``reason``, None when it meets every limit).
 
     Args:
         cfg: the search (data shape, base model, constraints).
         arch: model overrides (embed_dim, depths, T, patch_size, mlp_ratio, spe).
+        model: registry variant; None: the search's ``base_model``.
 
     Returns:
         ``{"num_params", "energy_uj_dense", "energy_uj_est", "reason"}``.
@@ -623,7 +746,7 @@ def estimate(cfg: SearchConfig, arch: dict[str, Any]) -> dict[str, Any]:
     from mixersnn.accounting import energy_report
     from mixersnn.models import model_config
 
-    mc = model_config(cfg.base_model, img_size=cfg.shape.img_size, in_chans=cfg.shape.in_chans,
+    mc = model_config(model or cfg.base_model, img_size=cfg.shape.img_size, in_chans=cfg.shape.in_chans,
                       num_classes=cfg.shape.num_classes, **arch)
     n_params = mc.closed_form_num_params()
     rep = energy_report(mc)  # dense bound: every spike-layer input fires
@@ -742,5 +865,15 @@ class Sampler:
         # from MLflow alone (for Optuna's plots), whichever driver process ran the trial.
         resolved["distributions"] = {k: optuna.distributions.distribution_to_json(d)
                                      for k, d in trial.distributions.items()}
+        # Which Optuna sampler proposed it (and, for a genetic sampler such as NSGA-II, in
+        # which generation): the record shows the sampler in use, not only the one configured.
+        study = getattr(trial, "study", None)
+        if study is not None:
+            sampler = study.sampler
+            resolved["sampler"] = type(sampler).__name__
+            gen_key = getattr(sampler, "_get_generation_key", None)
+            if gen_key is not None:
+                attrs = study._storage.get_trial_system_attrs(trial._trial_id)
+                resolved["sampler_generation"] = attrs.get(gen_key())
         return {"resolved": resolved}
 

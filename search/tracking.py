@@ -27,12 +27,16 @@ __all__ = [
     "select_best",
     "register_best",
     "find_search_run",
+    "epochs_logged",
+    "compare_baselines",
+    "format_comparison",
     "STATUS_TAG",
 ]
 
 STATUS_TAG = "mixersnn.trial_status"  # ok | failed | infeasible | stopped | running
 REASON_TAG = "mixersnn.reason"
 SEARCH_TAG = "mixersnn.search"
+BASELINE_TAG = "mixersnn.baseline"  # the label of a baseline run (tag mixersnn.kind=baseline)
 
 
 @dataclass
@@ -50,6 +54,9 @@ class TrialRow:
         reason: why it failed / was infeasible / was stopped.
         params: the sampled parameters (``search.*`` params of the run, prefix dropped).
         over_energy: measured energy exceeded the user's limit (never registered).
+        kind: "trial" (proposed by the sampler) or "baseline" (a fixed reference model from
+            the search file's ``baselines:``; never on the front, never registered).
+        label: the baseline's label ("" for trials).
     """
 
     run_id: str
@@ -62,6 +69,17 @@ class TrialRow:
     reason: str = ""
     params: dict[str, str] = field(default_factory=dict)
     over_energy: bool = False
+    kind: str = "trial"
+    label: str = ""
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.kind == "baseline"
+
+    @property
+    def name(self) -> str:
+        """What tables call it: the trial id, or ``baseline:<label>``."""
+        return f"baseline:{self.label}" if self.is_baseline else self.trial_id
 
     @property
     def scored(self) -> bool:
@@ -70,6 +88,10 @@ class TrialRow:
 
     def arch(self) -> str:
         p = self.params
+        if self.is_baseline:
+            # A baseline's overrides only (the rest is the registry variant's).
+            over = " ".join(f"{k[len('arch.'):]}={v}" for k, v in sorted(p.items()) if k.startswith("arch."))
+            return f"{p.get('model', '?')} " + (over or "(registry variant)")
         spe = p.get("arch.spe", "?")
         return (f"C={p.get('arch.embed_dim', '?')} d={p.get('arch.depths', '?')} T={p.get('arch.T', '?')} "
                 f"p={p.get('arch.patch_size', '?')} r={p.get('arch.mlp_ratio', '?')} spe={spe}")
@@ -117,8 +139,21 @@ def collect_trials(uri: str, parent_run_id: str) -> list[TrialRow]:
             reason=t.get(REASON_TAG, ""),
             params={k[len("search."):]: v for k, v in p.items() if k.startswith("search.")},
             over_energy=t.get("mixersnn.over_energy_limit") == "True",
+            kind="baseline" if t.get("mixersnn.kind") == "baseline" else "trial",
+            label=t.get(BASELINE_TAG, ""),
         ))
     return sorted(rows, key=lambda r: r.trial_id)
+
+
+def epochs_logged(uri: str, run_id: str) -> int:
+    """Epochs a run finished, from its record: rank 0 logs ``test_acc`` once per finished epoch
+    at step = epoch index (a resumed run continues the steps), so this is the last step + 1.
+
+    The reliable count for a trial cut off from outside: Tune stops trials at the end of its
+    time budget without telling callbacks, and a killed trial never reports its end.
+    """
+    hist = _client(uri).get_metric_history(run_id, "test_acc")
+    return max((h.step for h in hist), default=-1) + 1
 
 
 def _objectives(row: TrialRow, with_params: bool) -> tuple[float, ...]:
@@ -130,8 +165,8 @@ def _objectives(row: TrialRow, with_params: bool) -> tuple[float, ...]:
 def pareto_front(rows: Sequence[TrialRow], *, with_params: bool = False) -> list[TrialRow]:
     """Non-dominated scored trials over (accuracy max, energy min[, parameters min]),
     sorted by energy. A trial is dominated when another is no worse in every objective and
-    better in one."""
-    scored = [r for r in rows if r.scored]
+    better in one. Baselines are references, not candidates: never on the front."""
+    scored = [r for r in rows if r.scored and not r.is_baseline]
     front = []
     for a in scored:
         va = _objectives(a, with_params)
@@ -146,8 +181,63 @@ def pareto_front(rows: Sequence[TrialRow], *, with_params: bool = False) -> list
     return sorted(front, key=lambda r: (r.energy_uj, -r.test_acc))
 
 
+def _dominates(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+    return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
+
+
+def compare_baselines(rows: Sequence[TrialRow], front: Sequence[TrialRow], *,
+                      with_params: bool = False) -> list[dict[str, Any]]:
+    """Each baseline against the search's Pareto front.
+
+    Returns one dict per baseline: ``label``, ``status``, ``test_acc``, ``energy_uj``,
+    ``num_params``, ``dominated_by`` (how many front points dominate it) and ``by``: the
+    dominating front point with the lowest energy (``{"trial_id", "run_id", "test_acc",
+    "energy_uj", "num_params"}``), or None when no front point dominates it (or it has no
+    score: it failed or was stopped before its first epoch).
+    """
+    out = []
+    for b in (r for r in rows if r.is_baseline):
+        d: dict[str, Any] = {"label": b.label, "run_id": b.run_id, "status": b.status, "test_acc": b.test_acc,
+                             "energy_uj": b.energy_uj, "num_params": b.num_params, "dominated_by": 0, "by": None}
+        if b.scored:
+            vb = _objectives(b, with_params)
+            dom = [f for f in front if _dominates(_objectives(f, with_params), vb)]
+            d["dominated_by"] = len(dom)
+            if dom:
+                f = min(dom, key=lambda r: (r.energy_uj, -r.test_acc))
+                d["by"] = {"trial_id": f.trial_id, "run_id": f.run_id, "test_acc": f.test_acc,
+                           "energy_uj": f.energy_uj, "num_params": f.num_params}
+        out.append(d)
+    return out
+
+
+def format_comparison(comps: Sequence[dict[str, Any]]) -> str:
+    """The baselines against the front, one line each: the baseline's accuracy and energy,
+    then the cheapest front point that dominates it (side by side), or that none does."""
+    if not comps:
+        return ""
+    lines = ["baselines vs the Pareto front (same data, same training config and per-trial budget; "
+             "constraints not applied to baselines):"]
+    for c in comps:
+        if c["test_acc"] is None or c["energy_uj"] is None:
+            lines.append(f"  {c['label']:<22} no score ({c['status']})")
+            continue
+        head = f"  {c['label']:<22} acc {c['test_acc']:.4f} {c['energy_uj']:9.3f} uJ/img"
+        by = c["by"]
+        if by is None:
+            lines.append(f"{head} | not dominated by any front point")
+        else:
+            ratio = c["energy_uj"] / by["energy_uj"] if by["energy_uj"] > 0 else float("inf")
+            lines.append(f"{head} | dominated by trial {by['trial_id']}: acc {by['test_acc']:.4f} "
+                         f"{by['energy_uj']:9.3f} uJ/img ({ratio:.3g}x less energy, "
+                         f"{100 * (by['test_acc'] - c['test_acc']):+.2f} acc points; "
+                         f"{c['dominated_by']} front point(s) dominate it)")
+    return "\n".join(lines)
+
+
 def format_table(rows: Sequence[TrialRow], *, title: str = "", mark: Optional[set[str]] = None) -> str:
-    """A fixed-width table: trial, status, accuracy, energy, parameters, epochs, architecture."""
+    """A fixed-width table: trial, status, accuracy, energy, parameters, epochs, architecture.
+    The first column marks rows in ``mark`` with ``*`` and baselines with ``B``."""
     mark = mark or set()
     head = f"{'':1} {'trial':<14} {'status':<10} {'test_acc':>8} {'uJ/img':>8} {'params':>9} {'ep':>3}  architecture / reason"
     lines = ([title] if title else []) + [head, "-" * len(head)]
@@ -156,13 +246,15 @@ def format_table(rows: Sequence[TrialRow], *, title: str = "", mark: Optional[se
         en = f"{r.energy_uj:.3f}" if r.energy_uj is not None else "-"
         n = f"{r.num_params:,}" if r.num_params is not None else "-"
         tail = r.arch() + (f"  [{r.reason}]" if r.reason else "")
-        lines.append(f"{'*' if r.run_id in mark else ' ':1} {r.trial_id:<14} {r.status:<10} {acc:>8} {en:>8} {n:>9} {r.epochs:>3}  {tail}")
+        flag = "*" if r.run_id in mark else ("B" if r.is_baseline else " ")
+        lines.append(f"{flag:1} {r.name:<14} {r.status:<10} {acc:>8} {en:>8} {n:>9} {r.epochs:>3}  {tail}")
     return "\n".join(lines)
 
 
 def rows_to_csv(rows: Sequence[TrialRow]) -> str:
     buf = io.StringIO()
-    keys = ["trial_id", "run_id", "status", "test_acc", "energy_uj", "num_params", "epochs", "reason", "over_energy"]
+    keys = ["trial_id", "run_id", "kind", "label", "status", "test_acc", "energy_uj", "num_params", "epochs", "reason",
+            "over_energy"]
     pkeys = sorted({k for r in rows for k in r.params})
     w = csv.writer(buf)
     w.writerow(keys + pkeys)
@@ -175,14 +267,18 @@ def rows_to_csv(rows: Sequence[TrialRow]) -> str:
 def pareto_figure(rows: Sequence[TrialRow], front: Sequence[TrialRow], *, title: str,
                   baselines: Optional[Sequence[dict[str, Any]]] = None) -> Any:
     """Accuracy against energy per image (log scale): every scored trial, the front as a
-    staircase, optional reference points (``{"label", "test_acc", "energy_uj"}``)."""
+    staircase, and the baselines among ``rows`` (or the given reference points,
+    ``{"label", "test_acc", "energy_uj"}``) as labelled crosses."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers; must precede pyplot
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
-    scored = [r for r in rows if r.scored and r not in front]
+    if baselines is None:
+        baselines = [{"label": r.label, "test_acc": r.test_acc, "energy_uj": r.energy_uj}
+                     for r in rows if r.is_baseline and r.scored]
+    scored = [r for r in rows if r.scored and r not in front and not r.is_baseline]
     if scored:
         ax.scatter([r.energy_uj for r in scored], [r.test_acc for r in scored], c="0.65", s=22, label="trials")
     if front:
@@ -192,16 +288,18 @@ def pareto_figure(rows: Sequence[TrialRow], front: Sequence[TrialRow], *, title:
         for r in front:
             ax.annotate(r.trial_id.split("_")[-1], (r.energy_uj, r.test_acc), fontsize=7,
                         xytext=(3, -9), textcoords="offset points")
-    for b in baselines or []:
-        ax.scatter([b["energy_uj"]], [b["test_acc"]], marker="x", c="C3", s=50, zorder=4)
+    for i, b in enumerate(baselines):
+        ax.scatter([b["energy_uj"]], [b["test_acc"]], marker="x", c="C3", s=50, zorder=4,
+                   label="baselines" if i == 0 else None)
         ax.annotate(b["label"], (b["energy_uj"], b["test_acc"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
-    if scored or front:
+    if scored or front or baselines:
         ax.set_xscale("log")
     ax.set_xlabel("energy per image (uJ, measured, 45 nm)")
     ax.set_ylabel("test accuracy")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.margins(x=0.12)  # room for the labels of the outermost points
+    ax.legend(fontsize=8, loc="best")  # not over a point (a weak baseline sits bottom right)
     fig.tight_layout()
     return fig
 
@@ -212,7 +310,7 @@ def _optuna_study(rows: Sequence[TrialRow], directions: list[str]) -> Any:
 
     study = optuna.create_study(directions=directions)
     for r in rows:
-        if not r.scored:
+        if not r.scored or r.is_baseline:
             continue
         params, dists = {}, {}
         for name, dist_json in json.loads(r.params.get("distributions", "{}")).items():
@@ -269,7 +367,7 @@ def optuna_figures(rows: Sequence[TrialRow], directions: list[str]) -> dict[str,
 def select_best(rows: Sequence[TrialRow], criterion: str, max_energy_uj: Optional[float]) -> Optional[TrialRow]:
     """The trial to register: ``max_acc`` (subject to the measured-energy cap) or ``knee``
     (the front point nearest the ideal corner, accuracy and log-energy scaled to [0, 1])."""
-    ok = [r for r in rows if r.status == "ok" and r.scored and not r.over_energy]
+    ok = [r for r in rows if r.status == "ok" and r.scored and not r.over_energy and not r.is_baseline]
     if max_energy_uj is not None:
         ok = [r for r in ok if r.energy_uj <= max_energy_uj]
     if not ok:
@@ -348,11 +446,18 @@ def log_summary(uri: str, parent_run_id: str, rows: Sequence[TrialRow], front: S
     for fname, f in optuna_figures(rows, directions).items():
         tr.log_figure(f, f"search/{fname}")
         plt.close(f)
+    comps = compare_baselines(rows, front, with_params=len(directions) == 3)
+    if comps:
+        tr.log_dict(comps, "search/baselines.json")
+    trials = [r for r in rows if not r.is_baseline]
     counts: dict[str, float] = {}
-    for r in rows:
+    for r in trials:
         counts[f"trials_{r.status}"] = counts.get(f"trials_{r.status}", 0) + 1
-    summary = {"trials_total": float(len(rows)), **counts, "pareto_size": float(len(front))}
-    scored = [r for r in rows if r.scored]
+    summary = {"trials_total": float(len(trials)), **counts, "pareto_size": float(len(front))}
+    if comps:
+        summary["baselines_total"] = float(len(comps))
+        summary["baselines_dominated"] = float(sum(c["by"] is not None for c in comps))
+    scored = [r for r in trials if r.scored]
     if scored:
         summary["best_test_acc"] = max(r.test_acc for r in scored)
         summary["min_energy_per_image_uj"] = min(r.energy_uj for r in scored)

@@ -27,11 +27,9 @@ WORKER_ENV = {"OMP_NUM_THREADS": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Real Fashion-MNIST slices: 256 train / 128 test images in shards of 64."""
-    from mixersnn.data import make_shards
+    from conftest import make_fmnist_shards
 
-    out = tmp_path_factory.mktemp("fmnist-search")
-    make_shards(None, out, limit={"train": 256, "test": 128}, samples_per_shard=64, progress=False)
-    return out
+    return make_fmnist_shards(tmp_path_factory.mktemp("fmnist-search"), train=256, test=128, per_shard=64)
 
 
 def _yaml(path: Path, d: dict) -> Path:
@@ -65,14 +63,26 @@ def _tiny_config(tmp: Path, shards: Path, uri: str, name: str, **extra) -> dict:
     return d
 
 
+def _ray_up() -> None:
+    """A fresh local Ray runtime of 2 CPUs (``address="local"``: a bare init would join any
+    cluster that ``ray start`` recorded on this machine)."""
+    os.environ.update(WORKER_ENV)
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+             runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False)
+
+
 def _outcomes(cfg_path: Path, n: int) -> list[str]:
     """What the first ``n`` random-phase proposals of this config will be (the sampler is
     seeded and Tune asks in trial order): ok, infeasible or failed."""
     from search.space import Sampler, load_search_config
 
     cfg = load_search_config(cfg_path)
-    study = optuna.create_study(directions=["maximize", "minimize"],
-                                sampler=optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=n))
+    if cfg.objective.sampler == "nsga2":  # the first generation is random
+        assert n <= cfg.objective.population_size
+        sampler = optuna.samplers.NSGAIISampler(population_size=cfg.objective.population_size, seed=cfg.seed)
+    else:
+        sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=n)
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
     out = []
     for _ in range(n):
         r = Sampler(cfg)(study.ask())["resolved"]
@@ -80,17 +90,35 @@ def _outcomes(cfg_path: Path, n: int) -> list[str]:
     return out
 
 
-def test_search_end_to_end_on_mlflow_server(shards: Path, tmp_path: Path, mlflow_server: str) -> None:
+# The cheapest model of all: 3 channels halve the patch embedding's MACs, which alone
+# (0.0219 uJ) cost every trial more than this whole model (0.0112 uJ dense). Were baselines
+# candidates, it would always sit on the front.
+TINY_BASELINE = {"model": "mlp_spe_t", "label": "tiny-ref",
+                 "model_overrides": {"embed_dim": 3, "depths": [1], "T": 1, "patch_size": 14, "mlp_ratio": 2,
+                                     "spe": False}}
+
+
+def _dominates(a, b) -> bool:  # type: ignore[no-untyped-def]
+    """(acc, energy): a is no worse in both and better in one."""
+    return a[0] >= b[0] and a[1] <= b[1] and (a[0] > b[0] or a[1] < b[1])
+
+
+def test_search_end_to_end_on_mlflow_server(shards: Path, tmp_path: Path, mlflow_server: str, capsys) -> None:  # type: ignore[no-untyped-def]
+    """The whole multi-objective search with NSGA-II and one baseline: every trial outcome
+    (trained, infeasible, failed), the front, the registry, the baseline kept off both and
+    compared with the front, and the report."""
     from mlflow.tracking import MlflowClient
 
     from mixersnn.cli import main
     from search.driver import run_search
     from search.space import load_search_config
 
-    # A seed whose four proposals cover every outcome: two that train, one over the energy
-    # cap, one that crashes in the trainer.
+    # A seed whose four proposals (NSGA-II's first, random generation) cover every outcome:
+    # two that train, one over the energy cap, one that crashes in the trainer.
     for seed in range(200):
-        path = _yaml(tmp_path / "search.yaml", _tiny_config(tmp_path, shards, mlflow_server, "e2e", seed=seed))
+        path = _yaml(tmp_path / "search.yaml", _tiny_config(
+            tmp_path, shards, mlflow_server, "e2e", seed=seed, baselines=[TINY_BASELINE],
+            objective={"mode": "multi", "sampler": "nsga2", "population_size": 4}))
         expected = _outcomes(path, 4)
         if sorted(expected) == ["failed", "infeasible", "ok", "ok"]:
             break
@@ -98,11 +126,10 @@ def test_search_end_to_end_on_mlflow_server(shards: Path, tmp_path: Path, mlflow
         pytest.fail("no seed gives every outcome")
     cfg = load_search_config(path)
 
-    os.environ.update(WORKER_ENV)
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
-             runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False)
+    lines: list[str] = []
+    _ray_up()
     try:
-        res = run_search(cfg, quiet=True)
+        res = run_search(cfg, quiet=True, log=lines.append)
     finally:
         ray.shutdown()
 
@@ -112,9 +139,14 @@ def test_search_end_to_end_on_mlflow_server(shards: Path, tmp_path: Path, mlflow
     parents = [r for r in runs if r.data.tags.get("mixersnn.kind") == "search"]
     assert len(parents) == 1 and parents[0].info.run_name == "e2e" and parents[0].info.status == "FINISHED"
     parent = parents[0]
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    (base,) = [c for c in kids if c.data.tags["mixersnn.kind"] == "baseline"]
+    children = [c for c in kids if c.data.tags["mixersnn.kind"] == "trial"]
     assert len(children) == 4 and len({c.info.run_name for c in children}) == 4
     assert all(c.info.run_name.startswith("trial-") for c in children)
+    # NSGA-II, the sampler in the searcher (not only the one configured), proposed every trial.
+    assert {c.data.params["search.sampler"] for c in children} == {"NSGAIISampler"}
+    assert {c.data.params["search.sampler_generation"] for c in children} == {"0"}
     by_status: dict[str, list] = {}
     for c in children:
         by_status.setdefault(c.data.tags["mixersnn.trial_status"], []).append(c)
@@ -153,6 +185,27 @@ def test_search_end_to_end_on_mlflow_server(shards: Path, tmp_path: Path, mlflow
     assert parent.data.metrics["trials_total"] == 4 and parent.data.metrics["trials_ok"] == 2
     front = json.loads(Path(client.download_artifacts(parent.info.run_id, "search/pareto_front.json", str(tmp_path))).read_text())
     assert 1 <= len(front) <= 2 and {f["run_id"] for f in front} <= {c.info.run_id for c in by_status["ok"]}
+    # The front is non-dominated, and the trained trial off it is dominated by it.
+    point = {c.info.run_id: (c.data.metrics["test_acc"], c.data.metrics["energy_per_image_uj"]) for c in by_status["ok"]}
+    on_front = {f["run_id"] for f in front}
+    for rid in on_front:
+        assert not any(_dominates(point[o], point[rid]) for o in point if o != rid)
+    for rid in set(point) - on_front:
+        assert any(_dominates(point[f], point[rid]) for f in on_front)
+
+    # The baseline: trained once with the search's train config, tagged, its own model; off
+    # the front although nothing is cheaper, never registered; compared with the front.
+    assert base.info.run_name == "e2e-baseline-tiny-ref" and base.info.status == "FINISHED"
+    assert base.data.tags["mixersnn.baseline"] == "tiny-ref" and base.data.tags["mixersnn.trial_status"] == "ok"
+    assert base.data.params["model.embed_dim"] == "3" and base.data.params["model.patch_size"] == "14"
+    assert base.data.params["model.spe"] == "False" and base.data.params["train.max_steps_per_epoch"] == "3"
+    assert base.data.metrics["energy_per_image_uj"] < min(e for _, e in point.values())
+    assert base.info.run_id not in on_front and parent.data.metrics["baselines_total"] == 1
+    text = "\n".join(lines)
+    assert "baselines vs the Pareto front" in text and "tiny-ref" in text and "not dominated" in text
+    assert "B baseline:tiny-ref" in text
+    assert [b["label"] for b in json.loads(Path(client.download_artifacts(
+        parent.info.run_id, "search/baselines.json", str(tmp_path))).read_text())] == ["tiny-ref"]
 
     # The registry holds the most accurate trial as an MLflow PyTorch model.
     # Tiny one-epoch models can tie exactly (same accuracy; no spikes, so the same MAC-only
@@ -173,8 +226,11 @@ def test_search_end_to_end_on_mlflow_server(shards: Path, tmp_path: Path, mlflow
 
     # The report command reads it all back from MLflow.
     out = tmp_path / "front.png"
+    capsys.readouterr()
     assert main(["report", "exp-e2e", "--tracking-uri", mlflow_server, "--out", str(out)]) == 0
     assert out.stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert "4 trials" in printed and "1 baseline(s)" in printed and "tiny-ref" in printed and "not dominated" in printed
 
 
 def _descendants(pid: int) -> set[int]:
@@ -274,3 +330,108 @@ def test_killed_driver_resumes_without_duplicates(shards: Path, tmp_path: Path, 
     for c in children:
         assert [h.step for h in client.get_metric_history(c.info.run_id, "test_acc")] == [0]
     assert len(client.search_model_versions("name='resumable-best'")) == 1
+
+
+
+
+def _children(client, experiment: str) -> tuple:  # type: ignore[no-untyped-def]
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    (parent,) = [r for r in runs if r.data.tags.get("mixersnn.kind") == "search"]
+    return parent, [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+
+
+# One stage, width 12, T=1: the smallest model that still learns in three steps. lr 0.02
+# lifts the accuracy on the 64 evaluation images from 0.125 to 0.219 after the first epoch
+# (measured); lr 1e-6 leaves it at 0.125. Same seed, same data, one thread: deterministic.
+ASHA_SPACE = {"spe": False, "num_stages": 1, "blocks_per_stage": 1, "embed_dim": 12, "mlp_ratio": 2, "T": 1,
+              "patch_size": 7, "batch_size": 32, "lr": [0.02, 1.0e-6], "weight_decay": 0.0, "label_smoothing": 0.0}
+GOOD_LR = 0.02
+
+
+def test_asha_stops_a_weak_trial_early(shards: Path, tmp_path: Path, mlflow_server: str) -> None:
+    """Single-objective mode with ASHA over epochs: a trial that learns nothing is stopped at
+    the first rung, with its true epoch count; the others run every epoch; the best is
+    registered."""
+    from mlflow.tracking import MlflowClient
+
+    from search.driver import run_search
+    from search.space import Sampler, load_search_config
+
+    # Two good trials first (they fill the first rung), then a weak one: it reaches the first
+    # rung below the cutoff (the median of the good ones) whatever the timing of the others.
+    for seed in range(200):
+        path = _yaml(tmp_path / "search.yaml", _tiny_config(
+            tmp_path, shards, mlflow_server, "asha", seed=seed, space=dict(ASHA_SPACE), constraints={},
+            train={**TINY_TRAIN, "epochs": 4}, objective={"mode": "single", "sampler": "tpe", "startup_trials": 3},
+            budget={"num_trials": 3, "max_concurrent_trials": 2}, asha={"grace_period": 1, "reduction_factor": 2}))
+        cfg = load_search_config(path)
+        study = optuna.create_study(direction="maximize",
+                                    sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=3))
+        lrs = [Sampler(cfg)(study.ask())["resolved"]["train"]["lr"] for _ in range(3)]
+        if lrs == [GOOD_LR, GOOD_LR, 1.0e-6]:
+            break
+    else:
+        pytest.fail("no seed proposes good, good, weak")
+
+    _ray_up()
+    try:
+        res = run_search(cfg, quiet=True)
+    finally:
+        ray.shutdown()
+
+    client = MlflowClient(mlflow_server)
+    parent, children = _children(client, "exp-asha")
+    assert parent.info.status == "FINISHED" and len(children) == 3
+    by_lr = {c.info.run_id: float(c.data.params["search.hp.lr"]) for c in children}
+    (weak,) = [c for c in children if by_lr[c.info.run_id] < 1e-3]
+    good = [c for c in children if by_lr[c.info.run_id] == GOOD_LR]
+    # The weak trial: stopped at the first rung (after epoch 1), and the record holds the
+    # epochs it really finished, not 0. Its workers may finish another epoch while the stop
+    # travels from ASHA to them (measured: 2 of 4), so the count is read, not assumed.
+    assert weak.data.tags["mixersnn.trial_status"] == "stopped" and weak.info.status == "KILLED"
+    steps = [h.step for h in client.get_metric_history(weak.info.run_id, "test_acc")]
+    n = weak.data.metrics["epochs_completed"]
+    assert 1 <= n < 4 and steps == list(range(int(n))), (n, steps)
+    assert f"stopped after {int(n)} epoch(s)" in weak.data.tags["mixersnn.reason"]
+    # The others ran every epoch.
+    for c in good:
+        assert c.data.tags["mixersnn.trial_status"] == "ok" and c.info.status == "FINISHED"
+        assert c.data.metrics["epochs_completed"] == 4
+        assert [h.step for h in client.get_metric_history(c.info.run_id, "test_acc")] == [0, 1, 2, 3]
+    rows = {r.run_id: r for r in res.rows}
+    assert rows[weak.info.run_id].epochs == n and all(rows[c.info.run_id].epochs == 4 for c in good)
+    # The best (a good one) is registered.
+    versions = client.search_model_versions("name='asha-best'")
+    assert len(versions) == 1 and versions[0].run_id in {c.info.run_id for c in good}
+    assert versions[0].run_id == res.best.run_id
+
+
+def test_finalize_counts_the_epochs_of_a_trial_cut_off_by_the_time_budget(tmp_path: Path) -> None:
+    """Tune's time budget stops running trials without a callback: their child runs are still
+    RUNNING when the search ends. finalize() settles them with the epochs their record holds."""
+    from mlflow.tracking import MlflowClient
+
+    from search.driver import finalize
+    from search.space import load_search_config
+    from search.tracking import STATUS_TAG
+    from trainers.tracking import MLflowTracker, start_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_search_config(None, name="budget", experiment="exp-budget", tracking_uri=uri)
+    parent = start_run(uri, cfg.experiment, cfg.name, tags={"mixersnn.kind": "search"})
+    child = start_run(uri, cfg.experiment, "trial-cut_00000", parent_run_id=parent,
+                      tags={"mixersnn.kind": "trial", "mixersnn.trial_id": "cut_00000", STATUS_TAG: "running"})
+    tr = MLflowTracker(uri, child)
+    tr.log_metrics({"num_params": 1000, "search.energy_uj_est": 1.0}, step=0)
+    for epoch, acc in enumerate([0.3, 0.4]):  # what rank 0 logs per finished epoch
+        tr.log_metrics({"test_acc": acc, "energy_per_image_uj": 0.5}, step=epoch)
+
+    res = finalize(cfg, uri, parent, register=False, log=lambda s: None)
+
+    (row,) = res.rows
+    assert row.status == "stopped" and row.epochs == 2 and row.test_acc == 0.4
+    run = MlflowClient(uri).get_run(child)
+    assert run.info.status == "KILLED" and run.data.metrics["epochs_completed"] == 2
+    assert run.data.tags[STATUS_TAG] == "stopped" and "after 2 epoch(s)" in run.data.tags["mixersnn.reason"]
+    assert [r.run_id for r in res.front] == [child]  # a stopped trial still counts with what it measured

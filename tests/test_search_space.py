@@ -131,6 +131,13 @@ constraints: {{max_energy_uj: {cap}, assumed_firing_rate: {rate}}}
         ("budget: {autoscale_wait_s: 0}", r"budget.autoscale_wait_s=0 must be a number of seconds > 0"),
         ("budget: {autoscale_wait_s: soon}", r"budget.autoscale_wait_s='soon' is not a number"),
         ("searchspace: {}", r"unknown top-level keys \['searchspace'\]"),
+        ("baselines: mlp_spe_t", r"'baselines:' must be a list"),
+        ("baselines: [{model: mlp_xl}]", r"model='mlp_xl' is not registered; choose one of"),
+        ("baselines: [{model: mlp_spe_t, label: 'a b'}]", r"label='a b' must be 1-60 letters"),
+        ("baselines: [{model: mlp_spe_t, train: {epochs: 9}}]", r"train keys \['epochs'\] cannot be set per baseline"),
+        ("baselines: [{model: mlp_spe_t, model_overrides: {img_size: 32}}]", r"\['img_size'\] are set by the data"),
+        ("baselines: [{model: mlp_spe_t, model_overrides: {embed_dim: 25}}]", r"baselines\[0\].*multiple of 3"),
+        ("baselines: [mlp_spe_t, mlp_spe_t]", r"labels \['mlp_spe_t'\] appear more than once"),
     ],
 )
 def test_validation_errors_name_the_value_and_the_fix(tmp_path: Path, text: str, match: str) -> None:
@@ -162,6 +169,33 @@ def test_pareto_front_and_selection() -> None:
     assert select_best(rows, "max_acc", 2.5).trial_id == "t1"
     assert select_best(rows, "knee", None).trial_id in {"t0", "t1"}
     assert select_best(rows, "max_acc", 0.01) is None
+
+
+def test_baselines_are_off_the_front_and_the_registry_but_compared() -> None:
+    from search.space import baseline_resolved
+    from search.tracking import compare_baselines, format_comparison
+
+    rows = [_row(0, 0.80, 1.0), _row(1, 0.85, 2.0), _row(2, 0.70, 0.5)]
+    big = TrialRow(run_id="b0", trial_id="x", status="ok", test_acc=0.82, energy_uj=50.0, num_params=10**7, epochs=1,
+                   kind="baseline", label="paper")
+    cheap = TrialRow(run_id="b1", trial_id="y", status="ok", test_acc=0.99, energy_uj=0.1, num_params=10, epochs=1,
+                     kind="baseline", label="oracle")
+    rows += [big, cheap]
+    front = pareto_front(rows)
+    assert {r.trial_id for r in front} == {"t0", "t1", "t2"}  # "oracle" would dominate them all
+    assert select_best(rows, "max_acc", None).trial_id == "t1"
+    comps = {c["label"]: c for c in compare_baselines(rows, front)}
+    assert comps["paper"]["dominated_by"] == 1 and comps["paper"]["by"]["trial_id"] == "t1"
+    assert comps["oracle"]["by"] is None
+    text = format_comparison(list(comps.values()))
+    assert "paper" in text and "dominated by trial t1" in text and "oracle" in text and "not dominated" in text
+    # The shipped baselines: the paper's MLP-SPE-T at 28 px and the scaled-down one.
+    cfg = load_search_config(REPO / "configs" / "search_fashion_mnist.yaml")
+    res = {b.label: baseline_resolved(cfg, b) for b in cfg.baselines}
+    assert res["mlp_spe_t-28px"]["num_params"] == model_config("mlp_spe_t", img_size=28, in_chans=1,
+                                                              num_classes=10).closed_form_num_params()
+    assert res["mlp_spe_t-C24"]["num_params"] == 845222 and res["mlp_spe_t-C24"]["train"]["lr"] == 0.003
+    assert all(r["kind"] == "baseline" and r["infeasible"] is None for r in res.values())  # no constraints
 
 
 def test_suggest_is_a_plain_define_by_run_function() -> None:
