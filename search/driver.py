@@ -18,13 +18,12 @@ tagged ``failed`` with the reason; Tune records the error and the search goes on
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Optional
 
+from search.resources import TRIAL_CPU
 from search.space import Sampler, SearchConfig
 from search.tracking import BASELINE_TAG, REASON_TAG, SEARCH_TAG, STATUS_TAG, TrialRow
 
@@ -356,7 +355,7 @@ def run_search(
         kw.update(ray_init_kwargs or {})
         ray.init(**kw)
 
-    trainable = tune.with_resources(tune.with_parameters(_trial, ctx=_ctx(cfg, uri, parent)), {"CPU": 0.01})
+    trainable = tune.with_resources(tune.with_parameters(_trial, ctx=_ctx(cfg, uri, parent)), {"CPU": TRIAL_CPU})
     status = "FAILED"
     try:
         if cfg.baselines:
@@ -376,7 +375,7 @@ def run_search(
                 # which would cut off the final model upload after the last epoch's report.
                 scheduler = ASHAScheduler(time_attr="training_iteration", max_t=epochs + 1,
                                           grace_period=cfg.asha.grace_period, reduction_factor=cfg.asha.reduction_factor)
-            n_conc = _max_concurrent(cfg)
+            n_conc = _max_concurrent(cfg, log)
             log(f"search {cfg.name!r}: {cfg.budget.num_trials} trials, {n_conc} at a time"
                 + (f", time budget {cfg.budget.time_budget_s:.0f} s" if cfg.budget.time_budget_s else "")
                 + f", objectives {list(zip(names, modes))}" + (" with ASHA" if single else ""))
@@ -437,7 +436,7 @@ def _fit_baselines(cfg: SearchConfig, trainable: Any, uri: str, *, resume: bool,
         tuner = tune.Tuner(
             trainable,
             param_space={"resolved": tune.grid_search([baseline_resolved(cfg, b) for b in cfg.baselines])},
-            tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=_max_concurrent(cfg), reuse_actors=False),
+            tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=_max_concurrent(cfg, log), reuse_actors=False),
             run_config=tune.RunConfig(name=_BASELINE_DIR, storage_path=str(cfg.search_dir()), callbacks=[callback],
                                       failure_config=tune.FailureConfig(max_failures=0), verbose=0),
         )
