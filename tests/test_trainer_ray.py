@@ -31,7 +31,7 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _cfg(data: Path, tmp: Path, **kw) -> TrainConfig:
-    return tiny_train_config(data, tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}", experiment="test", **kw)
+    return tiny_train_config(data, **{"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "experiment": "test", **kw})
 
 
 @pytest.fixture
