@@ -14,10 +14,17 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
+# pip byte-compiles ~20k files on one core; --no-compile plus compileall on every core below
+# does the same work in about half the time (the .pyc files matter: with
+# PYTHONDONTWRITEBYTECODE set, as on CI, every process would otherwise recompile on import).
 if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
-    .venv/bin/python -m pip install -q "torch==2.13.0"
+    .venv/bin/python -m pip install -q --no-compile "torch==2.13.0"
 fi
-.venv/bin/python -m pip install -q -e ".[dev]"
+.venv/bin/python -m pip install -q --no-compile -e ".[dev]"
+SITE="$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+# A few packages ship files that are not Python 3 source (templates, examples); pip skips them
+# too, so their errors are not failures.
+.venv/bin/python -m compileall -q -j 0 "$SITE" mixersnn trainers search >/dev/null 2>&1 || true
 
 FMNIST=/usr/share/datasets/fashion-mnist
 if [ ! -f "$FMNIST/train-images-idx3-ubyte.gz" ]; then
