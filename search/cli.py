@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="search name (Tune folder and parent MLflow run; the same name resumes)")
     p.add_argument("--data", help="'fashion-mnist' or a folder with train/ and test/ shards")
     p.add_argument("--storage-path", help="where Tune and Train keep state (default runs/search)")
-    p.add_argument("--tracking-uri", help="MLflow URI (default sqlite:///./mlflow.db)")
+    p.add_argument("--tracking-uri", help="MLflow URI (default $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
     p.add_argument("--experiment", help="MLflow experiment")
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray runtime)")
     p.add_argument("--no-register", action="store_true", help="do not register the selected model")
@@ -66,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
           + (f" --tracking-uri {cfg.tracking_uri}" if cfg.tracking_uri else ""))
     if uri.startswith("sqlite:"):
         print(f"open the MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+    elif uri.startswith(("http://", "https://")):
+        print(f"open the MLflow UI: {uri}")
     else:
         print(f"open the MLflow UI: {uri}")
     return 0

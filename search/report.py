@@ -11,7 +11,7 @@ HELP = "Print a search's leaderboard and Pareto front from MLflow and write the 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("experiment", help="MLflow experiment of the search")
     p.add_argument("--search", help="search name (default: the latest search in the experiment)")
-    p.add_argument("--tracking-uri", help="MLflow URI (default sqlite:///./mlflow.db)")
+    p.add_argument("--tracking-uri", help="MLflow URI (default $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
     p.add_argument("--top", type=int, default=20, help="leaderboard rows (default 20)")
     p.add_argument("--out", help="Pareto plot file (default <search>-pareto.png)")
     p.add_argument("--params", action="store_true", help="parameters as a third objective of the front")

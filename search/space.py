@@ -395,7 +395,7 @@ class SearchConfig:
             name resumes (``--resume``).
         experiment: MLflow experiment.
         data: "fashion-mnist" or a shard folder with train/ and test/.
-        tracking_uri: MLflow URI; None: ``sqlite:///<cwd>/mlflow.db``.
+        tracking_uri: MLflow URI; None: ``$MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<cwd>/mlflow.db``.
         storage_path: where Tune and Train keep their state (``<storage>/<name>``).
         base_model: registry variant whose non-searched fields (neuron) every trial starts from.
         seed: sampler seed.

@@ -152,3 +152,18 @@ def test_missing_data_folder_fails_before_training(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="make-shards"):
         run_training(cfg, WorkerContext(log=lambda s: None))
+
+
+def test_default_tracking_uri_follows_mlflow_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from trainers.tracking import resolve_tracking_uri
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri(None) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    # cluster.yaml exports the head's server; a run without tracking_uri must log there.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://10.0.0.5:5000")
+    assert resolve_tracking_uri(None) == "http://10.0.0.5:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///sub/runs.db")  # relative: pinned here
+    assert resolve_tracking_uri(None) == f"sqlite:///{tmp_path.resolve() / 'sub' / 'runs.db'}"
+    # An explicit URI wins over the environment.
+    assert resolve_tracking_uri("http://127.0.0.1:5001") == "http://127.0.0.1:5001"

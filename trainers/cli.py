@@ -82,7 +82,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--storage-path", help="Ray Train checkpoints (default runs/ray)")
     s.add_argument("--no-ray", action="store_true", help="run the loop in this process (debugging)")
     t = p.add_argument_group("tracking")
-    t.add_argument("--tracking-uri", help="MLflow URI (default sqlite:///./mlflow.db)")
+    t.add_argument("--tracking-uri", help="MLflow URI (default $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
     t.add_argument("--experiment")
     t.add_argument("--run-name", help="a run with the same name resumes")
     t.add_argument("--no-mlflow", action="store_true")
@@ -186,5 +186,9 @@ def _summary(name: str, m: dict[str, Any], ckpt: Any, wall: float, cfg: Any) -> 
         )
     lines.append(f"  checkpoint {ckpt}")
     if cfg.tracking_uri is None:
-        lines.append("  review: mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1")
+        from trainers.tracking import resolve_tracking_uri
+
+        uri = resolve_tracking_uri(None)
+        lines.append(f"  review: mlflow ui --backend-store-uri {uri} --host 127.0.0.1" if uri.startswith("sqlite:")
+                     else f"  review: {uri}")
     return "\n".join(lines)

@@ -50,7 +50,8 @@ class TrainConfig:
         max_eval_batches: cap eval batches (smoke runs), or None.
         time_budget_s: stop after the epoch in which this much training time has passed
             (the learning-rate schedule is still laid over ``epochs``).
-        tracking_uri: MLflow tracking URI; None means ``sqlite:///<cwd>/mlflow.db``.
+        tracking_uri: MLflow tracking URI; None means ``$MLFLOW_TRACKING_URI`` if set, else
+            ``sqlite:///<cwd>/mlflow.db``.
         experiment: MLflow experiment name.
         run_name: MLflow run name / Ray Train run name; None derives one from the config.
         parent_run_id: MLflow parent run (the search sets it for nested trial runs).

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -19,19 +20,29 @@ _MAX_PARAM_LEN = 6000
 
 
 def default_tracking_uri() -> str:
-    """The embedded local store: ``sqlite:///<cwd>/mlflow.db`` (absolute, so Ray workers with
-    another working directory write to the same file)."""
+    """``$MLFLOW_TRACKING_URI`` when set (MLflow's own convention; ``cluster.yaml`` exports it
+    on the head), else the embedded local store ``sqlite:///<cwd>/mlflow.db`` (absolute, so
+    Ray workers with another working directory write to the same file)."""
+    env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if env:
+        return _pin_relative_sqlite(env)
     return f"sqlite:///{(Path.cwd() / 'mlflow.db').resolve()}"
 
 
-def resolve_tracking_uri(uri: Optional[str]) -> str:
-    if uri is None:
-        return default_tracking_uri()
+def _pin_relative_sqlite(uri: str) -> str:
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         # A relative sqlite path means "relative to here": pin it before workers chdir.
         rel = uri[len("sqlite:///"):]
         return f"sqlite:///{Path(rel).resolve()}"
     return uri
+
+
+def resolve_tracking_uri(uri: Optional[str]) -> str:
+    """The URI a run logs to: ``uri``, or :func:`default_tracking_uri` when it is None;
+    relative sqlite paths are made absolute."""
+    if uri is None:
+        return default_tracking_uri()
+    return _pin_relative_sqlite(uri)
 
 
 def _client(uri: str):
