@@ -464,8 +464,12 @@ def finalize(cfg: SearchConfig, uri: str, parent: str, *, register: bool = True,
             end_run(uri, r.run_id, "KILLED")
             r.status, r.reason = "stopped", reason
         elif r.status == "stopped":
-            # Stopped by ASHA: its workers may have finished another epoch while the stop
-            # travelled to them (after the callback counted): count again now all is still.
+            # Stopped by ASHA: the trial function may have seen the stop as an error from fit()
+            # and closed the run FAILED after the callback closed it KILLED; settle it now that
+            # nothing runs any more.
+            end_run(uri, r.run_id, "KILLED")
+            # Its workers may also have finished another epoch while the stop travelled to
+            # them (after the callback counted): count again.
             n = epochs_logged(uri, r.run_id)
             if n != r.epochs:
                 r.epochs = n
