@@ -5,12 +5,20 @@ training step of the multi-step LIF core, ``spikes, v = backend(x, v0)`` then
 ``backward(spikes, grad)``, as the median of ``--repeats`` runs after ``--warmup`` runs, for
 the reference loop ("torch") and every fused backend, in the same process.
 
-The memory floor is measured in the same run: the time of a large tensor copy gives the
-machine's copy bandwidth B (bytes read + written per second). A fused step must move at
-least 24 bytes per element in fp32 (forward reads x, writes spikes and u; backward reads the
-spike gradient and u, writes the x gradient), 12 in 16 bits, so it cannot take less than
-``T * N * bytes / B``. "floor" in the table is that bound divided by the measured time
-(1.00 = running at copy speed).
+The memory floor is measured in the same run: the time of a large copy gives the machine's
+copy bandwidth B (bytes read + written per second). On the CPU two copies are timed, torch's
+``copy_`` and a copy with non-temporal stores (``mixersnn.kernels.cpu.stream_copy``, which
+skips the read-for-ownership a normal store pays); B is the faster, the best this machine
+does. A fused step must move at least 24 bytes per element in fp32 (forward reads x, writes
+spikes and u; backward reads the spike gradient and u, writes the x gradient), 12 in 16 bits,
+so it cannot take less than ``T * N * bytes / B``. "floor" in the table is that bound divided
+by the measured time (1.00 = running at copy speed); the JSON also gives it against
+``copy_`` alone ("fraction_of_copy_floor").
+
+Two rows show the cpu kernels alone: "cpu-kern" on reused buffers of the benchmark's size,
+and "cpu-kern" with pool "cache", the same number of elements as repeated calls on a size that
+stays in the last-level cache. If the two agree, the kernels are bound by arithmetic, not by
+memory, at that size on this machine.
 
     .venv/bin/python benchmarks/lif.py                          # T=4, N=4M, fp32 on CPU
     .venv/bin/python benchmarks/lif.py --steps 8 --numel 1000000 --json out.json
@@ -35,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import median_seconds, pool_modes, use_pool  # noqa: E402
 
+from mixersnn.kernels.cpu import _CpuLauncher, cpu_unavailable_reason, stream_copy  # noqa: E402
 from mixersnn.neurons import available_backends, make_lif_params  # noqa: E402
 from mixersnn.neurons.backends import resolve_backend  # noqa: E402
 
@@ -42,12 +51,16 @@ _BYTES_PER_ELEMENT = {torch.float32: 24, torch.float16: 12, torch.bfloat16: 12}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def copy_bandwidth(device: torch.device, nbytes: int, warmup: int, repeats: int) -> float:
-    """Bytes per second (read + write) of ``dst.copy_(src)`` on ``nbytes``-sized fp32 tensors."""
+def copy_bandwidths(device: torch.device, nbytes: int, warmup: int, repeats: int) -> dict[str, float]:
+    """Bytes per second (read + write) of copying ``nbytes`` of fp32: ``{"copy_": torch's
+    copy_, "stream": non-temporal stores}`` ("stream" on the CPU only, when the kernels load)."""
     src = torch.randn(nbytes // 4, device=device)
     dst = torch.empty_like(src)
-    t = median_seconds(lambda: dst.copy_(src), device, warmup, repeats)
-    return 2 * src.numel() * 4 / t
+    out = {"copy_": 2 * nbytes / median_seconds(lambda: dst.copy_(src), device, warmup, repeats)}
+    if device.type == "cpu" and cpu_unavailable_reason() is None:
+        t = median_seconds(lambda: stream_copy(src, dst), device, warmup, repeats)
+        out["stream"] = 2 * nbytes / t
+    return out
 
 
 def bench_backend(
@@ -83,6 +96,7 @@ def run(args: argparse.Namespace) -> dict:
         "cpu": platform.processor() or platform.machine(),
         "backends": {},
         "copy_GBps": {},
+        "stream_threshold_bytes": None,
     }
     for device in devices:
         status = available_backends(device.type)
@@ -92,13 +106,20 @@ def run(args: argparse.Namespace) -> dict:
         usable.sort(key=lambda b: (b != "torch", b))
         # The output pool is the cpu backend's; other rows run once.
         modes = pool_modes(args.pool)
-        bw = copy_bandwidth(device, args.copy_mib << 20, args.warmup, args.repeats)
-        meta["copy_GBps"][device.type] = bw / 1e9
+        bws = copy_bandwidths(device, args.copy_mib << 20, args.warmup, args.repeats)
+        meta["copy_GBps"][device.type] = {k: v / 1e9 for k, v in bws.items()}
+        bw = max(bws.values())
+        if device.type == "cpu" and "cpu" in usable:
+            from mixersnn.kernels.cpu import stream_threshold
+
+            meta["stream_threshold_bytes"] = stream_threshold()
         dtypes = args.dtypes or (["float32"] if device.type == "cpu" else list(_DTYPES))
         for dtype_name in dtypes:
             dtype = _DTYPES[dtype_name]
             elements = args.steps * args.numel
             floor_s = elements * _BYTES_PER_ELEMENT[dtype] / bw
+            copy_floor_s = elements * _BYTES_PER_ELEMENT[dtype] / bws["copy_"]
+            row = lambda *a: _row(device, dtype_name, *a, elements, dtype, floor_s, copy_floor_s)  # noqa: E731
             ref_s = None
             for backend in usable:
                 for mode in modes if backend == "cpu" else ["-"]:
@@ -110,23 +131,25 @@ def run(args: argparse.Namespace) -> dict:
                     )
                     if backend == "torch":
                         ref_s = secs
-                    rows.append(
-                        _row(device, dtype_name, backend, label, secs, ref_s, elements, dtype, floor_s)
-                    )
+                    rows.append(row(backend, label, secs, ref_s))
                 if backend == "cpu" and dtype == torch.float32:
                     # The same kernels on preallocated, already-touched buffers: the arithmetic
-                    # and memory streaming alone, without autograd or output allocation.
-                    secs = bench_cpu_kernels_only(args.steps, args.numel, args.warmup, args.repeats)
-                    rows.append(
-                        _row(device, dtype_name, "cpu-kern", "-", secs, ref_s, elements, dtype, floor_s)
-                    )
+                    # and memory streaming alone, without autograd or output allocation; then
+                    # the same work on a cache-resident size (the arithmetic's own ceiling).
+                    secs = bench_cpu_kernels_only(args.steps, args.numel, 1, args.warmup, args.repeats)
+                    rows.append(row("cpu-kern", "-", secs, ref_s))
+                    small = min(args.numel, _IN_CACHE_NUMEL)
+                    calls = max(1, args.numel // small)
+                    secs = bench_cpu_kernels_only(args.steps, small, calls, args.warmup, args.repeats)
+                    secs *= args.numel / (small * calls)
+                    rows.append(row("cpu-kern", "cache", secs, ref_s))
         use_pool("pool")
     return {"meta": meta, "rows": rows}
 
 
 def _row(
     device: torch.device, dtype_name: str, backend: str, alloc: str, secs: float,
-    ref_s: float | None, elements: int, dtype: torch.dtype, floor_s: float,
+    ref_s: float | None, elements: int, dtype: torch.dtype, floor_s: float, copy_floor_s: float,
 ) -> dict:  # fmt: skip
     return {
         "device": device.type,
@@ -138,27 +161,27 @@ def _row(
         "vs_reference": None if ref_s is None else ref_s / secs,
         "GBps_moved": elements * _BYTES_PER_ELEMENT[dtype] / secs / 1e9,
         "fraction_of_floor": floor_s / secs,
+        "fraction_of_copy_floor": copy_floor_s / secs,
         "floor_ms": floor_s * 1e3,
     }
 
 
-def bench_cpu_kernels_only(steps: int, numel: int, warmup: int, repeats: int) -> float:
-    """Median seconds of the fp32 forward + backward kernels on reused buffers."""
-    from mixersnn.kernels.cpu import _backward_fn, _forward_fn
+# T=4 x 64Ki fp32 = 1 MiB per tensor, five tensors: inside a 32 MiB last-level cache with room.
+_IN_CACHE_NUMEL = 64 * 1024
 
+
+def bench_cpu_kernels_only(steps: int, numel: int, calls: int, warmup: int, repeats: int) -> float:
+    """Median seconds of ``calls`` fp32 forward + backward kernel launches on reused buffers
+    (``_CpuLauncher``, the backend's own entry points; no autograd, no allocation)."""
     p = make_lif_params()
-    fwd, bwd = _forward_fn(p, True), _backward_fn(p)
     x, grad = torch.randn(steps, numel), torch.randn(steps, numel)
     spikes, u, grad_x = torch.zeros_like(x), torch.zeros_like(x), torch.zeros_like(x)
     v0, v_final = torch.zeros(numel), torch.zeros(numel)
-    threads = torch.get_num_threads()
-    consts = (1.0 / p.tau, p.v_reset_charge, p.v_threshold)
 
     def step() -> None:
-        fwd(x.data_ptr(), v0.data_ptr(), spikes.data_ptr(), u.data_ptr(), v_final.data_ptr(),
-            numel, steps, *consts, threads)  # fmt: skip
-        bwd(u.data_ptr(), grad.data_ptr(), None, grad_x.data_ptr(), None, numel, steps,
-            *consts, p.alpha, threads)  # fmt: skip
+        for _ in range(calls):
+            _CpuLauncher.forward(p, x, v0, spikes, u, v_final, numel, steps)
+            _CpuLauncher.backward(p, u, grad, None, grad_x, None, numel, steps)
 
     return median_seconds(step, torch.device("cpu"), warmup, repeats)
 
@@ -170,7 +193,11 @@ def print_table(result: dict) -> None:
         f"(torch {meta['torch']}, {meta['threads']} CPU threads)"
     )
     for dev, gbps in meta["copy_GBps"].items():
-        print(f"  {dev}: copy bandwidth {gbps:.1f} GB/s (read + write)")
+        kinds = ", ".join(f"{k} {v:.1f}" for k, v in gbps.items())
+        print(f"  {dev}: copy bandwidth (read + write, GB/s): {kinds}; the floor uses the faster")
+    if meta.get("stream_threshold_bytes") is not None:
+        print(f"  cpu: outputs of calls writing >= {meta['stream_threshold_bytes'] >> 20} MiB use "
+              "non-temporal stores (the last-level cache size)")
     for dev, status in meta["backends"].items():
         for b, reason in status.items():
             if reason is not None:
@@ -190,7 +217,8 @@ def print_table(result: dict) -> None:
         "1.00 runs at copy speed. vs ref = reference time / this time.\n"
         "pool: the cpu backend's output pool off (fresh: every large output is new memory, "
         "page-faulted on first touch) or on (pool, the default: idle buffers are reused).\n"
-        "cpu-kern = the cpu backend's kernels alone on reused buffers (no autograd)."
+        "cpu-kern = the cpu backend's kernels alone on reused buffers (no autograd); pool "
+        "'cache': the same elements as calls on a cache-resident size (the arithmetic's ceiling)."
     )
 
 

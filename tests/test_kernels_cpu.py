@@ -74,8 +74,19 @@ def _run(fn, x: torch.Tensor, v0: torch.Tensor, p: LIFParams, gs: torch.Tensor, 
     return s, v, gx, gv0
 
 
+@pytest.fixture(params=["cached", "streamed"])
+def store_path(request):
+    """Run with the kernels writing outputs through the cache (threshold above any test size)
+    or with non-temporal stores (threshold 0); odd n puts rows off 32-byte alignment, so the
+    streamed path's unaligned head and tail are covered too."""
+    before = cpu_kernels.stream_threshold()
+    cpu_kernels.set_stream_threshold(0 if request.param == "streamed" else 1 << 40)
+    yield request.param
+    cpu_kernels.set_stream_threshold(before)
+
+
 @pytest.mark.parametrize("p", OPTIONS, ids=lambda p: repr(p))
-def test_parity_with_reference_fp32(p: LIFParams) -> None:
+def test_parity_with_reference_fp32(p: LIFParams, store_path: str) -> None:
     for steps, n in [(1, 1), (2, 7), (5, 1031), (16, 7), (16, 1031), (3, 20000)]:
         x = _inputs(steps, n, seed=steps * 7919 + n)
         v0 = torch.randn(n) * 0.5
@@ -87,6 +98,65 @@ def test_parity_with_reference_fp32(p: LIFParams) -> None:
         torch.testing.assert_close(v, v_ref, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(gv0, gv0_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_streamed_and_cached_outputs_are_bitwise_equal() -> None:
+    # Large enough for several tiles per thread; n odd so no row is 32-byte aligned.
+    p = make_lif_params(detach_reset=False)
+    steps, n = 4, 3 * 4096 + 5
+    x, v0 = _inputs(steps, n, seed=11), torch.randn(n) * 0.5
+    gs, gv = torch.randn(steps, n), torch.randn(n)
+    before = cpu_kernels.stream_threshold()
+    try:
+        cpu_kernels.set_stream_threshold(1 << 40)
+        cached = _run(cpu_kernels.lif_cpu, x, v0, p, gs, gv)
+        cpu_kernels.set_stream_threshold(0)
+        streamed = _run(cpu_kernels.lif_cpu, x, v0, p, gs, gv)
+    finally:
+        cpu_kernels.set_stream_threshold(before)
+    for a, b in zip(cached, streamed):
+        assert torch.equal(a, b)
+
+
+def test_stream_threshold_defaults_to_the_last_level_cache_and_validates() -> None:
+    before = cpu_kernels.stream_threshold()
+    try:
+        cpu_kernels.set_stream_threshold(12345)
+        assert cpu_kernels.stream_threshold() == 12345
+        cpu_kernels.set_stream_threshold(None)
+        assert cpu_kernels.stream_threshold() == cpu_kernels.last_level_cache_bytes()
+        with pytest.raises(ValueError, match="nbytes=-1 must be >= 0"):
+            cpu_kernels.set_stream_threshold(-1)
+    finally:
+        cpu_kernels.set_stream_threshold(before)
+    # sysfs (what lscpu shows) is the source, never glibc's sysconf.
+    llc = cpu_kernels.last_level_cache_bytes()
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        text = (index / "size").read_text().strip()
+        sizes.append(int(text[:-1]) << {"K": 10, "M": 20, "G": 30}[text[-1]])
+    assert llc == (max(sizes) if sizes else 32 << 20)
+
+
+@pytest.mark.parametrize("n", [1, 7, 1031, 3 * 4096 + 5])
+def test_stream_copy_copies_exactly_at_any_alignment(n: int) -> None:
+    src = torch.randn(n + 1)[1:]  # storage offset 1: 4 bytes off the allocation's alignment
+    for s in (src, torch.randn(n)):
+        dst = torch.full_like(s, float("nan"))
+        cpu_kernels.stream_copy(s, dst)
+        assert torch.equal(dst, s)
+    view = torch.empty(n + 1)[1:]
+    cpu_kernels.stream_copy(src, view)
+    assert torch.equal(view, src)
+
+
+def test_stream_copy_rejects_bad_tensors() -> None:
+    with pytest.raises(ValueError, match="float32"):
+        cpu_kernels.stream_copy(torch.zeros(4, dtype=torch.float64), torch.zeros(4))
+    with pytest.raises(ValueError, match="contiguous"):
+        cpu_kernels.stream_copy(torch.zeros(4, 4).t(), torch.zeros(16))
+    with pytest.raises(ValueError, match="4 elements and dst 5"):
+        cpu_kernels.stream_copy(torch.zeros(4), torch.zeros(5))
 
 
 def test_the_inputs_exercise_firing_and_exact_threshold_hits() -> None:

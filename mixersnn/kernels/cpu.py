@@ -36,7 +36,17 @@ from mixersnn.kernels.source import (
 from mixersnn.neurons.backends import LIFParams
 from mixersnn.neurons.functional import lif_reference
 
-__all__ = ["CpuLibrary", "cache_dir", "load_library", "cpu_unavailable_reason", "lif_cpu"]
+__all__ = [
+    "CpuLibrary",
+    "cache_dir",
+    "load_library",
+    "cpu_unavailable_reason",
+    "lif_cpu",
+    "last_level_cache_bytes",
+    "stream_threshold",
+    "set_stream_threshold",
+    "stream_copy",
+]
 
 # -ffp-contract=off: no fused multiply-add, so the charge step rounds exactly like the torch
 # reference and spikes match bit for bit. -fno-math-errno lets the compiler treat math calls
@@ -196,6 +206,9 @@ def load_library(*, use_memory_cache: bool = True) -> CpuLibrary:
             if lib is None:
                 raise RuntimeError(f"the freshly built {path} does not load; delete it and retry")
         _declare(lib)
+        if str(path) not in _LOADED:
+            # First load in this process (a reload maps the same library: keep its setting).
+            lib.lif_set_stream_min_bytes(last_level_cache_bytes())
         out = CpuLibrary(lib=lib, path=path, build_id=build_id, compiled=compiled)
         _LOADED[str(path)] = out
         return out
@@ -211,6 +224,12 @@ def _declare(lib: ctypes.CDLL) -> None:
         fn = getattr(lib, v.c_symbol)
         fn.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i32, f32, f32, f32, f32, i32]
         fn.restype = None
+    lib.lif_get_stream_min_bytes.argtypes = []
+    lib.lif_get_stream_min_bytes.restype = i64
+    lib.lif_set_stream_min_bytes.argtypes = [i64]
+    lib.lif_set_stream_min_bytes.restype = None
+    lib.lif_stream_copy.argtypes = [ptr, ptr, i64, i32]
+    lib.lif_stream_copy.restype = None
 
 
 _STATUS: list[Optional[str]] = []
@@ -236,6 +255,69 @@ def _forward_fn(p: LIFParams, save: bool) -> Callable[..., None]:
 @lru_cache(maxsize=None)
 def _backward_fn(p: LIFParams) -> Callable[..., None]:
     return getattr(load_library().lib, backward_variant(p, "float32").c_symbol)
+
+
+_DEFAULT_LLC_BYTES = 32 << 20
+
+
+def last_level_cache_bytes() -> int:
+    """Size of the largest CPU cache cpu0 sees, from sysfs (what ``lscpu`` reports); 32 MiB
+    when sysfs does not say. Not glibc's ``sysconf``: in a VM it can report the host's L3."""
+    best = 0
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            size = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        try:
+            value = int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+        except (ValueError, IndexError):
+            continue
+        best = max(best, value)
+    return best or _DEFAULT_LLC_BYTES
+
+
+def stream_threshold() -> int:
+    """Bytes a kernel call must write before its outputs bypass the cache (non-temporal
+    stores, see ``lif_shim.h``). Defaults to :func:`last_level_cache_bytes`."""
+    return int(load_library().lib.lif_get_stream_min_bytes())
+
+
+def set_stream_threshold(nbytes: Optional[int]) -> None:
+    """Set :func:`stream_threshold` for this process: 0 streams every output, a huge value
+    none; ``None`` restores the default.
+
+    Raises:
+        ValueError: ``nbytes`` is negative.
+    """
+    if nbytes is not None and nbytes < 0:
+        raise ValueError(
+            f"nbytes={nbytes} must be >= 0 (0 streams every output) or None for the default "
+            f"(the last-level cache size)"
+        )
+    lib = load_library().lib
+    lib.lif_set_stream_min_bytes(last_level_cache_bytes() if nbytes is None else int(nbytes))
+
+
+def stream_copy(src: torch.Tensor, dst: torch.Tensor) -> None:
+    """``dst.copy_(src)`` for contiguous fp32 CPU tensors with non-temporal stores on
+    ``torch.get_num_threads()`` threads: the benchmarks' measure of the best copy bandwidth.
+
+    Raises:
+        ValueError: the tensors are not contiguous fp32 CPU tensors of the same size.
+    """
+    for name, t in (("src", src), ("dst", dst)):
+        if t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous():
+            raise ValueError(
+                f"{name} must be a contiguous float32 CPU tensor, got {t.dtype} on {t.device} "
+                f"(contiguous={t.is_contiguous()}); pass .float().contiguous()"
+            )
+    if src.numel() != dst.numel():
+        raise ValueError(f"src has {src.numel()} elements and dst {dst.numel()}; they must match")
+    load_library().lib.lif_stream_copy(
+        src.data_ptr(), dst.data_ptr(), src.numel(), torch.get_num_threads()
+    )
 
 
 def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:

@@ -47,8 +47,11 @@ LIF_GLOBAL void lif_forward(const scalar_t* LIF_RESTRICT x, const scalar_t* LIF_
                             float inv_tau, float v_reset, float v_threshold) {
   // A soft reset charges towards 0 (design doc section 2).
   const float v_reset_charge = kHard ? v_reset : 0.0f;
+  const bool stream = lif_should_stream((long long)steps * n * (kSave ? 2 : 1) * sizeof(scalar_t));
   LIF_TILE_LOOP(tile, n) {
     float v[LIF_LANES];
+    LIF_OUT_ROW(scalar_t, spikes);
+    LIF_OUT_ROW(scalar_t, u_saved);
     LIF_LANE_LOOP(j, tile, n) { v[j] = lif_load(v0[LIF_INDEX(tile, j)]); }
     for (int t = 0; t < steps; ++t) {
       const lif_index_t row = (lif_index_t)t * n;
@@ -57,12 +60,12 @@ LIF_GLOBAL void lif_forward(const scalar_t* LIF_RESTRICT x, const scalar_t* LIF_
         const float h = lif_charge<kDecay>(v[j], lif_load(x[i]), inv_tau, v_reset_charge);
         const float u = h - v_threshold;
         const bool fire = u >= 0.0f;
-        spikes[i] = lif_store<scalar_t>(fire ? 1.0f : 0.0f);
+        LIF_OUT(spikes, i, j) = lif_store<scalar_t>(fire ? 1.0f : 0.0f);
         if (kSave) {
           // u + 0 turns -0 (which fires) into +0 and leaves every other value alone, so
           // "sign bit clear" == "fired" survives storage; a negative u that rounds to zero
           // in 16 bits keeps its sign (round-to-nearest).
-          u_saved[i] = lif_store<scalar_t>(u + 0.0f);
+          LIF_OUT(u_saved, i, j) = lif_store<scalar_t>(u + 0.0f);
         }
         // Both resets as selects of values computed unconditionally (h - 0 == h exactly), so
         // the CPU build vectorises the loop without speculating a conditional FP operation.
@@ -71,6 +74,10 @@ LIF_GLOBAL void lif_forward(const scalar_t* LIF_RESTRICT x, const scalar_t* LIF_
         } else {
           v[j] = h - (fire ? v_threshold : 0.0f);
         }
+      }
+      LIF_OUT_FLUSH(spikes, row, tile, n, stream);
+      if (kSave) {
+        LIF_OUT_FLUSH(u_saved, row, tile, n, stream);
       }
     }
     LIF_LANE_LOOP(j, tile, n) { v_final[LIF_INDEX(tile, j)] = lif_store<scalar_t>(v[j]); }
@@ -98,8 +105,10 @@ LIF_GLOBAL void lif_backward(const scalar_t* LIF_RESTRICT u_saved,
   const float leak = 1.0f - inv_tau;
   // V_reset - H = (V_reset - v_threshold) - u
   const float reset_gap = v_reset - v_threshold;
+  const bool stream = lif_should_stream((long long)steps * n * sizeof(scalar_t));
   LIF_TILE_LOOP(tile, n) {
     float gv[LIF_LANES];
+    LIF_OUT_ROW(scalar_t, grad_x);
     LIF_LANE_LOOP(j, tile, n) {
       gv[j] = grad_vfinal ? lif_load(grad_vfinal[LIF_INDEX(tile, j)]) : 0.0f;
     }
@@ -117,9 +126,10 @@ LIF_GLOBAL void lif_backward(const scalar_t* LIF_RESTRICT u_saved,
           dv_dh = kDetach ? 1.0f : 1.0f - v_threshold * sg;
         }
         const float gh = lif_load(grad_spikes[i]) * sg + gv[j] * dv_dh;
-        grad_x[i] = lif_store<scalar_t>(kDecay ? gh * inv_tau : gh);
+        LIF_OUT(grad_x, i, j) = lif_store<scalar_t>(kDecay ? gh * inv_tau : gh);
         gv[j] = gh * leak;
       }
+      LIF_OUT_FLUSH(grad_x, row, tile, n, stream);
     }
     if (grad_v0) {
       LIF_LANE_LOOP(j, tile, n) { grad_v0[LIF_INDEX(tile, j)] = lif_store<scalar_t>(gv[j]); }

@@ -122,9 +122,9 @@ def _surrogate_block() -> str:
         "LIF_DEVICE float lif_surrogate(float u, float alpha) {",
     ]
     for index, name in enumerate(SURROGATE_NAMES):
-        expr = SURROGATES[name].cuda_derivative
+        body = SURROGATES[name].cuda_derivative
         lines.append(f"  if (kSurrogate == {index}) {{  // {name}")
-        lines.append(f"    return {expr};")
+        lines.extend(f"    {line}" for line in body.splitlines())
         lines.append("  }")
     lines.append("  return 0.0f;")
     lines.append("}")
