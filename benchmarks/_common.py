@@ -9,8 +9,9 @@ from __future__ import annotations
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -44,15 +45,25 @@ def median_seconds(fn: Callable[[], object], device: torch.device, warmup: int, 
     return statistics.median(times)
 
 
-def use_pool(mode: str) -> str:
-    """Switch the cpu backend's output pool for ``mode`` ("fresh" = off, "pool" = the default
-    limit); returns ``mode`` as the table's label. Idle buffers are dropped either way, so
-    each mode starts cold and its warm-up runs fill the pool."""
+@contextmanager
+def pool_mode(mode: Optional[str]) -> Iterator[str]:
+    """Run the block with the cpu backend's output pool off (``"fresh"``) or at its default
+    limit (``"pool"``); ``None`` leaves it alone (rows of other backends). Yields the table's
+    label ("-" for None). Idle buffers are dropped on entry, so each mode starts cold and its
+    warm-up runs fill the pool; the previous limit is restored on exit."""
+    if mode is None:
+        yield "-"
+        return
     if mode not in POOL_MODES:
         raise ValueError(f"pool mode {mode!r} must be one of {POOL_MODES}")
+    before = pool_limit()
     set_pool_limit(0 if mode == "fresh" else (_DEFAULT_LIMIT or 2**31))
     empty_cache()
-    return mode
+    try:
+        yield mode
+    finally:
+        set_pool_limit(before)
+        empty_cache()
 
 
 def pool_modes(choice: str) -> list[str]:

@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import median_seconds, pool_modes, use_pool  # noqa: E402
+from _common import median_seconds, pool_mode, pool_modes  # noqa: E402
 
 from mixersnn.kernels.cpu import _CpuLauncher, cpu_unavailable_reason, stream_copy  # noqa: E402
 from mixersnn.neurons import available_backends, make_lif_params  # noqa: E402
@@ -122,13 +122,13 @@ def run(args: argparse.Namespace) -> dict:
             row = lambda *a: _row(device, dtype_name, *a, elements, dtype, floor_s, copy_floor_s)  # noqa: E731
             ref_s = None
             for backend in usable:
-                for mode in modes if backend == "cpu" else ["-"]:
-                    label = use_pool(mode) if backend == "cpu" else "-"
+                for mode in modes if backend == "cpu" else [None]:
                     # The reference loop is slow on the CPU: fewer repeats keep the run short.
                     reps = max(3, args.repeats // 2) if backend == "torch" else args.repeats
-                    secs = bench_backend(
-                        backend, device, dtype, args.steps, args.numel, args.warmup, reps
-                    )
+                    with pool_mode(mode) as label:
+                        secs = bench_backend(
+                            backend, device, dtype, args.steps, args.numel, args.warmup, reps
+                        )
                     if backend == "torch":
                         ref_s = secs
                     rows.append(row(backend, label, secs, ref_s))
@@ -143,7 +143,6 @@ def run(args: argparse.Namespace) -> dict:
                     secs = bench_cpu_kernels_only(args.steps, small, calls, args.warmup, args.repeats)
                     secs *= args.numel / (small * calls)
                     rows.append(row("cpu-kern", "cache", secs, ref_s))
-        use_pool("pool")
     return {"meta": meta, "rows": rows}
 
 

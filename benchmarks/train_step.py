@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import median_seconds, pool_modes, use_pool  # noqa: E402
+from _common import median_seconds, pool_mode, pool_modes  # noqa: E402
 
 from mixersnn.models import create_model  # noqa: E402
 from mixersnn.neurons import available_backends  # noqa: E402
@@ -43,8 +43,7 @@ def cpu_rows(args: argparse.Namespace) -> list[dict]:
     ref_ms = ref_loss = None
     for backend in backends:
         # The output pool is the cpu backend's: the reference runs once.
-        for mode in pool_modes(args.pool) if backend == "cpu" else ["-"]:
-            label = use_pool(mode) if backend == "cpu" else "-"
+        for mode in pool_modes(args.pool) if backend == "cpu" else [None]:
             torch.manual_seed(0)  # identical weights for every backend
             model = create_model("mlp_spe_t", img_size=32, num_classes=10, T=args.steps, backend=backend)
             model.train()
@@ -55,8 +54,9 @@ def cpu_rows(args: argparse.Namespace) -> list[dict]:
                 loss.backward()
                 return float(loss.detach())
 
-            loss = step()
-            secs = median_seconds(step, device, args.warmup, args.repeats)
+            with pool_mode(mode) as label:
+                loss = step()
+                secs = median_seconds(step, device, args.warmup, args.repeats)
             if backend == "torch":
                 ref_ms, ref_loss = secs * 1e3, loss
             rows.append(
@@ -73,7 +73,6 @@ def cpu_rows(args: argparse.Namespace) -> list[dict]:
                     "loss_diff_vs_reference": None if ref_loss is None else abs(loss - ref_loss),
                 }
             )
-    use_pool("pool")
     return rows
 
 

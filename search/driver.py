@@ -21,6 +21,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 from search.resources import TRIAL_CPU
@@ -362,7 +363,7 @@ def run_search(
             _fit_baselines(cfg, trainable, uri, resume=resume, quiet=quiet, log=log)
         if resume and (sdir / "tuner.pkl").exists():
             log(f"resuming search {cfg.name!r} from {sdir}")
-            tuner = tune.Tuner.restore(str(sdir), trainable=trainable, resume_unfinished=True, resume_errored=False)
+            tuner = _restore(sdir, trainable)
         else:
             names, modes = cfg.objective.metrics()
             single = cfg.objective.mode == "single"
@@ -379,27 +380,18 @@ def run_search(
             log(f"search {cfg.name!r}: {cfg.budget.num_trials} trials, {n_conc} at a time"
                 + (f", time budget {cfg.budget.time_budget_s:.0f} s" if cfg.budget.time_budget_s else "")
                 + f", objectives {list(zip(names, modes))}" + (" with ASHA" if single else ""))
-            tuner = tune.Tuner(
-                trainable,
-                tune_config=tune.TuneConfig(
-                    search_alg=_searcher(cfg),
-                    scheduler=scheduler,
-                    metric="test_acc" if single else None,
-                    mode="max" if single else None,
-                    num_samples=cfg.budget.num_trials,
-                    max_concurrent_trials=n_conc,
-                    time_budget_s=cfg.budget.time_budget_s,
-                    reuse_actors=False,
-                ),
-                run_config=tune.RunConfig(
-                    name=cfg.name,
-                    storage_path=str(sdir.parent),
-                    callbacks=[_tune_callback_cls()(total=cfg.budget.num_trials, uri=uri,
-                                                    experiment=cfg.experiment, quiet=quiet)],
-                    failure_config=tune.FailureConfig(max_failures=0),
-                    verbose=0,
-                ),
-            )
+            callback = _tune_callback_cls()(total=cfg.budget.num_trials, uri=uri, experiment=cfg.experiment,
+                                            quiet=quiet)
+            tuner = _new_tuner(
+                sdir, trainable, callback,
+                search_alg=_searcher(cfg),
+                scheduler=scheduler,
+                metric="test_acc" if single else None,
+                mode="max" if single else None,
+                num_samples=cfg.budget.num_trials,
+                max_concurrent_trials=n_conc,
+                time_budget_s=cfg.budget.time_budget_s,
+            )  # fmt: skip
         tuner.fit()
         result = finalize(cfg, uri, parent, register=register, log=log)
         status = "FINISHED"
@@ -429,18 +421,37 @@ def _fit_baselines(cfg: SearchConfig, trainable: Any, uri: str, *, resume: bool,
                                     what="baseline")
     if resume and (bdir / "tuner.pkl").exists():
         log(f"resuming the baselines of {cfg.name!r} from {bdir}")
-        tuner = tune.Tuner.restore(str(bdir), trainable=trainable, resume_unfinished=True, resume_errored=False)
+        tuner = _restore(bdir, trainable)
     else:
         log(f"baselines of {cfg.name!r}: {', '.join(b.label for b in cfg.baselines)} (trained once each, before the "
             f"search's trials, with the same train config and per-trial budget; constraints not applied)")
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"resolved": tune.grid_search([baseline_resolved(cfg, b) for b in cfg.baselines])},
-            tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=_max_concurrent(cfg, log), reuse_actors=False),
-            run_config=tune.RunConfig(name=_BASELINE_DIR, storage_path=str(cfg.search_dir()), callbacks=[callback],
-                                      failure_config=tune.FailureConfig(max_failures=0), verbose=0),
-        )
+        tuner = _new_tuner(bdir, trainable, callback, num_samples=1, max_concurrent_trials=_max_concurrent(cfg, log),
+                           param_space={"resolved": tune.grid_search([baseline_resolved(cfg, b) for b in cfg.baselines])})
     tuner.fit()
+
+
+def _new_tuner(directory: Path, trainable: Any, callback: Any, *, param_space: Optional[dict[str, Any]] = None,
+               **tune_config: Any) -> Any:
+    """A Tune experiment stored at ``directory`` (sampled trials and baselines alike): no
+    actor reuse, no automatic retries (a failed trial stays failed and is reported), Tune's
+    own console output off (``callback`` prints progress)."""
+    from ray import tune
+
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(reuse_actors=False, **tune_config),
+        run_config=tune.RunConfig(name=directory.name, storage_path=str(directory.parent), callbacks=[callback],
+                                  failure_config=tune.FailureConfig(max_failures=0), verbose=0),
+    )
+
+
+def _restore(directory: Path, trainable: Any) -> Any:
+    """Continue the Tune experiment at ``directory``: unfinished trials restart from their last
+    checkpoint, finished ones are kept, errored ones stay errored."""
+    from ray import tune
+
+    return tune.Tuner.restore(str(directory), trainable=trainable, resume_unfinished=True, resume_errored=False)
 
 
 def finalize(cfg: SearchConfig, uri: str, parent: str, *, register: bool = True,

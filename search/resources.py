@@ -54,14 +54,15 @@ def concurrency(scale: dict[str, Any], nodes: list[dict[str, float]]) -> int:
         scale: the search's ``scale:`` section.
         nodes: each alive node's total resources (``ray.nodes()[i]["Resources"]``).
     """
-    sc = _scale(scale)
-    worker = trial_bundles(scale)[1]
+    trial_fn, *workers = trial_bundles(scale)
+    worker = workers[0]  # every worker asks the same
     slots = 0
     for node in nodes:
         slots += min(math.floor(float(node.get(k, 0.0)) / v + _EPS) for k, v in worker.items())
     cpus = sum(float(n.get("CPU", 0.0)) for n in nodes)
-    by_cpu = math.floor(cpus / (sc.num_workers * worker["CPU"] + TRIAL_CPU) + _EPS)
-    return max(0, min(slots // sc.num_workers, by_cpu))
+    trial_cpu = sum(b.get("CPU", 0.0) for b in (trial_fn, *workers))
+    by_cpu = math.floor(cpus / trial_cpu + _EPS)
+    return max(0, min(slots // len(workers), by_cpu))
 
 
 def alive_node_resources() -> list[dict[str, float]]:
