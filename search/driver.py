@@ -67,6 +67,27 @@ def _failure_reason(err: BaseException) -> str:
     return (lines[-1] if lines else type(err).__name__)[:500]
 
 
+def record_failure(uri: str, run_id: str, err: BaseException) -> bool:
+    """Mark a trial's run failed with the reason, unless it was already recorded as stopped.
+
+    A trial that ASHA stopped also reaches the trial function's error path (``fit()`` sees the
+    stop as an error), and that can run after the progress callback, or even ``finalize()``,
+    recorded the stop (seen in CI). A stop is not a failure, so that record is kept.
+
+    Returns:
+        Whether the run was marked failed.
+    """
+    from mlflow.tracking import MlflowClient
+
+    from trainers.tracking import MLflowTracker, end_run
+
+    if MlflowClient(uri).get_run(run_id).data.tags.get(STATUS_TAG) == "stopped":
+        return False
+    MLflowTracker(uri, run_id).set_tags({STATUS_TAG: "failed", REASON_TAG: _failure_reason(err)})
+    end_run(uri, run_id, "FAILED")
+    return True
+
+
 def _run_name(resolved: dict[str, Any], trial_id: str) -> str:
     """The child run's name (also the Train run's): ``trial-<Tune trial id>``, or the name the
     baseline carries (``<search>-baseline-<label>``: baselines have no random id, so the
@@ -131,8 +152,7 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     try:
         res = fit(cfg, scale, callbacks=[TuneReportCallback()])
     except Exception as err:
-        tr.set_tags({STATUS_TAG: "failed", REASON_TAG: _failure_reason(err)})
-        end_run(uri, run_id, "FAILED")
+        record_failure(uri, run_id, err)
         raise
     m = res.metrics
     energy = m.get("energy_per_image_uj")

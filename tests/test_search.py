@@ -435,3 +435,31 @@ def test_finalize_counts_the_epochs_of_a_trial_cut_off_by_the_time_budget(tmp_pa
     assert run.info.status == "KILLED" and run.data.metrics["epochs_completed"] == 2
     assert run.data.tags[STATUS_TAG] == "stopped" and "after 2 epoch(s)" in run.data.tags["mixersnn.reason"]
     assert [r.run_id for r in res.front] == [child]  # a stopped trial still counts with what it measured
+
+
+def test_a_late_error_from_a_stopped_trial_keeps_the_stop_on_record(tmp_path: Path) -> None:
+    """ASHA's stop reaches the trial function as an error from fit(); when that error path runs
+    after the stop was recorded (by the progress callback or finalize()), the run stays
+    stopped/KILLED. A real failure is still recorded as one."""
+    from mlflow.tracking import MlflowClient
+
+    from search.driver import record_failure
+    from search.tracking import REASON_TAG, STATUS_TAG
+    from trainers.tracking import MLflowTracker, end_run, start_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    stopped = start_run(uri, "exp-late", "trial-stopped", tags={STATUS_TAG: "running"})
+    MLflowTracker(uri, stopped).set_tags({STATUS_TAG: "stopped", REASON_TAG: "stopped after 1 epoch(s)"})
+    end_run(uri, stopped, "KILLED")
+    failed = start_run(uri, "exp-late", "trial-failed", tags={STATUS_TAG: "running"})
+
+    assert record_failure(uri, stopped, RuntimeError("the trial was stopped")) is False
+    assert record_failure(uri, failed, RuntimeError("CUDA out of memory")) is True
+
+    client = MlflowClient(uri)
+    run = client.get_run(stopped)
+    assert (run.data.tags[STATUS_TAG], run.info.status) == ("stopped", "KILLED")
+    assert run.data.tags[REASON_TAG] == "stopped after 1 epoch(s)"
+    run = client.get_run(failed)
+    assert (run.data.tags[STATUS_TAG], run.info.status) == ("failed", "FAILED")
+    assert "CUDA out of memory" in run.data.tags[REASON_TAG]
