@@ -45,6 +45,31 @@ def median_seconds(fn: Callable[[], object], device: torch.device, warmup: int, 
     return statistics.median(times)
 
 
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int
+) -> dict[str, float]:
+    """Median wall time of each of ``fns``, timed in rounds that run each once (the order
+    rotating from round to round), after ``warmup`` untimed runs of each.
+
+    On a shared machine whose speed drifts over seconds, back-to-back blocks of one function
+    and then the other can differ by tens of percent from load alone; interleaving exposes
+    every function to the same drift, so their ratio is what the code changes.
+    """
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            sync(device)
+            t0 = time.perf_counter()
+            fns[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 @contextmanager
 def pool_mode(mode: Optional[str]) -> Iterator[str]:
     """Run the block with the cpu backend's output pool off (``"fresh"``) or at its default

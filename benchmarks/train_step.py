@@ -17,62 +17,85 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import median_seconds, pool_mode, pool_modes  # noqa: E402
+from _common import interleaved_medians, median_seconds, pool_mode, pool_modes  # noqa: E402
 
 from mixersnn.models import create_model  # noqa: E402
 from mixersnn.neurons import available_backends  # noqa: E402
 
 
 def cpu_rows(args: argparse.Namespace) -> list[dict]:
-    """Forward + backward ms on the CPU for each CPU backend (same weights, same batch)."""
+    """Forward + backward ms on the CPU for each CPU backend (same weights, same batch).
+
+    For each output-pool mode of the cpu backend, the reference and the fused model are timed
+    in interleaved rounds (``interleaved_medians``), so each ratio compares steps that ran
+    under the same load; the reference row's time is the median over every round.
+    """
     device = torch.device("cpu")
     backends = [b for b, r in available_backends("cpu").items() if r is None]
     backends.sort(key=lambda b: (b != "torch", b))
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(args.batch, 3, 32, 32, generator=gen)
     labels = torch.randint(0, 10, (args.batch,), generator=gen)
+
+    def make_step(backend: str) -> Callable[[], float]:
+        torch.manual_seed(0)  # identical weights for every backend
+        model = create_model("mlp_spe_t", img_size=32, num_classes=10, T=args.steps, backend=backend)
+        model.train()
+
+        def step() -> float:
+            model.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(images).mean(0), labels)
+            loss.backward()
+            return float(loss.detach())
+
+        return step
+
+    steps = {b: make_step(b) for b in backends}
+    losses = {b: fn() for b, fn in steps.items()}
+    ref_loss = losses.get("torch")
+    fused = [b for b in backends if b != "torch"]
+    # The output pool is the cpu backend's; other fused backends are timed once, at "-".
+    blocks = [(m, fused) for m in pool_modes(args.pool)] if "cpu" in fused else [(None, fused)]
     rows: list[dict] = []
-    ref_ms = ref_loss = None
-    for backend in backends:
-        # The output pool is the cpu backend's: the reference runs once.
-        for mode in pool_modes(args.pool) if backend == "cpu" else [None]:
-            torch.manual_seed(0)  # identical weights for every backend
-            model = create_model("mlp_spe_t", img_size=32, num_classes=10, T=args.steps, backend=backend)
-            model.train()
+    ref_times: list[float] = []
 
-            def step() -> float:
-                model.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(model(images).mean(0), labels)
-                loss.backward()
-                return float(loss.detach())
+    def row(backend: str, label: str, secs: float, ref_s: float | None) -> dict:
+        return {
+            "device": "cpu",
+            "backend": backend,
+            "pool": label,
+            "img_size": 32,
+            "batch": args.batch,
+            "ms_fwd_bwd": secs * 1e3,
+            "images_per_s": args.batch / secs,
+            "vs_reference": None if ref_s is None else ref_s / secs,
+            "reference_ms_same_rounds": None if ref_s is None else ref_s * 1e3,
+            "loss": losses[backend],
+            "loss_diff_vs_reference": None if ref_loss is None else abs(losses[backend] - ref_loss),
+        }
 
-            with pool_mode(mode) as label:
-                loss = step()
-                secs = median_seconds(step, device, args.warmup, args.repeats)
-            if backend == "torch":
-                ref_ms, ref_loss = secs * 1e3, loss
-            rows.append(
-                {
-                    "device": "cpu",
-                    "backend": backend,
-                    "pool": label,
-                    "img_size": 32,
-                    "batch": args.batch,
-                    "ms_fwd_bwd": secs * 1e3,
-                    "images_per_s": args.batch / secs,
-                    "vs_reference": None if ref_ms is None else ref_ms / (secs * 1e3),
-                    "loss": loss,
-                    "loss_diff_vs_reference": None if ref_loss is None else abs(loss - ref_loss),
-                }
-            )
+    for mode, names in blocks:
+        with pool_mode(mode) as label:
+            timed = {b: steps[b] for b in ["torch", *names] if b in steps}
+            med = interleaved_medians(timed, device, args.warmup, args.repeats)
+        ref_s = med.get("torch")
+        if ref_s is not None:
+            ref_times.append(ref_s)
+        rows += [row(b, label if b == "cpu" else "-", med[b], ref_s) for b in names]
+    if "torch" in steps:
+        ref = statistics.median(ref_times) if ref_times else interleaved_medians(
+            {"torch": steps["torch"]}, device, args.warmup, args.repeats)["torch"]
+        rows.insert(0, row("torch", "-", ref, ref))
     return rows
 
 
@@ -134,6 +157,8 @@ def print_table(result: dict) -> None:
             ratio = "" if r["vs_reference"] is None else f"{r['vs_reference']:.2f}x"
             diff = "" if r["loss_diff_vs_reference"] is None else f"{r['loss_diff_vs_reference']:.2e}"
             print(f"{r['backend']:8} {r['pool']:6} {r['ms_fwd_bwd']:9.1f} {r['images_per_s']:8.1f} {ratio:>7} {diff:>13}")
+        print("vs ref: against the reference timed in the same interleaved rounds (torch's row: the "
+              "median over all of them).")
     gpu = [r for r in result["rows"] if r["device"] == "cuda"]
     if gpu:
         print(f"\nCUDA, 224 px, batch {gpu[0]['batch']}, bf16 autocast, forward + backward + SGD")
@@ -148,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=4, help="time steps T (default 4)")
     ap.add_argument("--batch", type=int, default=8, help="CPU batch (default 8)")
     ap.add_argument("--cuda-batch", type=int, default=64, help="CUDA batch at 224 px (default 64)")
-    ap.add_argument("--repeats", type=int, default=5, help="timed steps; the median is shown")
+    ap.add_argument("--repeats", type=int, default=7, help="timed rounds; the median is shown")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     ap.add_argument("--cpu-only", action="store_true", help="skip CUDA even if present")
     ap.add_argument(
