@@ -33,16 +33,7 @@ def sync(device: torch.device) -> None:
 
 def median_seconds(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
     """Median wall time of ``fn`` over ``repeats`` runs after ``warmup`` untimed runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return interleaved_medians({"fn": fn}, device, warmup, repeats)["fn"]
 
 
 def interleaved_medians(

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import median_seconds, pool_mode, pool_modes  # noqa: E402
 
-from mixersnn.kernels.cpu import _CpuLauncher, cpu_unavailable_reason, stream_copy  # noqa: E402
+from mixersnn.kernels.cpu import _CpuLauncher, cpu_unavailable_reason, stream_copy, stream_threshold  # noqa: E402
 from mixersnn.neurons import available_backends, make_lif_params  # noqa: E402
 from mixersnn.neurons.backends import resolve_backend  # noqa: E402
 
@@ -110,8 +110,6 @@ def run(args: argparse.Namespace) -> dict:
         meta["copy_GBps"][device.type] = {k: v / 1e9 for k, v in bws.items()}
         bw = max(bws.values())
         if device.type == "cpu" and "cpu" in usable:
-            from mixersnn.kernels.cpu import stream_threshold
-
             meta["stream_threshold_bytes"] = stream_threshold()
         dtypes = args.dtypes or (["float32"] if device.type == "cpu" else list(_DTYPES))
         for dtype_name in dtypes:

@@ -44,7 +44,7 @@ def _config(args: argparse.Namespace):  # -> SearchConfig
 
 def run(args: argparse.Namespace) -> int:
     from search.driver import SearchExistsError, run_search
-    from trainers.tracking import resolve_tracking_uri
+    from trainers.tracking import mlflow_ui_hint, resolve_tracking_uri
 
     cfg = _config(args)
     kw = {"address": args.address} if args.address else {}
@@ -64,10 +64,5 @@ def run(args: argparse.Namespace) -> int:
     uri = resolve_tracking_uri(cfg.tracking_uri)
     print(f"report again: mixersnn report {cfg.experiment} --search {cfg.name}"
           + (f" --tracking-uri {cfg.tracking_uri}" if cfg.tracking_uri else ""))
-    if uri.startswith("sqlite:"):
-        print(f"open the MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
-    elif uri.startswith(("http://", "https://")):
-        print(f"open the MLflow UI: {uri}")
-    else:
-        print(f"open the MLflow UI: {uri}")
+    print(f"open the MLflow UI: {mlflow_ui_hint(uri)}")
     return 0

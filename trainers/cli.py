@@ -186,9 +186,7 @@ def _summary(name: str, m: dict[str, Any], ckpt: Any, wall: float, cfg: Any) -> 
         )
     lines.append(f"  checkpoint {ckpt}")
     if cfg.tracking_uri is None:
-        from trainers.tracking import resolve_tracking_uri
+        from trainers.tracking import mlflow_ui_hint, resolve_tracking_uri
 
-        uri = resolve_tracking_uri(None)
-        lines.append(f"  review: mlflow ui --backend-store-uri {uri} --host 127.0.0.1" if uri.startswith("sqlite:")
-                     else f"  review: {uri}")
+        lines.append(f"  review: {mlflow_ui_hint(resolve_tracking_uri(None))}")
     return "\n".join(lines)

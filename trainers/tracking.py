@@ -45,6 +45,14 @@ def resolve_tracking_uri(uri: Optional[str]) -> str:
     return _pin_relative_sqlite(uri)
 
 
+def mlflow_ui_hint(uri: str) -> str:
+    """How to look at ``uri``'s runs: for a local sqlite store the ``mlflow ui`` command
+    (bound to loopback), for a server its address."""
+    if uri.startswith("sqlite:"):
+        return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+    return uri
+
+
 def _client(uri: str):
     from mlflow.tracking import MlflowClient
 

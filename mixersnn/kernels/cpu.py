@@ -258,6 +258,7 @@ def _backward_fn(p: LIFParams) -> Callable[..., None]:
 
 
 _DEFAULT_LLC_BYTES = 32 << 20
+_SIZE_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}  # sysfs cache sizes read "32768K"
 
 
 def last_level_cache_bytes() -> int:
@@ -269,9 +270,8 @@ def last_level_cache_bytes() -> int:
             size = (index / "size").read_text().strip()
         except OSError:
             continue
-        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
         try:
-            value = int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+            value = int(size[:-1]) * _SIZE_UNITS[size[-1]] if size[-1] in _SIZE_UNITS else int(size)
         except (ValueError, IndexError):
             continue
         best = max(best, value)
