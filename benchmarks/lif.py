@@ -5,7 +5,7 @@ training step of the multi-step LIF core, ``spikes, v = backend(x, v0)`` then
 ``backward(spikes, grad)``, as the median of ``--repeats`` runs after ``--warmup`` runs, for
 the reference loop ("torch") and every fused backend, in the same process.
 
-The memory floor is measured in the same run: the time of a large copy gives the machine's
+The memory floor is measured beside every row: the time of a large copy gives the machine's
 copy bandwidth B (bytes read + written per second). On the CPU two copies are timed, torch's
 ``copy_`` and a copy with non-temporal stores (``mixersnn.kernels.cpu.stream_copy``, which
 skips the read-for-ownership a normal store pays); B is the faster, the best this machine
@@ -13,7 +13,10 @@ does. A fused step must move at least 24 bytes per element in fp32 (forward read
 spikes and u; backward reads the spike gradient and u, writes the x gradient), 12 in 16 bits,
 so it cannot take less than ``T * N * bytes / B``. "floor" in the table is that bound divided
 by the measured time (1.00 = running at copy speed); the JSON also gives it against
-``copy_`` alone ("fraction_of_copy_floor").
+``copy_`` alone ("fraction_of_copy_floor"). The copies run in the same interleaved rounds as
+the row they price (``_common.interleaved_medians``), so a shared machine's drift moves both
+alike: measured in separate blocks, the floor ratio of one build swung by 0.1-0.2 between
+runs.
 
 Two rows show the cpu kernels alone: "cpu-kern" on reused buffers of the benchmark's size,
 and "cpu-kern" with pool "cache", the same number of elements as repeated calls on a size that
@@ -34,14 +37,16 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import median_seconds, pool_mode, pool_modes  # noqa: E402
+from _common import interleaved_medians, pool_mode, pool_modes  # noqa: E402
 
 from mixersnn.kernels.cpu import _CpuLauncher, cpu_unavailable_reason, stream_copy, stream_threshold  # noqa: E402
 from mixersnn.neurons import available_backends, make_lif_params  # noqa: E402
@@ -51,23 +56,32 @@ _BYTES_PER_ELEMENT = {torch.float32: 24, torch.float16: 12, torch.bfloat16: 12}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def copy_bandwidths(device: torch.device, nbytes: int, warmup: int, repeats: int) -> dict[str, float]:
-    """Bytes per second (read + write) of copying ``nbytes`` of fp32: ``{"copy_": torch's
-    copy_, "stream": non-temporal stores}`` ("stream" on the CPU only, when the kernels load)."""
-    src = torch.randn(nbytes // 4, device=device)
-    dst = torch.empty_like(src)
-    out = {"copy_": 2 * nbytes / median_seconds(lambda: dst.copy_(src), device, warmup, repeats)}
-    if device.type == "cpu" and cpu_unavailable_reason() is None:
-        t = median_seconds(lambda: stream_copy(src, dst), device, warmup, repeats)
-        out["stream"] = 2 * nbytes / t
-    return out
+class Copies:
+    """The copies that measure bandwidth: torch's ``copy_`` of ``nbytes`` of fp32 and, on
+    the CPU when the kernels load, the same copy with non-temporal stores ("stream")."""
+
+    def __init__(self, device: torch.device, nbytes: int) -> None:
+        self.nbytes = nbytes
+        src = torch.randn(nbytes // 4, device=device)
+        dst = torch.empty_like(src)
+        self.fns: dict[str, Callable[[], object]] = {"copy_": lambda: dst.copy_(src)}
+        if device.type == "cpu" and cpu_unavailable_reason() is None:
+            self.fns["stream"] = lambda: stream_copy(src, dst)
 
 
-def bench_backend(
-    name: str, device: torch.device, dtype: torch.dtype, steps: int, numel: int,
-    warmup: int, repeats: int,
-) -> float:  # fmt: skip
-    """Median seconds of one forward + backward of backend ``name``."""
+def timed_beside_copies(
+    step: Callable[[], object], copies: Copies, device: torch.device, warmup: int, repeats: int
+) -> tuple[float, dict[str, float]]:
+    """Median seconds of ``step`` and the copies' bandwidths (bytes read + written per
+    second, by kind), all timed in the same interleaved rounds."""
+    medians = interleaved_medians({"step": step, **copies.fns}, device, warmup, repeats)
+    return medians.pop("step"), {k: 2 * copies.nbytes / t for k, t in medians.items()}
+
+
+def backend_step(
+    name: str, device: torch.device, dtype: torch.dtype, steps: int, numel: int
+) -> Callable[[], None]:
+    """One forward + backward of backend ``name``."""
     p = make_lif_params()
     x = torch.randn(steps, numel, device=device, dtype=dtype).requires_grad_()
     v0 = torch.zeros(numel, device=device, dtype=dtype)
@@ -79,7 +93,7 @@ def bench_backend(
         torch.autograd.backward([spikes], [grad])
         x.grad = None
 
-    return median_seconds(step, device, warmup, repeats)
+    return step
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -106,48 +120,56 @@ def run(args: argparse.Namespace) -> dict:
         usable.sort(key=lambda b: (b != "torch", b))
         # The output pool is the cpu backend's; other rows run once.
         modes = pool_modes(args.pool)
-        bws = copy_bandwidths(device, args.copy_mib << 20, args.warmup, args.repeats)
-        meta["copy_GBps"][device.type] = {k: v / 1e9 for k, v in bws.items()}
-        bw = max(bws.values())
+        copies = Copies(device, args.copy_mib << 20)
+        measured: list[dict[str, float]] = []
         if device.type == "cpu" and "cpu" in usable:
             meta["stream_threshold_bytes"] = stream_threshold()
         dtypes = args.dtypes or (["float32"] if device.type == "cpu" else list(_DTYPES))
         for dtype_name in dtypes:
             dtype = _DTYPES[dtype_name]
             elements = args.steps * args.numel
-            floor_s = elements * _BYTES_PER_ELEMENT[dtype] / bw
-            copy_floor_s = elements * _BYTES_PER_ELEMENT[dtype] / bws["copy_"]
-            row = lambda *a: _row(device, dtype_name, *a, elements, dtype, floor_s, copy_floor_s)  # noqa: E731
+
+            def timed(step: Callable[[], object], reps: int) -> tuple[float, dict[str, float]]:
+                secs, bws = timed_beside_copies(step, copies, device, args.warmup, reps)
+                measured.append(bws)
+                return secs, bws
+
+            row = lambda *a: _row(device, dtype_name, *a, elements, dtype)  # noqa: E731
             ref_s = None
             for backend in usable:
                 for mode in modes if backend == "cpu" else [None]:
                     # The reference loop is slow on the CPU: fewer repeats keep the run short.
                     reps = max(3, args.repeats // 2) if backend == "torch" else args.repeats
                     with pool_mode(mode) as label:
-                        secs = bench_backend(
-                            backend, device, dtype, args.steps, args.numel, args.warmup, reps
-                        )
+                        step = backend_step(backend, device, dtype, args.steps, args.numel)
+                        secs, bws = timed(step, reps)
                     if backend == "torch":
                         ref_s = secs
-                    rows.append(row(backend, label, secs, ref_s))
+                    rows.append(row(backend, label, secs, ref_s, bws))
                 if backend == "cpu" and dtype == torch.float32:
                     # The same kernels on preallocated, already-touched buffers: the arithmetic
                     # and memory streaming alone, without autograd or output allocation; then
                     # the same work on a cache-resident size (the arithmetic's own ceiling).
-                    secs = bench_cpu_kernels_only(args.steps, args.numel, 1, args.warmup, args.repeats)
-                    rows.append(row("cpu-kern", "-", secs, ref_s))
+                    secs, bws = timed(cpu_kernels_step(args.steps, args.numel, 1), args.repeats)
+                    rows.append(row("cpu-kern", "-", secs, ref_s, bws))
                     small = min(args.numel, _IN_CACHE_NUMEL)
                     calls = max(1, args.numel // small)
-                    secs = bench_cpu_kernels_only(args.steps, small, calls, args.warmup, args.repeats)
+                    secs, bws = timed(cpu_kernels_step(args.steps, small, calls), args.repeats)
                     secs *= args.numel / (small * calls)
-                    rows.append(row("cpu-kern", "cache", secs, ref_s))
+                    rows.append(row("cpu-kern", "cache", secs, ref_s, bws))
+        # For the header: each kind's median over the rows' rounds.
+        meta["copy_GBps"][device.type] = {
+            k: statistics.median(m[k] for m in measured) / 1e9 for k in copies.fns
+        }
     return {"meta": meta, "rows": rows}
 
 
 def _row(
     device: torch.device, dtype_name: str, backend: str, alloc: str, secs: float,
-    ref_s: float | None, elements: int, dtype: torch.dtype, floor_s: float, copy_floor_s: float,
+    ref_s: float | None, bws: dict[str, float], elements: int, dtype: torch.dtype,
 ) -> dict:  # fmt: skip
+    floor_s = elements * _BYTES_PER_ELEMENT[dtype] / max(bws.values())
+    copy_floor_s = elements * _BYTES_PER_ELEMENT[dtype] / bws["copy_"]
     return {
         "device": device.type,
         "dtype": dtype_name,
@@ -160,6 +182,7 @@ def _row(
         "fraction_of_floor": floor_s / secs,
         "fraction_of_copy_floor": copy_floor_s / secs,
         "floor_ms": floor_s * 1e3,
+        "copy_GBps": {k: v / 1e9 for k, v in bws.items()},
     }
 
 
@@ -167,9 +190,9 @@ def _row(
 _IN_CACHE_NUMEL = 64 * 1024
 
 
-def bench_cpu_kernels_only(steps: int, numel: int, calls: int, warmup: int, repeats: int) -> float:
-    """Median seconds of ``calls`` fp32 forward + backward kernel launches on reused buffers
-    (``_CpuLauncher``, the backend's own entry points; no autograd, no allocation)."""
+def cpu_kernels_step(steps: int, numel: int, calls: int) -> Callable[[], None]:
+    """``calls`` fp32 forward + backward kernel launches on reused buffers (``_CpuLauncher``,
+    the backend's own entry points; no autograd, no allocation)."""
     p = make_lif_params()
     x, grad = torch.randn(steps, numel), torch.randn(steps, numel)
     spikes, u, grad_x = torch.zeros_like(x), torch.zeros_like(x), torch.zeros_like(x)
@@ -180,7 +203,7 @@ def bench_cpu_kernels_only(steps: int, numel: int, calls: int, warmup: int, repe
             _CpuLauncher.forward(p, x, v0, spikes, u, v_final, numel, steps)
             _CpuLauncher.backward(p, u, grad, None, grad_x, None, numel, steps)
 
-    return median_seconds(step, torch.device("cpu"), warmup, repeats)
+    return step
 
 
 def print_table(result: dict) -> None:
@@ -191,7 +214,8 @@ def print_table(result: dict) -> None:
     )
     for dev, gbps in meta["copy_GBps"].items():
         kinds = ", ".join(f"{k} {v:.1f}" for k, v in gbps.items())
-        print(f"  {dev}: copy bandwidth (read + write, GB/s): {kinds}; the floor uses the faster")
+        print(f"  {dev}: copy bandwidth (read + write, GB/s, median over the rows): {kinds}; "
+              "each row's floor uses the faster, timed in its own rounds")
     if meta.get("stream_threshold_bytes") is not None:
         print(f"  cpu: outputs of calls writing >= {meta['stream_threshold_bytes'] >> 20} MiB use "
               "non-temporal stores (the last-level cache size)")

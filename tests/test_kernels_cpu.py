@@ -100,6 +100,30 @@ def test_parity_with_reference_fp32(p: LIFParams, store_path: str) -> None:
         torch.testing.assert_close(gv0, gv0_ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("alpha", [4.0, 0.5])
+def test_sigmoid_surrogate_far_from_threshold_and_nan(alpha: float, store_path: str) -> None:
+    """The host exp behind the sigmoid surrogate over its whole range: alpha * u from -400 to
+    400 (past the clamp at -87 on either side, since the surrogate takes exp(-|alpha u|)),
+    every chunk position and tail (n = 3 * 4096 + 5), and a NaN membrane, whose gradient
+    stays NaN as in the reference. Gradients are checked against the reference in float64:
+    the fp32 reference loses sig'(alpha u) to cancellation in 1 - sig once sig rounds near 1
+    (47% off at alpha u = 15.5), the kernel does not."""
+    p = make_lif_params(surrogate="sigmoid", alpha=alpha, detach_reset=False)
+    n = 3 * 4096 + 5
+    # T=1 from v0 = 0 with hard reset and decay_input: h = x / tau, u = h - v_threshold.
+    u = torch.linspace(-400.0, 400.0, n) / alpha
+    x = ((u + p.v_threshold) * p.tau)[None]
+    x[0, 17] = float("nan")
+    v0, gs, gv = torch.zeros(n), torch.randn(1, n), torch.randn(n)
+    s_ref, _, gx_ref, gv0_ref = _run(lif_reference, x.double(), v0.double(), p, gs.double(), gv.double())
+    s, _, gx, gv0 = _run(cpu_kernels.lif_cpu, x, v0, p, gs, gv)
+    assert torch.equal(s.double(), s_ref)
+    gx_ref, gv0_ref = gx_ref.float(), gv0_ref.float()
+    assert torch.isnan(gx[0, 17]) and torch.isnan(gx_ref[0, 17])
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(gv0, gv0_ref, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
 def test_streamed_and_cached_outputs_are_bitwise_equal() -> None:
     # Large enough for several tiles per thread; n odd so no row is 32-byte aligned.
     p = make_lif_params(detach_reset=False)

@@ -35,7 +35,8 @@ class Surrogate:
         derivative: g'(u, alpha), elementwise on tensors.
         cuda_derivative: the body of a C function ``float f(float u, float alpha)`` that
             returns g'(u): statements ending in ``return``, valid CUDA and host C++ alike
-            (arithmetic and ``expf`` only; the host build supplies a vectorisable ``expf``).
+            (arithmetic, ``fabsf`` and ``expf`` only; the host build supplies a vectorisable
+            ``expf``).
     """
 
     name: str
@@ -68,11 +69,11 @@ SURROGATES: dict[str, Surrogate] = {
         default_alpha=4.0,
         primitive=_sigmoid_primitive,
         derivative=_sigmoid_derivative,
-        # alpha sig (1 - sig) = alpha e / (1 + e)^2 with e = exp(-alpha u): one division, not
-        # two (the CPU backward is bound by this arithmetic). For alpha u -> -inf the square
-        # overflows to inf and the result is 0, the right limit.
+        # alpha sig (1 - sig) = alpha e / (1 + e)^2 with e = exp(-|alpha u|): one division,
+        # not two (the CPU backward is bound by this arithmetic), and sig' is even, so e is
+        # in (0, 1] and nothing overflows.
         cuda_derivative=(
-            "const float e = expf(-alpha * u);\n"
+            "const float e = expf(-fabsf(alpha * u));\n"
             "const float d = 1.0f + e;\n"
             "return alpha * e / (d * d);"
         ),
