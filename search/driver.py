@@ -249,20 +249,23 @@ def _tune_callback_cls() -> type:
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             rid = self._child(trial)
-            reason = ""
+            status, reason = "FAILED", ""
             if rid is not None:
                 from mlflow.tracking import MlflowClient
 
-                from trainers.tracking import MLflowTracker, end_run
-
                 tags = MlflowClient(self.uri).get_run(rid).data.tags
+                if tags.get(STATUS_TAG) not in ("failed", "stopped"):
+                    # The trial's process died before it could say why: take Tune's record
+                    # (record_failure still keeps a stop recorded meanwhile).
+                    err = RuntimeError(str(getattr(trial, "error_msg", "") or "trial process died"))
+                    record_failure(self.uri, rid, err)
+                    tags = MlflowClient(self.uri).get_run(rid).data.tags
                 reason = tags.get(REASON_TAG, "")
-                if tags.get(STATUS_TAG) != "failed":
-                    # The trial's process died before it could say why: take Tune's record.
-                    reason = _failure_reason(RuntimeError(str(getattr(trial, "error_msg", "") or "trial process died")))
-                    MLflowTracker(self.uri, rid).set_tags({STATUS_TAG: "failed", REASON_TAG: reason})
-                    end_run(self.uri, rid, "FAILED")
-            self._line(trials, trial, "FAILED", f"({reason[:100]})")
+                if tags.get(STATUS_TAG) == "stopped":
+                    # A trial that ASHA stopped, whose teardown Tune reported as an error: the
+                    # stop stays on record and is shown as one.
+                    status, reason = "stopped", reason.split(" (")[0]
+            self._line(trials, trial, status, f"({reason[:100]})")
 
     return SearchProgress
 

@@ -463,3 +463,39 @@ def test_a_late_error_from_a_stopped_trial_keeps_the_stop_on_record(tmp_path: Pa
     run = client.get_run(failed)
     assert (run.data.tags[STATUS_TAG], run.info.status) == ("failed", "FAILED")
     assert "CUDA out of memory" in run.data.tags[REASON_TAG]
+
+
+def test_a_tune_error_for_a_stopped_trial_keeps_the_stop_and_a_dead_trial_is_failed(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """The progress callback's error path (Tune's ``on_trial_error``, real stub ``Trial``
+    objects): a trial already recorded as stopped stays stopped/KILLED and is shown as stopped;
+    one whose process died without a record is marked FAILED with Tune's message."""
+    from mlflow.tracking import MlflowClient
+    from ray.tune.experiment import Trial
+
+    from search.driver import _tune_callback_cls
+    from search.tracking import REASON_TAG, STATUS_TAG
+    from trainers.tracking import MLflowTracker, end_run, start_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    stopped = start_run(uri, "exp-err", "trial-stop_00001", tags={STATUS_TAG: "running"})
+    MLflowTracker(uri, stopped).set_tags({STATUS_TAG: "stopped", REASON_TAG: "stopped after 1 epoch(s) (ASHA)"})
+    end_run(uri, stopped, "KILLED")
+    died = start_run(uri, "exp-err", "trial-died_00002", tags={STATUS_TAG: "running"})
+
+    progress = _tune_callback_cls()(total=2, uri=uri, experiment="exp-err")
+    config = {"resolved": {"kind": "trial", "arch": {"embed_dim": 6}}}
+    a = Trial("__fake", config=config, trial_id="stop_00001", stub=True)
+    b = Trial("__fake", config=config, trial_id="died_00002", stub=True)
+    capsys.readouterr()
+    progress.on_trial_error(1, [a, b], a)
+    progress.on_trial_error(2, [a, b], b)
+    lines = capsys.readouterr().out.splitlines()
+
+    client = MlflowClient(uri)
+    run = client.get_run(stopped)
+    assert (run.data.tags[STATUS_TAG], run.info.status) == ("stopped", "KILLED")
+    assert "trial-stop_00001 stopped" in lines[0] and "stopped after 1 epoch(s)" in lines[0]
+    run = client.get_run(died)
+    assert (run.data.tags[STATUS_TAG], run.info.status) == ("failed", "FAILED")
+    assert "trial process died" in run.data.tags[REASON_TAG]
+    assert "trial-died_00002 FAILED" in lines[1] and "trial process died" in lines[1]
