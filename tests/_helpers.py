@@ -3,6 +3,7 @@
 - :func:`fmnist` / :func:`train_briefly`: real Fashion-MNIST test images in memory and a few
   SGD steps on them, for tests that need a model with moved weights and BN statistics.
 - :func:`tiny_train_config`: the smallest sensible ``TrainConfig`` on a shard folder.
+- :func:`free_port`: a free loopback port for a test's server or Ray dashboard.
 """
 
 from __future__ import annotations
@@ -66,3 +67,13 @@ def tiny_train_config(data: Path, **kw: Any):
     )
     base.update(kw)
     return TrainConfig(**base)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for servers and Ray dashboards in tests: a
+    fixed port, such as Ray's default 8265, collides with anything else holding it)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

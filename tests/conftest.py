@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from _helpers import free_port
+
 
 @pytest.fixture(autouse=True)
 def seeded() -> int:
@@ -45,14 +47,6 @@ def fmnist_shards(tmp_path_factory: pytest.TempPathFactory):
     return make_fmnist_shards(tmp_path_factory.mktemp("fmnist"), train=1024, test=256, per_shard=128)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     """A real ``mlflow server`` (sqlite backend, proxied artefacts) on 127.0.0.1, shared by the
@@ -64,7 +58,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     from pathlib import Path
 
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [str(Path(sys.executable).with_name("mlflow")), "server",
          "--backend-store-uri", f"sqlite:///{root / 'server.db'}",

@@ -8,7 +8,6 @@ talk to AWS, MinIO or Ceph.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,8 @@ from typing import Iterator
 
 import numpy as np
 import pytest
+
+from _helpers import free_port
 
 pytest.importorskip("s3fs", reason="needs the s3 extra: pip install -e '.[dev]'")
 moto_server = pytest.importorskip("moto.server", reason="needs moto[server] (the dev extra)")
@@ -35,18 +36,12 @@ RAW = TransformConfig(mean=(0.0,), std=(1.0,))  # no augmentation, no normalisat
 BUCKET = "mixersnn-test"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """An S3 endpoint on loopback with one empty bucket; yields the endpoint URL."""
     import s3fs
 
-    port = _free_port()
+    port = free_port()
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"

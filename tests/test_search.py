@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from _helpers import free_port
+
 ray = pytest.importorskip("ray")
 optuna = pytest.importorskip("optuna")
 
@@ -67,7 +69,7 @@ def _ray_up() -> None:
     """A fresh local Ray runtime of 2 CPUs (``address="local"``: a bare init would join any
     cluster that ``ray start`` recorded on this machine)."""
     os.environ.update(WORKER_ENV)
-    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port(),
              runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False)
 
 

@@ -19,19 +19,13 @@ from typing import Any, Iterator
 
 import pytest
 
+from _helpers import free_port
+
 ray = pytest.importorskip("ray")
 pytest.importorskip("optuna")
 
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 GPU_SCALE = {"num_workers": 1, "use_gpu": True, "gpus_per_worker": 0.25, "cpus_per_worker": 0.45}
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +34,7 @@ def cluster() -> Iterator[Any]:
 
     os.environ.update(WORKER_ENV)
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True,
-                                                     "dashboard_host": "127.0.0.1", "dashboard_port": _free_port()})
+                                                     "dashboard_host": "127.0.0.1", "dashboard_port": free_port()})
     try:
         ray.init(address=c.address, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False)
         yield c

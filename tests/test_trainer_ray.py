@@ -14,7 +14,7 @@ import pytest
 from mixersnn.models import load_model
 from trainers.config import ScaleConfig, TrainConfig
 
-from _helpers import tiny_train_config
+from _helpers import free_port, tiny_train_config
 
 ray = pytest.importorskip("ray")
 
@@ -37,7 +37,7 @@ def _cfg(data: Path, tmp: Path, **kw) -> TrainConfig:
 @pytest.fixture
 def local_ray():
     os.environ.update(WORKER_ENV)
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port(),
              runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False)
     yield
     ray.shutdown()
@@ -50,7 +50,8 @@ def test_two_workers_on_two_nodes_stay_identical(shards: Path, tmp_path: Path) -
 
     os.environ.update(WORKER_ENV)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True,
-                                                           "dashboard_host": "127.0.0.1"})
+                                                           "dashboard_host": "127.0.0.1",
+                                                           "dashboard_port": free_port()})
     cluster.add_node(num_cpus=1)
     try:
         ray.init(address=cluster.address, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False)
@@ -80,7 +81,7 @@ def test_killed_worker_resumes_from_last_checkpoint(shards: Path, tmp_path: Path
     env = {"MIXERSNN_TEST_KILL_AT_EPOCH": "2", "MIXERSNN_TEST_KILL_MARKER": str(marker)}
     # The hook reads the environment of the worker process: set it for the job's workers.
     ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port(),
              runtime_env={"env_vars": {**WORKER_ENV, **env}}, log_to_driver=False)
     cfg = _cfg(shards, tmp_path, epochs=3)
     res = fit(cfg, ScaleConfig(num_workers=2, cpus_per_worker=1, max_failures=1,
