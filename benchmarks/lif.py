@@ -18,10 +18,12 @@ the row they price (``_common.interleaved_medians``), so a shared machine's drif
 alike: measured in separate blocks, the floor ratio of one build swung by 0.1-0.2 between
 runs.
 
-Two rows show the cpu kernels alone: "cpu-kern" on reused buffers of the benchmark's size,
-and "cpu-kern" with pool "cache", the same number of elements as repeated calls on a size that
-stays in the last-level cache. If the two agree, the kernels are bound by arithmetic, not by
-memory, at that size on this machine.
+Three rows show the cpu kernels alone: "cpu-kern" on reused buffers of the benchmark's size;
+with pool "n+1", the same with one more neuron, so that every row but the first starts off a
+cache line (the kernels must lay their chunks on the lines themselves; a first version that
+did not ran 2-4x slower there); and with pool "cache", the same number of elements as
+repeated calls on a size that stays in the last-level cache. If "-" and "cache" agree, the
+kernels are bound by arithmetic, not by memory, at that size on this machine.
 
     .venv/bin/python benchmarks/lif.py                          # T=4, N=4M, fp32 on CPU
     .venv/bin/python benchmarks/lif.py --steps 8 --numel 1000000 --json out.json
@@ -152,6 +154,8 @@ def run(args: argparse.Namespace) -> dict:
                     # the same work on a cache-resident size (the arithmetic's own ceiling).
                     secs, bws = timed(cpu_kernels_step(args.steps, args.numel, 1), args.repeats)
                     rows.append(row("cpu-kern", "-", secs, ref_s, bws))
+                    secs, bws = timed(cpu_kernels_step(args.steps, args.numel + 1, 1), args.repeats)
+                    rows.append(row("cpu-kern", "n+1", secs, ref_s, bws))
                     small = min(args.numel, _IN_CACHE_NUMEL)
                     calls = max(1, args.numel // small)
                     secs, bws = timed(cpu_kernels_step(args.steps, small, calls), args.repeats)
@@ -239,7 +243,8 @@ def print_table(result: dict) -> None:
         "pool: the cpu backend's output pool off (fresh: every large output is new memory, "
         "page-faulted on first touch) or on (pool, the default: idle buffers are reused).\n"
         "cpu-kern = the cpu backend's kernels alone on reused buffers (no autograd); pool "
-        "'cache': the same elements as calls on a cache-resident size (the arithmetic's ceiling)."
+        "'n+1': one more neuron (rows off cache-line alignment); 'cache': the same elements as "
+        "calls on a cache-resident size (the arithmetic's ceiling)."
     )
 
 

@@ -51,6 +51,21 @@ def test_freed_large_outputs_are_reused_without_page_faults(pool) -> None:
     assert c.data_ptr() != b.data_ptr()
 
 
+def test_buffers_start_on_a_huge_page_boundary_new_or_reused(pool) -> None:
+    # 2 MiB alignment: whole huge pages, and every row of an output whose N is a multiple of
+    # 16 on a cache line (numpy's own large buffers start 16 bytes into a page).
+    like = torch.empty(BIG)
+    first = [empty_like_large(like) for _ in range(3)]
+    assert all(t.data_ptr() % (2 << 20) == 0 for t in first)
+    del first
+    again = [empty_like_large(like) for _ in range(3)]
+    assert pool_stats()["hits"] >= 3
+    assert all(t.data_ptr() % (2 << 20) == 0 for t in again)
+    for t in again:  # the whole view is usable memory
+        t.fill_(1.0)
+        assert t.sum().item() == like.numel()
+
+
 def test_a_buffer_returns_only_when_its_last_view_dies(pool) -> None:
     like = torch.empty(BIG)
     a = empty_like_large(like)

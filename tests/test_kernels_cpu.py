@@ -124,6 +124,31 @@ def test_sigmoid_surrogate_far_from_threshold_and_nan(alpha: float, store_path: 
     torch.testing.assert_close(gv0, gv0_ref, rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
+@pytest.mark.parametrize("offset", [1, 3, 4, 8, 15])
+def test_outputs_off_cache_line_alignment_are_bitwise_equal(offset: int, store_path: str) -> None:
+    """The kernels lay their chunks on the first output's cache lines (a short first chunk
+    when a row starts mid-line): outputs written at every misalignment, with n not a
+    multiple of 16 so each row starts elsewhere, equal those written to aligned memory."""
+    p = make_lif_params(detach_reset=False)
+    steps, n = 3, 2 * 4096 + 37
+    x, v0 = _inputs(steps, n, seed=13), torch.randn(n) * 0.5
+    gs = torch.randn(steps, n)
+
+    def run(shift: int) -> list[torch.Tensor]:
+        def buf(*shape: int) -> torch.Tensor:
+            numel = int(torch.tensor(shape).prod())
+            return torch.full((numel + 16,), float("nan"))[shift : shift + numel].view(*shape)
+
+        spikes, u, grad_x = buf(steps, n), buf(steps, n), buf(steps, n)
+        v_final, grad_v0 = buf(n), buf(n)
+        cpu_kernels._CpuLauncher.forward(p, x, v0, spikes, u, v_final, n, steps)
+        cpu_kernels._CpuLauncher.backward(p, u, gs, None, grad_x, grad_v0, n, steps)
+        return [spikes, u, v_final, grad_x, grad_v0]
+
+    for a, b in zip(run(0), run(offset)):
+        assert torch.equal(a, b)
+
+
 def test_streamed_and_cached_outputs_are_bitwise_equal() -> None:
     # Large enough for several tiles per thread; n odd so no row is 32-byte aligned.
     p = make_lif_params(detach_reset=False)

@@ -57,7 +57,7 @@ LIF_GLOBAL void lif_forward(const scalar_t* LIF_RESTRICT x, const scalar_t* LIF_
       const lif_index_t row = (lif_index_t)t * n;
       // After this row the tile reads the next step, then step 0 of the next tile.
       const lif_index_t next_row = t + 1 < steps ? row + n : (lif_index_t)LIF_LANES;
-      LIF_CHUNK_LOOP(c, tile, n) {
+      LIF_CHUNK_LOOP(c, tile, n, spikes + row + tile) {
         LIF_PREFETCH(x, row, next_row, c, tile, n, (lif_index_t)steps * n);
         LIF_CHUNK_LANES(j, c, tile, n) {
           const lif_index_t i = row + LIF_INDEX(tile, j);
@@ -123,7 +123,7 @@ LIF_GLOBAL void lif_backward(const scalar_t* LIF_RESTRICT u_saved,
       const lif_index_t row = (lif_index_t)t * n;
       // After this row the tile reads the previous step, then the last step of the next tile.
       const lif_index_t next_row = t > 0 ? row - n : (lif_index_t)(steps - 1) * n + LIF_LANES;
-      LIF_CHUNK_LOOP(c, tile, n) {
+      LIF_CHUNK_LOOP(c, tile, n, grad_x + row + tile) {
         LIF_PREFETCH(u_saved, row, next_row, c, tile, n, (lif_index_t)steps * n);
         LIF_PREFETCH(grad_spikes, row, next_row, c, tile, n, (lif_index_t)steps * n);
         float sg[LIF_CHUNK_SIZE];

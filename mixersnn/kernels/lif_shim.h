@@ -4,8 +4,10 @@
 //
 //   LIF_TILE_LOOP(tile, n)        iterate over tiles of elements this "thread" owns
 //   LIF_LANE_LOOP(j, tile, n)     iterate over all lanes j of one tile (bounds-checked)
-//   LIF_CHUNK_LOOP(c, tile, n)    iterate over the chunks c of a tile's lanes, and
-//   LIF_CHUNK_LANES(j, c, tile, n)  over the lanes j of chunk c (see "Chunks" below)
+//   LIF_CHUNK_LOOP(c, tile, n, out_row)
+//                                 iterate over the chunks c of a tile's lanes (laid on the
+//                                 cache lines of out_row, the tile's row of the first output)
+//   LIF_CHUNK_LANES(j, c, tile, n)  and over the lanes j of chunk c (see "Chunks" below)
 //   LIF_INDEX(tile, j)            the element index of lane j
 //   LIF_LANES                     lanes per tile (sizes the per-lane state arrays)
 //   LIF_CHUNK_SIZE                lanes per chunk (sizes per-chunk arrays, indexed j - c)
@@ -49,6 +51,13 @@
 // first): shorter dependency chains per loop, which the out-of-order core overlaps better.
 // On the GPU a tile is one chunk.
 //
+// The chunks are laid on the output's cache lines: the first ends where the row reaches a
+// 64-byte boundary, so every other flush writes whole lines. A row that starts mid-line (a
+// buffer that is not 64-byte aligned, or n not a multiple of 16 floats, so row t starts at
+// t * n) would otherwise give every chunk a partial line written by plain stores beside the
+// non-temporal ones, which splits the line in the write-combining buffers and costs a
+// read-for-ownership besides: measured 2-4x slower at N = 4M + 1 and 4M + 4.
+//
 // Prefetch: each chunk asks for the input lanes LIF_PREFETCH_LANES ahead of it, in this row or
 // at the start of the next row the tile reads (rows are n elements apart, and the hardware
 // prefetchers stop at every 4 KiB page). Measured as above: forward 11.0 -> 9.9 ms, atan
@@ -68,6 +77,7 @@ typedef long long lif_index_t;
 #ifdef LIF_HOST
 // ------------------------------------------------------------------------------- host C++
 #include <math.h>
+#include <stdint.h>
 #include <string.h>
 #include <omp.h>
 
@@ -84,7 +94,7 @@ typedef long long lif_index_t;
 // Below this many elements a parallel region costs more than it saves.
 #define LIF_PARALLEL_MIN_ELEMENTS 16384
 
-// Lanes per chunk (see "Chunks" above): measured 64 best of 64..1024 on a 2-core EPYC. The
+// Lanes per chunk (see "Chunks" above): measured on a 2-core EPYC, 64..512 alike, 32 slower. The
 // per-chunk arrays (staging rows, the backward's surrogate) are this long, so they stay in
 // L1 beside the tile's state.
 #ifndef LIF_CHUNK
@@ -101,12 +111,22 @@ typedef long long lif_index_t;
 #define LIF_LANE_LOOP(j, tile, n) \
   LIF_PRAGMA(omp simd)            \
   for (int j = 0; j < LIF_TILE_COUNT(tile, n); ++j)
-#define LIF_CHUNK_LOOP(c, tile, n) for (int c = 0; c < LIF_TILE_COUNT(tile, n); c += LIF_CHUNK)
-#define LIF_CHUNK_END(c, tile, n) \
-  ((c) + LIF_CHUNK < LIF_TILE_COUNT(tile, n) ? (c) + LIF_CHUNK : LIF_TILE_COUNT(tile, n))
+// The end of the first chunk: where the fp32 row at out_row reaches a 64-byte boundary (a
+// short chunk), or a whole chunk when it starts on one.
+static inline int lif_first_chunk_end(const void* out_row, int count) {
+  const int head = (int)((16 - (((uintptr_t)out_row >> 2) & 15)) & 15);
+  const int end = head ? head : LIF_CHUNK;
+  return end < count ? end : count;
+}
+// c runs over the chunk starts, c##_end (c_end for a loop variable c) is the chunk's end.
+#define LIF_CHUNK_LOOP(c, tile, n, out_row)                                                  \
+  for (int c = 0, c##_end = lif_first_chunk_end((out_row), LIF_TILE_COUNT(tile, n));         \
+       c < LIF_TILE_COUNT(tile, n);                                                         \
+       c = c##_end, c##_end = c##_end + LIF_CHUNK < LIF_TILE_COUNT(tile, n)                 \
+                                  ? c##_end + LIF_CHUNK : LIF_TILE_COUNT(tile, n))
 #define LIF_CHUNK_LANES(j, c, tile, n) \
   LIF_PRAGMA(omp simd)                 \
-  for (int j = (c); j < LIF_CHUNK_END(c, tile, n); ++j)
+  for (int j = (c); j < c##_end; ++j)
 #define LIF_INDEX(tile, j) ((tile) + (j))
 
 // ---- software prefetch (see "Prefetch" above): 256..4096 lanes ahead measured alike.
@@ -127,7 +147,6 @@ static inline void lif_prefetch(const float* base, lif_index_t row, lif_index_t 
 #if defined(__AVX__)
 #include <immintrin.h>
 #endif
-#include <stdint.h>
 
 // Calls whose outputs (bytes written) reach this size use non-temporal stores. The Python
 // side sets it to the last-level cache size at load (mixersnn.kernels.cpu); glibc's sysconf
@@ -142,9 +161,8 @@ static inline bool lif_should_stream(long long bytes) { return bytes >= lif_stre
 
 #define LIF_OUT_ROW(type, out) alignas(64) type out##_row[LIF_CHUNK]
 #define LIF_OUT(out, i, k) out##_row[k]
-#define LIF_OUT_FLUSH(out, row, c, tile, n, stream)                          \
-  lif_flush_row((out) + (row) + (tile) + (c), out##_row,                    \
-                LIF_CHUNK_END(c, tile, n) - (c), (stream))
+#define LIF_OUT_FLUSH(out, row, c, tile, n, stream) \
+  lif_flush_row((out) + (row) + (tile) + (c), out##_row, c##_end - (c), (stream))
 
 // Copy staged lanes to dst: non-temporal 32-byte stores where dst is 32-byte aligned (the
 // unaligned head and the tail are plain stores), or a plain copy. The non-temporal stores are
@@ -269,7 +287,7 @@ static inline float lif_expf(float x) {
     if (LIF_INDEX(tile, j) < (n))
 // A tile is one chunk (c is always 0): each thread's LIF_LANES lanes stay in registers.
 #define LIF_CHUNK_SIZE LIF_LANES
-#define LIF_CHUNK_LOOP(c, tile, n) for (int c = 0; c < 1; ++c)
+#define LIF_CHUNK_LOOP(c, tile, n, out_row) for (int c = 0; c < 1; ++c)
 #define LIF_CHUNK_LANES(j, c, tile, n) LIF_LANE_LOOP(j, tile, n)
 #define LIF_INDEX(tile, j) ((tile) + threadIdx.x + (lif_index_t)(j) * blockDim.x)
 
