@@ -129,7 +129,7 @@ static inline int lif_first_chunk_end(const void* out_row, int count) {
   for (int j = (c); j < c##_end; ++j)
 #define LIF_INDEX(tile, j) ((tile) + (j))
 
-// ---- software prefetch (see "Prefetch" above): 256..4096 lanes ahead measured alike.
+// ---- software prefetch (see "Prefetch" above): 128..4096 lanes ahead measured alike.
 #ifndef LIF_PREFETCH_LANES
 #define LIF_PREFETCH_LANES 256
 #endif
@@ -167,8 +167,8 @@ static inline bool lif_should_stream(long long bytes) { return bytes >= lif_stre
 // Copy staged lanes to dst: non-temporal 32-byte stores where dst is 32-byte aligned (the
 // unaligned head and the tail are plain stores), or a plain copy. The non-temporal stores are
 // weakly ordered; the fence that orders them before anything that reads the output is
-// lif_stream_fence() at the end of each kernel (one fence per call: a fence per flush
-// stalls until every pending store has drained).
+// lif_stream_fence() after each tile (a fence per flush would stall every 64 lanes until all
+// pending stores have drained).
 static inline void lif_flush_row(float* LIF_RESTRICT dst, const float* LIF_RESTRICT src,
                                  int count, bool stream) {
 #if defined(__AVX__)
