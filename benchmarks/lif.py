@@ -18,15 +18,25 @@ the row they price (``_common.interleaved_medians``), so a shared machine's drif
 alike: measured in separate blocks, the floor ratio of one build swung by 0.1-0.2 between
 runs.
 
-Three rows show the cpu kernels alone: "cpu-kern" on reused buffers of the benchmark's size;
+Seven rows show the cpu kernels alone: "cpu-kern" on reused buffers of the benchmark's size;
 with pool "n+1", the same with one more neuron, so that every row but the first starts off a
 cache line (the kernels must lay their chunks on the lines themselves; a first version that
-did not ran 2-4x slower there); and with pool "cache", the same number of elements as
-repeated calls on a size that stays in the last-level cache. If "-" and "cache" agree, the
-kernels are bound by arithmetic, not by memory, at that size on this machine.
+did not ran 2-4x slower there); with pool "cache", the same number of elements as repeated
+calls on a size that stays in the last-level cache. If "-" and "cache" agree, the kernels are
+bound by arithmetic, not by memory, at that size on this machine. Then each pass alone, so a
+change can be placed: "fwd" and "bwd" at the benchmark's size, "fwd cache" and "bwd cache"
+cache-resident; each pass must move 12 bytes per element in fp32 (half the step's 24), and
+their floors say so. A pass whose "cache" row is below 1.00 cannot reach the memory floor on
+this machine however its memory traffic is arranged.
+
+The neuron is the one the models use (``NeuronConfig``'s defaults, the paper's: tau 2, hard
+reset, ``detach_reset``). ``--surrogate`` picks the surrogate gradient the backward pass
+computes (default: the paper's sigmoid); its arithmetic is most of the backward pass's cost on
+a CPU.
 
     .venv/bin/python benchmarks/lif.py                          # T=4, N=4M, fp32 on CPU
     .venv/bin/python benchmarks/lif.py --steps 8 --numel 1000000 --json out.json
+    .venv/bin/python benchmarks/lif.py --surrogate atan         # the cheaper surrogate
     .venv/bin/python benchmarks/lif.py --smoke                  # seconds, for CI
 
 The "cpu" backend is measured twice: with its output pool off ("fresh": each large output is
@@ -52,6 +62,8 @@ from _common import interleaved_medians, pool_mode, pool_modes  # noqa: E402
 
 from mixersnn.kernels.cpu import _CpuLauncher, cpu_unavailable_reason, stream_copy, stream_threshold  # noqa: E402
 from mixersnn.neurons import available_backends, make_lif_params  # noqa: E402
+from mixersnn.models.config import NeuronConfig  # noqa: E402
+from mixersnn.neurons.surrogate import SURROGATES  # noqa: E402
 from mixersnn.neurons.backends import resolve_backend  # noqa: E402
 
 _BYTES_PER_ELEMENT = {torch.float32: 24, torch.float16: 12, torch.bfloat16: 12}
@@ -80,11 +92,19 @@ def timed_beside_copies(
     return medians.pop("step"), {k: 2 * copies.nbytes / t for k, t in medians.items()}
 
 
+def neuron_options(surrogate: str) -> dict:
+    """The neuron as the models configure it (``NeuronConfig``'s defaults, the paper's: hard
+    reset, ``detach_reset``), with ``surrogate`` at its default alpha."""
+    opts = NeuronConfig(surrogate=surrogate).to_dict()
+    del opts["backend"]
+    return opts
+
+
 def backend_step(
-    name: str, device: torch.device, dtype: torch.dtype, steps: int, numel: int
+    name: str, device: torch.device, dtype: torch.dtype, steps: int, numel: int, surrogate: str
 ) -> Callable[[], None]:
     """One forward + backward of backend ``name``."""
-    p = make_lif_params()
+    p = make_lif_params(**neuron_options(surrogate))
     x = torch.randn(steps, numel, device=device, dtype=dtype).requires_grad_()
     v0 = torch.zeros(numel, device=device, dtype=dtype)
     grad = torch.randn(steps, numel, device=device, dtype=dtype)
@@ -107,6 +127,8 @@ def run(args: argparse.Namespace) -> dict:
     meta: dict = {
         "steps": args.steps,
         "numel": args.numel,
+        "surrogate": args.surrogate,
+        "neuron": neuron_options(args.surrogate),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
@@ -136,14 +158,14 @@ def run(args: argparse.Namespace) -> dict:
                 measured.append(bws)
                 return secs, bws
 
-            row = lambda *a: _row(device, dtype_name, *a, elements, dtype)  # noqa: E731
+            row = lambda *a, passes=2: _row(device, dtype_name, *a, elements, dtype, passes)  # noqa: E731
             ref_s = None
             for backend in usable:
                 for mode in modes if backend == "cpu" else [None]:
                     # The reference loop is slow on the CPU: fewer repeats keep the run short.
                     reps = max(3, args.repeats // 2) if backend == "torch" else args.repeats
                     with pool_mode(mode) as label:
-                        step = backend_step(backend, device, dtype, args.steps, args.numel)
+                        step = backend_step(backend, device, dtype, args.steps, args.numel, args.surrogate)
                         secs, bws = timed(step, reps)
                     if backend == "torch":
                         ref_s = secs
@@ -152,15 +174,26 @@ def run(args: argparse.Namespace) -> dict:
                     # The same kernels on preallocated, already-touched buffers: the arithmetic
                     # and memory streaming alone, without autograd or output allocation; then
                     # the same work on a cache-resident size (the arithmetic's own ceiling).
-                    secs, bws = timed(cpu_kernels_step(args.steps, args.numel, 1), args.repeats)
-                    rows.append(row("cpu-kern", "-", secs, ref_s, bws))
-                    secs, bws = timed(cpu_kernels_step(args.steps, args.numel + 1, 1), args.repeats)
-                    rows.append(row("cpu-kern", "n+1", secs, ref_s, bws))
                     small = min(args.numel, _IN_CACHE_NUMEL)
                     calls = max(1, args.numel // small)
-                    secs, bws = timed(cpu_kernels_step(args.steps, small, calls), args.repeats)
-                    secs *= args.numel / (small * calls)
-                    rows.append(row("cpu-kern", "cache", secs, ref_s, bws))
+                    both, fwd, bwd = ("fwd", "bwd"), ("fwd",), ("bwd",)
+                    for label, numel, calls_, passes in [
+                        ("-", args.numel, 1, both),
+                        ("n+1", args.numel + 1, 1, both),
+                        ("cache", small, calls, both),
+                        ("fwd", args.numel, 1, fwd),
+                        ("bwd", args.numel, 1, bwd),
+                        ("fwd cache", small, calls, fwd),
+                        ("bwd cache", small, calls, bwd),
+                    ]:
+                        step = cpu_kernels_step(args.steps, numel, calls_, args.surrogate, passes)
+                        secs, bws = timed(step, args.repeats)
+                        del step  # its buffers go before the next row's
+                        # Per element of the benchmark's size (the cache rows do fewer);
+                        # the reference ratio only means something for a whole step.
+                        secs *= args.numel / (numel * calls_) if label != "n+1" else 1.0
+                        ref = ref_s if len(passes) == 2 else None
+                        rows.append(row("cpu-kern", label, secs, ref, bws, passes=len(passes)))
         # For the header: each kind's median over the rows' rounds.
         meta["copy_GBps"][device.type] = {
             k: statistics.median(m[k] for m in measured) / 1e9 for k in copies.fns
@@ -170,10 +203,13 @@ def run(args: argparse.Namespace) -> dict:
 
 def _row(
     device: torch.device, dtype_name: str, backend: str, alloc: str, secs: float,
-    ref_s: float | None, bws: dict[str, float], elements: int, dtype: torch.dtype,
+    ref_s: float | None, bws: dict[str, float], elements: int, dtype: torch.dtype, passes: int = 2,
 ) -> dict:  # fmt: skip
-    floor_s = elements * _BYTES_PER_ELEMENT[dtype] / max(bws.values())
-    copy_floor_s = elements * _BYTES_PER_ELEMENT[dtype] / bws["copy_"]
+    """One table row; ``passes`` is 2 for forward + backward, 1 for one pass alone (half the
+    bytes to move)."""
+    nbytes = _BYTES_PER_ELEMENT[dtype] * passes // 2
+    floor_s = elements * nbytes / max(bws.values())
+    copy_floor_s = elements * nbytes / bws["copy_"]
     return {
         "device": device.type,
         "dtype": dtype_name,
@@ -182,7 +218,8 @@ def _row(
         "ms": secs * 1e3,
         "Gelem_per_s": elements / secs / 1e9,
         "vs_reference": None if ref_s is None else ref_s / secs,
-        "GBps_moved": elements * _BYTES_PER_ELEMENT[dtype] / secs / 1e9,
+        "bytes_per_element": nbytes,
+        "GBps_moved": elements * nbytes / secs / 1e9,
         "fraction_of_floor": floor_s / secs,
         "fraction_of_copy_floor": copy_floor_s / secs,
         "floor_ms": floor_s * 1e3,
@@ -194,18 +231,24 @@ def _row(
 _IN_CACHE_NUMEL = 64 * 1024
 
 
-def cpu_kernels_step(steps: int, numel: int, calls: int) -> Callable[[], None]:
-    """``calls`` fp32 forward + backward kernel launches on reused buffers (``_CpuLauncher``,
-    the backend's own entry points; no autograd, no allocation)."""
-    p = make_lif_params()
+def cpu_kernels_step(
+    steps: int, numel: int, calls: int, surrogate: str, passes: tuple[str, ...] = ("fwd", "bwd")
+) -> Callable[[], None]:
+    """``calls`` fp32 kernel launches of each of ``passes`` (forward, backward) on reused
+    buffers (``_CpuLauncher``, the backend's own entry points; no autograd, no allocation).
+    The backward pass reads what one forward pass wrote before the timing starts."""
+    p = make_lif_params(**neuron_options(surrogate))
     x, grad = torch.randn(steps, numel), torch.randn(steps, numel)
     spikes, u, grad_x = torch.zeros_like(x), torch.zeros_like(x), torch.zeros_like(x)
     v0, v_final = torch.zeros(numel), torch.zeros(numel)
+    _CpuLauncher.forward(p, x, v0, spikes, u, v_final, numel, steps)
 
     def step() -> None:
         for _ in range(calls):
-            _CpuLauncher.forward(p, x, v0, spikes, u, v_final, numel, steps)
-            _CpuLauncher.backward(p, u, grad, None, grad_x, None, numel, steps)
+            if "fwd" in passes:
+                _CpuLauncher.forward(p, x, v0, spikes, u, v_final, numel, steps)
+            if "bwd" in passes:
+                _CpuLauncher.backward(p, u, grad, None, grad_x, None, numel, steps)
 
     return step
 
@@ -213,7 +256,7 @@ def cpu_kernels_step(steps: int, numel: int, calls: int) -> Callable[[], None]:
 def print_table(result: dict) -> None:
     meta = result["meta"]
     print(
-        f"LIF forward+backward, T={meta['steps']}, N={meta['numel']:,} "
+        f"LIF forward+backward, T={meta['steps']}, N={meta['numel']:,}, {meta['surrogate']} surrogate "
         f"(torch {meta['torch']}, {meta['threads']} CPU threads)"
     )
     for dev, gbps in meta["copy_GBps"].items():
@@ -227,13 +270,13 @@ def print_table(result: dict) -> None:
         for b, reason in status.items():
             if reason is not None:
                 print(f"  {dev}: backend {b!r} skipped: {reason}")
-    header = f"{'device':6} {'dtype':9} {'backend':8} {'pool':6} {'ms':>9} {'Gelem/s':>8} {'vs ref':>7} {'GB/s':>7} {'floor':>6} {'floor ms':>9}"
+    header = f"{'device':6} {'dtype':9} {'backend':8} {'pool':9} {'ms':>9} {'Gelem/s':>8} {'vs ref':>7} {'GB/s':>7} {'floor':>6} {'floor ms':>9}"
     print(header)
     print("-" * len(header))
     for r in result["rows"]:
         ratio = "" if r["vs_reference"] is None else f"{r['vs_reference']:.2f}x"
         print(
-            f"{r['device']:6} {r['dtype']:9} {r['backend']:8} {r['pool']:6} {r['ms']:9.2f} "
+            f"{r['device']:6} {r['dtype']:9} {r['backend']:8} {r['pool']:9} {r['ms']:9.2f} "
             f"{r['Gelem_per_s']:8.3f} {ratio:>7} {r['GBps_moved']:7.1f} "
             f"{r['fraction_of_floor']:6.2f} {r['floor_ms']:9.2f}"
         )
@@ -244,7 +287,8 @@ def print_table(result: dict) -> None:
         "page-faulted on first touch) or on (pool, the default: idle buffers are reused).\n"
         "cpu-kern = the cpu backend's kernels alone on reused buffers (no autograd); pool "
         "'n+1': one more neuron (rows off cache-line alignment); 'cache': the same elements as "
-        "calls on a cache-resident size (the arithmetic's ceiling)."
+        "calls on a cache-resident size (the arithmetic's ceiling); 'fwd', 'bwd': one pass "
+        "alone (its floor: 12 bytes per element in fp32), 'cache' as above."
     )
 
 
@@ -266,6 +310,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--pool", choices=["both", "fresh", "pool"], default="both",
         help="the cpu backend's output pool: off (fresh), on (pool, the default), or both side by side",
+    )  # fmt: skip
+    ap.add_argument(
+        "--surrogate", choices=sorted(SURROGATES), default="sigmoid",
+        help="surrogate gradient of the backward pass (default sigmoid, the neuron's default)",
     )  # fmt: skip
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat (CI)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")

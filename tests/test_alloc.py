@@ -133,3 +133,28 @@ def test_benchmark_smoke_runs_measure_the_pool_side_by_side(script: str, tmp_pat
     if script == "train_step.py":
         # Same weights and batch: the fused kernels give the reference's loss, pool or not.
         assert all(r["loss_diff_vs_reference"] is None or r["loss_diff_vs_reference"] < 1e-4 for r in rows), rows
+
+
+def test_lif_benchmark_prices_each_pass_alone_for_the_models_neuron(tmp_path: Path) -> None:
+    """The per-pass rows are priced at half a step's bytes, and the neuron is the models' own
+    (NeuronConfig's defaults) with the surrogate asked for."""
+    from mixersnn.models.config import NeuronConfig
+
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "lif.py"), "--smoke", "--pool", "pool",
+                           "--surrogate", "atan", "--json", str(out)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    expected = {k: v for k, v in NeuronConfig(surrogate="atan").to_dict().items() if k != "backend"}
+    assert result["meta"]["neuron"] == expected and expected["detach_reset"] is True
+    kern = {r["pool"]: r for r in result["rows"] if r["backend"] == "cpu-kern"}
+    assert set(kern) == {"-", "n+1", "cache", "fwd", "bwd", "fwd cache", "bwd cache"}, set(kern)
+    elements = result["meta"]["steps"] * result["meta"]["numel"]
+    for label, r in kern.items():
+        per_element = 12 if label.split()[0] in ("fwd", "bwd") else 24
+        assert r["bytes_per_element"] == per_element, (label, r)
+        # The floor is those bytes at the row's own best copy bandwidth.
+        best = max(r["copy_GBps"].values())
+        assert r["floor_ms"] == pytest.approx(elements * per_element / best / 1e6, rel=1e-9), (label, r)
+        assert (r["vs_reference"] is None) == (per_element == 12), (label, r)
