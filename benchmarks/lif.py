@@ -31,8 +31,8 @@ this machine however its memory traffic is arranged.
 
 The neuron is the one the models use (``NeuronConfig``'s defaults, the paper's: tau 2, hard
 reset, ``detach_reset``). ``--surrogate`` picks the surrogate gradient the backward pass
-computes (default: the paper's sigmoid); its arithmetic is most of the backward pass's cost on
-a CPU.
+computes (default: the paper's sigmoid). The sigmoid's exp and division bind its backward pass
+by arithmetic on a 2-core CPU, where atan's do not: compare the two runs' "bwd cache" rows.
 
     .venv/bin/python benchmarks/lif.py                          # T=4, N=4M, fp32 on CPU
     .venv/bin/python benchmarks/lif.py --steps 8 --numel 1000000 --json out.json
