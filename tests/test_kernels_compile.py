@@ -32,6 +32,16 @@ def test_variant_lists_cover_every_option_set() -> None:
     assert len({v.template_name for v in fwd + bwd}) == len(fwd) + len(bwd)
 
 
+def test_host_entry_points_per_dtype_and_unknown_dtypes_named() -> None:
+    fp32 = kernel_source("host")
+    everything = kernel_source("host", ("float32", "float16", "bfloat16"))
+    for v in forward_variants() + backward_variants():
+        assert (f'void {v.c_symbol}(' in fp32) == (v.dtype == "float32"), v
+        assert f'void {v.c_symbol}(' in everything and v.host_template_name in everything, v
+    with pytest.raises(ValueError, match=r"\['float8'\] unknown; choose from \['float32', 'float16', 'bfloat16'\]"):
+        kernel_source("host", ("float32", "float8"))
+
+
 def test_surrogates_are_generated_from_the_single_definition() -> None:
     for target in ("cuda", "host"):
         src = kernel_source(target)

@@ -1,7 +1,8 @@
 """The "cpu" backend (lif.cu compiled as host C++) against the torch reference.
 
-Spikes must match exactly; v_final and the gradients of x and v0 to fp32 tolerance. Also:
-backend selection, the GPU-less failure mode of "cupy", and the on-disk library cache.
+Spikes must match exactly; v_final and the gradients of x and v0 to fp32 tolerance. Also: the
+fp16/bf16 kernel instantiations the GPU runs, executed on the CPU; backend selection, the
+GPU-less failure mode of "cupy", and the on-disk library cache.
 """
 
 from __future__ import annotations
@@ -241,6 +242,53 @@ def test_16bit_inputs_match_fp32_reference_on_upcast_values(dtype: torch.dtype, 
     torch.testing.assert_close(v.float(), v_ref, rtol=tol, atol=tol)
     torch.testing.assert_close(gx.float(), gx_ref, rtol=tol, atol=tol)
     torch.testing.assert_close(gv0.float(), gv0_ref, rtol=tol, atol=tol)
+
+
+# ---------------------------------------------------------------- the GPU's 16-bit kernels on a CPU
+# The cpu backend computes 16-bit tensors in fp32 (torch converts around the call), but the GPU
+# runs lif.cu's fp16/bf16 instantiations: 16-bit loads and stores, u saved in 16 bits, and the
+# backward pass's spike read back from that u's sign. The host build compiles those same
+# instantiations with host types that round like CUDA (lif_shim.h), so they run here too.
+# Tolerances are the GPU suite's (tests/test_kernels_gpu.py): what passes here should pass there.
+GPU_TOL = {torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(scope="module")
+def host16(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    return cpu_kernels.compile_host_kernels(tmp_path_factory.mktemp("host16") / "lif16.so", ("float16", "bfloat16"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("p", OPTIONS, ids=lambda p: repr(p))
+def test_16bit_kernel_instantiations_match_the_fp32_reference(host16, dtype: torch.dtype, p: LIFParams) -> None:  # type: ignore[no-untyped-def]
+    from mixersnn.kernels.source import backward_variant, forward_variant
+
+    name = str(dtype).removeprefix("torch.")
+    forward = getattr(host16, forward_variant(p, name, save=True).c_symbol)
+    backward = getattr(host16, backward_variant(p, name).c_symbol)
+    threads = torch.get_num_threads()
+    # n = 2 tiles + 37 lanes: short last tile and chunk; T = 16 is the GPU suite's longest.
+    for steps, n in [(1, 7), (5, 2 * 4096 + 37), (16, 1031)]:
+        x = _inputs(steps, n, seed=steps * 31 + n, dtype=dtype)
+        v0 = (torch.randn(n) * 0.5).to(dtype)
+        gs, gv = torch.randn(steps, n).to(dtype), torch.randn(n).to(dtype)
+        s_ref, v_ref, gx_ref, gv0_ref = _run(lif_reference, x.float(), v0.float(), p, gs.float(), gv.float())
+
+        spikes, u_saved, v_final = torch.empty_like(x), torch.empty_like(x), torch.empty_like(v0)
+        forward(x.data_ptr(), v0.data_ptr(), spikes.data_ptr(), u_saved.data_ptr(), v_final.data_ptr(),
+                n, steps, 1.0 / p.tau, p.v_reset_charge, p.v_threshold, threads)
+        grad_x, grad_v0 = torch.empty_like(x), torch.empty_like(v0)
+        backward(u_saved.data_ptr(), gs.data_ptr(), gv.data_ptr(), grad_x.data_ptr(), grad_v0.data_ptr(),
+                 n, steps, 1.0 / p.tau, p.v_reset_charge, p.v_threshold, p.alpha, threads)
+
+        assert torch.equal(spikes.float(), s_ref), f"spikes differ at T={steps}, N={n}"
+        # What the backward pass recomputes: fired == the stored u's sign bit is clear, also
+        # where u rounded to zero in 16 bits or sat exactly on the threshold.
+        assert torch.equal((~torch.signbit(u_saved.float())).float(), s_ref), f"sign of u at T={steps}, N={n}"
+        tol = GPU_TOL[dtype]
+        for label, got, want in (("v_final", v_final, v_ref), ("grad_x", grad_x, gx_ref), ("grad_v0", grad_v0, gv0_ref)):
+            torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol,
+                                       msg=lambda m, label=label: f"{label} at T={steps}, N={n}: {m}")
 
 
 @pytest.mark.parametrize("v_init", [None, "given"])

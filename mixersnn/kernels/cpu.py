@@ -214,13 +214,31 @@ def load_library(*, use_memory_cache: bool = True) -> CpuLibrary:
         return out
 
 
-def _declare(lib: ctypes.CDLL) -> None:
+def compile_host_kernels(dest: Path, host_dtypes: tuple[str, ...]) -> ctypes.CDLL:
+    """Compile the host build with entry points for ``host_dtypes`` (keys of
+    ``source.HOST_DTYPES``) to ``dest``, outside the cache, and load it.
+
+    The cpu backend's library has fp32 alone; the tests build the 16-bit instantiations this
+    way to run, on a CPU, what the GPU runs for fp16 and bf16 tensors. Same compiler and flags
+    as the backend's library.
+
+    Raises:
+        RuntimeError: no compiler, or the compile failed (the message carries its log).
+    """
+    _, cmd, _ = _build_recipe(os.environ.get("CXX"))
+    _compile(kernel_source("host", tuple(host_dtypes)), cmd, dest)
+    lib = ctypes.CDLL(str(dest))
+    _declare(lib, tuple(host_dtypes))
+    return lib
+
+
+def _declare(lib: ctypes.CDLL, dtypes: tuple[str, ...] = ("float32",)) -> None:
     ptr, i64, i32, f32 = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_float
-    for v in forward_variants(("float32",)):
+    for v in forward_variants(dtypes):
         fn = getattr(lib, v.c_symbol)
         fn.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i32, f32, f32, f32, i32]
         fn.restype = None
-    for v in backward_variants(("float32",)):
+    for v in backward_variants(dtypes):
         fn = getattr(lib, v.c_symbol)
         fn.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i32, f32, f32, f32, f32, i32]
         fn.restype = None

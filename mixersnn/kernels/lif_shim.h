@@ -133,12 +133,13 @@ static inline int lif_first_chunk_end(const void* out_row, int count) {
 #ifndef LIF_PREFETCH_LANES
 #define LIF_PREFETCH_LANES 256
 #endif
-static inline void lif_prefetch(const float* base, lif_index_t row, lif_index_t next_row,
+template <typename T>
+static inline void lif_prefetch(const T* base, lif_index_t row, lif_index_t next_row,
                                 lif_index_t tile, int c, int count, lif_index_t size) {
   const int ahead = c + LIF_PREFETCH_LANES;
   const lif_index_t at = tile + (ahead < count ? row + ahead : next_row + (ahead - count));
   if (at >= size) return;
-  for (int k = 0; k < LIF_CHUNK; k += 64 / (int)sizeof(float)) __builtin_prefetch(base + at + k);
+  for (int k = 0; k < LIF_CHUNK; k += 64 / (int)sizeof(T)) __builtin_prefetch(base + at + k);
 }
 #define LIF_PREFETCH(in, row, next_row, c, tile, n, size) \
   lif_prefetch((in), (row), (next_row), (tile), (c), LIF_TILE_COUNT(tile, n), (size))
@@ -186,6 +187,12 @@ static inline void lif_flush_row(float* LIF_RESTRICT dst, const float* LIF_RESTR
   for (int k = 0; k < count; ++k) dst[k] = src[k];
 }
 
+// 16-bit staging rows (the tests' build, below) are copied with plain stores.
+template <typename T>
+static inline void lif_flush_row(T* LIF_RESTRICT dst, const T* LIF_RESTRICT src, int count, bool) {
+  for (int k = 0; k < count; ++k) dst[k] = src[k];
+}
+
 // Order this thread's non-temporal stores before whatever follows (the end of the parallel
 // region, then the caller reading the outputs).
 static inline void lif_stream_fence(bool stream) {
@@ -215,10 +222,44 @@ extern "C" void lif_stream_copy(const float* LIF_RESTRICT src, float* LIF_RESTRI
 
 static inline bool lif_signbit(float x) { return __builtin_signbitf(x) != 0; }
 
-// The host build only sees fp32 (16-bit inputs are converted in torch around the call).
+// The cpu backend only runs fp32 (16-bit tensors are converted in torch around the call).
 static inline float lif_load(float x) { return x; }
 template <typename scalar_t>
 static inline scalar_t lif_store(float x) { return x; }
+
+// 16-bit storage for the tests: on the GPU the kernels keep fp16/bf16 tensors, u_saved
+// included, and recompute the spike from the sign of the stored u. tests/test_kernels_cpu.py
+// builds the 16-bit instantiations with these host types (source.HOST_DTYPES) so that those
+// paths run on a CPU too. Loads are exact; stores round to nearest even, like CUDA's
+// __float2half_rn and __float2bfloat16_rn. lif_load and lif_store above reach them through
+// the conversions.
+struct lif_host_half {
+  _Float16 value;
+  lif_host_half() = default;
+  lif_host_half(float x) : value((_Float16)x) {}
+  operator float() const { return (float)value; }
+};
+struct lif_host_bf16 {
+  uint16_t bits;
+  lif_host_bf16() = default;
+  lif_host_bf16(float x) {
+    uint32_t b;
+    memcpy(&b, &x, sizeof(b));
+    if ((b & 0x7fffffffu) > 0x7f800000u) {
+      bits = (uint16_t)((b >> 16) | 0x40u);  // NaN stays a (quiet) NaN
+    } else {
+      bits = (uint16_t)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);  // round to nearest even
+    }
+  }
+  // Not inlined: GCC 12 crashes (internal compiler error) vectorising the backward pass's
+  // sign test on this conversion. Test-only code, so the scalar loop costs nothing that matters.
+  __attribute__((noinline)) operator float() const {
+    const uint32_t b = (uint32_t)bits << 16;
+    float x;
+    memcpy(&x, &b, sizeof(x));
+    return x;
+  }
+};
 
 // glibc's expf is a scalar call that stops the simd loop from vectorising, and its vector
 // variant (libmvec) is only declared under -ffast-math, which would also break the exact
