@@ -17,6 +17,7 @@ tagged ``failed`` with the reason; Tune records the error and the search goes on
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -380,10 +381,14 @@ def run_search(
         ray.init(**kw)
 
     trainable = tune.with_resources(tune.with_parameters(_trial, ctx=_ctx(cfg, uri, parent)), {"CPU": TRIAL_CPU})
+    # Trials at once, decided once for the baselines and the trials alike (with "auto" the
+    # cluster could have grown or shrunk while the baselines trained), and only if something
+    # new starts: a resumed Tune experiment keeps its own.
+    concurrency = functools.cache(lambda: _max_concurrent(cfg, log))
     status = "FAILED"
     try:
         if cfg.baselines:
-            _fit_baselines(cfg, trainable, uri, resume=resume, quiet=quiet, log=log)
+            _fit_baselines(cfg, trainable, uri, resume=resume, quiet=quiet, log=log, concurrency=concurrency)
         if resume and (sdir / "tuner.pkl").exists():
             log(f"resuming search {cfg.name!r} from {sdir}")
             tuner = _restore(sdir, trainable)
@@ -399,7 +404,7 @@ def run_search(
                 # which would cut off the final model upload after the last epoch's report.
                 scheduler = ASHAScheduler(time_attr="training_iteration", max_t=epochs + 1,
                                           grace_period=cfg.asha.grace_period, reduction_factor=cfg.asha.reduction_factor)
-            n_conc = _max_concurrent(cfg, log)
+            n_conc = concurrency()
             log(f"search {cfg.name!r}: {cfg.budget.num_trials} trials, {n_conc} at a time"
                 + (f", time budget {cfg.budget.time_budget_s:.0f} s" if cfg.budget.time_budget_s else "")
                 + f", objectives {list(zip(names, modes))}" + (" with ASHA" if single else ""))
@@ -426,7 +431,7 @@ def run_search(
 
 
 def _fit_baselines(cfg: SearchConfig, trainable: Any, uri: str, *, resume: bool, quiet: bool,
-                   log: Callable[[str], None]) -> None:
+                   log: Callable[[str], None], concurrency: Callable[[], int]) -> None:
     """Train the search file's baselines, before the sampled trials: one fixed Tune trial each
     (a grid over their configs) through the same trial function, so each is trained once with
     the search's ``train:``, ``scale`` and per-trial budget and recorded as a child run tagged
@@ -448,7 +453,7 @@ def _fit_baselines(cfg: SearchConfig, trainable: Any, uri: str, *, resume: bool,
     else:
         log(f"baselines of {cfg.name!r}: {', '.join(b.label for b in cfg.baselines)} (trained once each, before the "
             f"search's trials, with the same train config and per-trial budget; constraints not applied)")
-        tuner = _new_tuner(bdir, trainable, callback, num_samples=1, max_concurrent_trials=_max_concurrent(cfg, log),
+        tuner = _new_tuner(bdir, trainable, callback, num_samples=1, max_concurrent_trials=concurrency(),
                            param_space={"resolved": tune.grid_search([baseline_resolved(cfg, b) for b in cfg.baselines])})
     tuner.fit()
 
