@@ -232,7 +232,12 @@ static inline scalar_t lif_store(float x) { return x; }
 // builds the 16-bit instantiations with these host types (source.HOST_DTYPES) so that those
 // paths run on a CPU too. Loads are exact; stores round to nearest even, like CUDA's
 // __float2half_rn and __float2bfloat16_rn. lif_load and lif_store above reach them through
-// the conversions.
+// the conversions. Only that build defines them (source.py sets LIF_HOST_16BIT): they need
+// _Float16, which the cpu backend's own library must not (GCC 11 lacks it on x86).
+#ifdef LIF_HOST_16BIT
+#ifndef __FLT16_MAX__
+#error "the 16-bit host types need _Float16 (GCC >= 12 or clang >= 15 on x86-64; aarch64)"
+#endif
 struct lif_host_half {
   _Float16 value;
   lif_host_half() = default;
@@ -260,6 +265,7 @@ struct lif_host_bf16 {
     return x;
   }
 };
+#endif  // LIF_HOST_16BIT
 
 // glibc's expf is a scalar call that stops the simd loop from vectorising, and its vector
 // variant (libmvec) is only declared under -ffast-math, which would also break the exact

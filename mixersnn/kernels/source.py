@@ -197,5 +197,8 @@ def kernel_source(target: str, host_dtypes: tuple[str, ...] = ("float32",)) -> s
     end = body.index("\n", start)
     body = body[:start] + _surrogate_block() + body[end:]
     if target == "host":
-        return "#define LIF_HOST 1\n" + body + _host_entry_points(tuple(host_dtypes))
+        head = "#define LIF_HOST 1\n"
+        if any(d != "float32" for d in host_dtypes):
+            head += "#define LIF_HOST_16BIT 1\n"  # the 16-bit host types (lif_shim.h)
+        return head + body + _host_entry_points(tuple(host_dtypes))
     return body
