@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -266,16 +267,20 @@ def _session(sid: int) -> set[int]:
     return pids
 
 
-# Known flaky: failed once in four runs, when it ran after the end-to-end test in the same
-# session, and passed alone. The cause is not found yet (see the closing note). One rerun
-# keeps CI honest: the test still has to pass.
+# It failed now and then on a loaded machine: a trial killed after logging its epoch but
+# before Ray kept the checkpoint trained the epoch again on resume and logged it twice (fixed
+# in trainers/loop.py, tested in test_trainer.py). One rerun stays for the load-dependent
+# timing of the kill; each attempt gets its own search name, since the MLflow server (and
+# what a failed attempt left in it) is shared by the session.
 @pytest.mark.flaky(reruns=1)
 def test_killed_driver_resumes_without_duplicates(shards: Path, tmp_path: Path, mlflow_server: str) -> None:
     from mlflow.tracking import MlflowClient
 
+    name = f"resumable-{uuid.uuid4().hex[:8]}"
+
     space = {**TINY_SPACE, "T": 1, "batch_size": 32}
     path = _yaml(tmp_path / "search.yaml", _tiny_config(
-        tmp_path, shards, mlflow_server, "resumable", space=space,
+        tmp_path, shards, mlflow_server, name, space=space,
         budget={"num_trials": 3, "max_concurrent_trials": 2}, constraints={}))
     cmd = [sys.executable, "-m", "mixersnn.cli", "search", "--config", str(path), "--quiet"]
     env = {**os.environ, **WORKER_ENV, "PYTHONPATH": str(REPO)}
@@ -286,7 +291,7 @@ def test_killed_driver_resumes_without_duplicates(shards: Path, tmp_path: Path, 
     try:
         deadline = time.time() + 240
         while True:
-            exp = client.get_experiment_by_name("exp-resumable")
+            exp = client.get_experiment_by_name(f"exp-{name}")
             done = [] if exp is None else client.search_runs(
                 [exp.experiment_id], filter_string="tags.`mixersnn.trial_status` = 'ok'")
             if done:
@@ -308,7 +313,7 @@ def test_killed_driver_resumes_without_duplicates(shards: Path, tmp_path: Path, 
             pass
     time.sleep(1.0)
 
-    exp = client.get_experiment_by_name("exp-resumable")
+    exp = client.get_experiment_by_name(f"exp-{name}")
     before = client.search_runs([exp.experiment_id], max_results=100)
     assert sum(r.data.tags.get("mixersnn.trial_status") == "ok" for r in before) < 3, "nothing left to resume"
 
@@ -331,7 +336,7 @@ def test_killed_driver_resumes_without_duplicates(shards: Path, tmp_path: Path, 
     # Each trained epoch was logged once, even for the trial that was cut off and resumed.
     for c in children:
         assert [h.step for h in client.get_metric_history(c.info.run_id, "test_acc")] == [0]
-    assert len(client.search_model_versions("name='resumable-best'")) == 1
+    assert len(client.search_model_versions(f"name='{name}-best'")) == 1
 
 
 

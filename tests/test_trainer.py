@@ -78,6 +78,35 @@ def test_resume_continues_without_retraining(fmnist_shards: Path, tmp_path: Path
     assert [h["epoch"] for h in state["history"]] == [0, 1, 2]
 
 
+def test_an_epoch_trained_again_after_a_kill_is_logged_once(fmnist_shards: Path, tmp_path: Path) -> None:
+    """A worker killed after logging an epoch to MLflow but before its checkpoint was kept
+    (Ray had not registered it) trains that epoch again on restart, into the same run (a
+    search trial's run is found by name): MLflow must still hold each epoch once."""
+    from mlflow.tracking import MlflowClient
+
+    from trainers.tracking import MLflowTracker, start_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = start_run(uri, "exp", "killed")
+
+    def killed_before_the_checkpoint_was_kept(metrics: dict, ckpt_dir) -> None:
+        raise RuntimeError("simulated kill")
+
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        run_training(_cfg(fmnist_shards, epochs=2),
+                     WorkerContext(report=killed_before_the_checkpoint_was_kept, tracker=MLflowTracker(uri, run_id),
+                                   log=lambda s: None))
+    client = MlflowClient(uri)
+    assert [m.step for m in client.get_metric_history(run_id, "test_acc")] == [0]
+    # No checkpoint survived: the restart begins at epoch 0 again.
+    rec = Recorder(tmp_path / "restart")
+    run_training(_cfg(fmnist_shards, epochs=2), WorkerContext(report=rec, tracker=MLflowTracker(uri, run_id),
+                                                              log=lambda s: None))
+    assert [m["epoch"] for m in rec.metrics] == [0, 1]
+    for key in ("test_acc", "train_loss", "lr"):
+        assert [m.step for m in client.get_metric_history(run_id, key)] == [0, 1], key
+
+
 def test_time_budget_anneals_and_stops_mid_run(fmnist_shards: Path, tmp_path: Path) -> None:
     rec = Recorder(tmp_path)
     logs: list[str] = []

@@ -43,8 +43,8 @@ class WorkerContext:
         report: called once per epoch on every rank with ``(metrics, checkpoint_dir)``;
             ``checkpoint_dir`` holds ``checkpoint.pt`` on rank 0 and is None elsewhere.
         resume_dir: a directory holding ``checkpoint.pt`` to resume from, or None.
-        tracker: MLflow tracker on rank 0 (``log_params``, ``log_metrics``, ``log_artifact``,
-            ``log_dict``), None on other ranks or when tracking is off.
+        tracker: MLflow tracker on rank 0 (``log_params``, ``log_metrics``, ``logged_steps``,
+            ``log_artifact``, ``log_dict``), None on other ranks or when tracking is off.
         log: progress printer (rank 0).
     """
 
@@ -393,6 +393,10 @@ def run_training(cfg: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
              "scale.world_size": ctx.world_size}
         )
 
+    # Epochs this run has already logged. An epoch's metrics go to MLflow before its checkpoint
+    # is reported; a worker killed between the two (or before Ray registered the checkpoint)
+    # trains that epoch again on restart, and it must not be logged twice.
+    logged_epochs = ctx.tracker.logged_steps("test_acc") if ctx.is_main and ctx.tracker is not None else set()
     meter = _energy_meter(model) if cfg.measure_energy else None
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + ctx.rank)
     out_of_time = False
@@ -489,7 +493,7 @@ def run_training(cfg: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
                 },
                 ckpt_dir / CHECKPOINT_FILE,
             )
-            if ctx.tracker is not None:
+            if ctx.tracker is not None and epoch not in logged_epochs:
                 ctx.tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
             ctx.log(
                 f"epoch {epoch + 1}/{cfg.epochs}: train loss {metrics['train_loss']:.4f} "
