@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _helpers import KERNEL_TOL
 from mixersnn.kernels import cpu as cpu_kernels
 from mixersnn.neurons import LIF, lif_multistep, lif_reference, make_lif_params
 from mixersnn.neurons.backends import LIFParams, resolve_backend
@@ -249,8 +250,7 @@ def test_16bit_inputs_match_fp32_reference_on_upcast_values(dtype: torch.dtype, 
 # runs lif.cu's fp16/bf16 instantiations: 16-bit loads and stores, u saved in 16 bits, and the
 # backward pass's spike read back from that u's sign. The host build compiles those same
 # instantiations with host types that round like CUDA (lif_shim.h), so they run here too.
-# Tolerances are the GPU suite's (tests/test_kernels_gpu.py): what passes here should pass there.
-GPU_TOL = {torch.float16: 3e-3, torch.bfloat16: 2e-2}
+# Tolerances are the GPU suite's (KERNEL_TOL): what passes here should pass there.
 
 
 @pytest.fixture(scope="module")
@@ -285,7 +285,7 @@ def test_16bit_kernel_instantiations_match_the_fp32_reference(host16, dtype: tor
         # What the backward pass recomputes: fired == the stored u's sign bit is clear, also
         # where u rounded to zero in 16 bits or sat exactly on the threshold.
         assert torch.equal((~torch.signbit(u_saved.float())).float(), s_ref), f"sign of u at T={steps}, N={n}"
-        tol = GPU_TOL[dtype]
+        tol = KERNEL_TOL[dtype]
         for label, got, want in (("v_final", v_final, v_ref), ("grad_x", grad_x, gx_ref), ("grad_v0", grad_v0, gv0_ref)):
             torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol,
                                        msg=lambda m, label=label: f"{label} at T={steps}, N={n}: {m}")
