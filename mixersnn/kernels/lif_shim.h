@@ -165,31 +165,28 @@ static inline bool lif_should_stream(long long bytes) { return bytes >= lif_stre
 #define LIF_OUT_FLUSH(out, row, c, tile, n, stream) \
   lif_flush_row((out) + (row) + (tile) + (c), out##_row, c##_end - (c), (stream))
 
-// Copy staged lanes to dst: non-temporal 32-byte stores where dst is 32-byte aligned (the
-// unaligned head and the tail are plain stores), or a plain copy. The non-temporal stores are
-// weakly ordered; the fence that orders them before anything that reads the output is
+// Copy staged lanes to dst: for fp32 with `stream`, non-temporal 32-byte stores where dst is
+// 32-byte aligned (the unaligned head and the tail are plain stores); otherwise, and for the
+// 16-bit rows of the tests' build (below), a plain copy. The non-temporal stores are weakly
+// ordered; the fence that orders them before anything that reads the output is
 // lif_stream_fence() after each tile (a fence per flush would stall every 64 lanes until all
 // pending stores have drained).
-static inline void lif_flush_row(float* LIF_RESTRICT dst, const float* LIF_RESTRICT src,
-                                 int count, bool stream) {
-#if defined(__AVX__)
-  if (stream) {
-    int k = 0;
-    for (; k < count && ((uintptr_t)(dst + k) & 31) != 0; ++k) dst[k] = src[k];
-    for (; k + 8 <= count; k += 8) _mm256_stream_ps(dst + k, _mm256_loadu_ps(src + k));
-    for (; k < count; ++k) dst[k] = src[k];
-    return;
-  }
-#else
-  (void)stream;
-#endif
-  LIF_PRAGMA(omp simd)
-  for (int k = 0; k < count; ++k) dst[k] = src[k];
-}
-
-// 16-bit staging rows (the tests' build, below) are copied with plain stores.
 template <typename T>
-static inline void lif_flush_row(T* LIF_RESTRICT dst, const T* LIF_RESTRICT src, int count, bool) {
+static inline void lif_flush_row(T* LIF_RESTRICT dst, const T* LIF_RESTRICT src, int count,
+                                 bool stream) {
+#if defined(__AVX__)
+  if constexpr (sizeof(T) == sizeof(float)) {
+    if (stream) {
+      int k = 0;
+      for (; k < count && ((uintptr_t)(dst + k) & 31) != 0; ++k) dst[k] = src[k];
+      for (; k + 8 <= count; k += 8) _mm256_stream_ps(dst + k, _mm256_loadu_ps(src + k));
+      for (; k < count; ++k) dst[k] = src[k];
+      return;
+    }
+  }
+#endif
+  (void)stream;
+  LIF_PRAGMA(omp simd)
   for (int k = 0; k < count; ++k) dst[k] = src[k];
 }
 
