@@ -189,9 +189,9 @@ def run(args: argparse.Namespace) -> dict:
                         step = cpu_kernels_step(args.steps, numel, calls_, args.surrogate, passes)
                         secs, bws = timed(step, args.repeats)
                         del step  # its buffers go before the next row's
-                        # Per element of the benchmark's size (the cache rows do fewer);
-                        # the reference ratio only means something for a whole step.
-                        secs *= args.numel / (numel * calls_) if label != "n+1" else 1.0
+                        # Per element of the benchmark's size (the cache rows do fewer, n+1
+                        # one more); the reference ratio only means something for a whole step.
+                        secs *= args.numel / (numel * calls_)
                         ref = ref_s if len(passes) == 2 else None
                         rows.append(row("cpu-kern", label, secs, ref, bws, passes=len(passes)))
         # For the header: each kind's median over the rows' rounds.
@@ -312,8 +312,8 @@ def main(argv: list[str] | None = None) -> None:
         help="the cpu backend's output pool: off (fresh), on (pool, the default), or both side by side",
     )  # fmt: skip
     ap.add_argument(
-        "--surrogate", choices=sorted(SURROGATES), default="sigmoid",
-        help="surrogate gradient of the backward pass (default sigmoid, the neuron's default)",
+        "--surrogate", choices=sorted(SURROGATES), default=NeuronConfig().surrogate,
+        help=f"surrogate gradient of the backward pass (default {NeuronConfig().surrogate}, the models')",
     )  # fmt: skip
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat (CI)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
