@@ -66,12 +66,19 @@ def _tiny_config(tmp: Path, shards: Path, uri: str, name: str, **extra) -> dict:
     return d
 
 
-def _ray_up() -> None:
-    """A fresh local Ray runtime of 2 CPUs (``address="local"``: a bare init would join any
-    cluster that ``ray start`` recorded on this machine)."""
+@pytest.fixture(scope="module")
+def local_ray():  # type: ignore[no-untyped-def]
+    """One local Ray runtime of 2 CPUs for the in-process searches of this module (starting one
+    takes about 10 s on 2 cores; ``address="local"``: a bare init would join any cluster that
+    ``ray start`` recorded on this machine). The second search on it also shows that the first
+    released every CPU its trials and Train workers held. It lives until the module ends, so
+    the killed-driver test, whose searches start their own Ray in subprocesses, runs first
+    and has no idle runtime beside it."""
     os.environ.update(WORKER_ENV)
     ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port(),
              runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False)
+    yield
+    ray.shutdown()
 
 
 def _outcomes(cfg_path: Path, n: int) -> list[str]:
@@ -104,136 +111,6 @@ TINY_BASELINE = {"model": "mlp_spe_t", "label": "tiny-ref",
 def _dominates(a, b) -> bool:  # type: ignore[no-untyped-def]
     """(acc, energy): a is no worse in both and better in one."""
     return a[0] >= b[0] and a[1] <= b[1] and (a[0] > b[0] or a[1] < b[1])
-
-
-def test_search_end_to_end_on_mlflow_server(shards: Path, tmp_path: Path, mlflow_server: str, capsys) -> None:  # type: ignore[no-untyped-def]
-    """The whole multi-objective search with NSGA-II and one baseline: every trial outcome
-    (trained, infeasible, failed), the front, the registry, the baseline kept off both and
-    compared with the front, and the report."""
-    from mlflow.tracking import MlflowClient
-
-    from mixersnn.cli import main
-    from search.driver import run_search
-    from search.space import load_search_config
-
-    # A seed whose four proposals (NSGA-II's first, random generation) cover every outcome:
-    # two that train, one over the energy cap, one that crashes in the trainer.
-    for seed in range(200):
-        path = _yaml(tmp_path / "search.yaml", _tiny_config(
-            tmp_path, shards, mlflow_server, "e2e", seed=seed, baselines=[TINY_BASELINE],
-            objective={"mode": "multi", "sampler": "nsga2", "population_size": 4}))
-        expected = _outcomes(path, 4)
-        if sorted(expected) == ["failed", "infeasible", "ok", "ok"]:
-            break
-    else:
-        pytest.fail("no seed gives every outcome")
-    cfg = load_search_config(path)
-
-    lines: list[str] = []
-    _ray_up()
-    try:
-        res = run_search(cfg, quiet=True, log=lines.append)
-    finally:
-        ray.shutdown()
-
-    client = MlflowClient(mlflow_server)
-    exp = client.get_experiment_by_name("exp-e2e")
-    runs = client.search_runs([exp.experiment_id], max_results=100)
-    parents = [r for r in runs if r.data.tags.get("mixersnn.kind") == "search"]
-    assert len(parents) == 1 and parents[0].info.run_name == "e2e" and parents[0].info.status == "FINISHED"
-    parent = parents[0]
-    kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    (base,) = [c for c in kids if c.data.tags["mixersnn.kind"] == "baseline"]
-    children = [c for c in kids if c.data.tags["mixersnn.kind"] == "trial"]
-    assert len(children) == 4 and len({c.info.run_name for c in children}) == 4
-    assert all(c.info.run_name.startswith("trial-") for c in children)
-    # NSGA-II, the sampler in the searcher (not only the one configured), proposed every trial.
-    assert {c.data.params["search.sampler"] for c in children} == {"NSGAIISampler"}
-    assert {c.data.params["search.sampler_generation"] for c in children} == {"0"}
-    by_status: dict[str, list] = {}
-    for c in children:
-        by_status.setdefault(c.data.tags["mixersnn.trial_status"], []).append(c)
-    assert sorted(by_status) == ["failed", "infeasible", "ok"] and len(by_status["ok"]) == 2
-
-    # Trials that trained: params, per-epoch metrics, checkpoint, MFI report.
-    for c in by_status["ok"]:
-        rid = c.info.run_id
-        assert c.info.status == "FINISHED"
-        p = c.data.params
-        assert p["model.T"] == "1" and p["search.arch.T"] == "1" and p["train.batch_size"] == "32"
-        assert p["model.embed_dim"] == p["search.arch.embed_dim"] in ("6", "12")
-        assert json.loads(p["search.distributions"])  # the Optuna record of the trial
-        for key in ("test_acc", "train_loss", "energy_per_image_uj", "sops_per_image", "mean_firing_rate"):
-            assert [h.step for h in client.get_metric_history(rid, key)] == [0], key
-        assert 0 < c.data.metrics["energy_per_image_uj"] <= cfg.constraints.max_energy_uj
-        assert c.data.metrics["num_params"] > 0
-        arts = {a.path for a in client.list_artifacts(rid, "model")}
-        assert {"model/model.pt", "model/mfi_report.json"} <= arts
-        assert c.data.tags["mixersnn.mfi_ok"] == "True"
-
-    # Infeasible: recorded with the reason, never trained.
-    (inf,) = by_status["infeasible"]
-    assert inf.info.status == "KILLED" and inf.data.params["search.arch.T"] == "2"
-    assert "max_energy_uj" in inf.data.tags["mixersnn.reason"]
-    assert "test_acc" not in inf.data.metrics and not client.list_artifacts(inf.info.run_id, "model")
-
-    # Failed: the trainer's error is the recorded reason; the search went on.
-    (bad,) = by_status["failed"]
-    assert bad.info.status == "FAILED" and "exceeds the 256 samples" in bad.data.tags["mixersnn.reason"]
-
-    # The parent run: tables, the front as a plot, Optuna's plots, summary metrics.
-    arts = {a.path for a in client.list_artifacts(parent.info.run_id, "search")}
-    assert {"search/pareto_front.csv", "search/pareto_front.json", "search/pareto_front.png", "search/trials.csv",
-            "search/optuna_history.png", "search/search.json"} <= arts
-    assert parent.data.metrics["trials_total"] == 4 and parent.data.metrics["trials_ok"] == 2
-    front = json.loads(Path(client.download_artifacts(parent.info.run_id, "search/pareto_front.json", str(tmp_path))).read_text())
-    assert 1 <= len(front) <= 2 and {f["run_id"] for f in front} <= {c.info.run_id for c in by_status["ok"]}
-    # The front is non-dominated, and the trained trial off it is dominated by it.
-    point = {c.info.run_id: (c.data.metrics["test_acc"], c.data.metrics["energy_per_image_uj"]) for c in by_status["ok"]}
-    on_front = {f["run_id"] for f in front}
-    for rid in on_front:
-        assert not any(_dominates(point[o], point[rid]) for o in point if o != rid)
-    for rid in set(point) - on_front:
-        assert any(_dominates(point[f], point[rid]) for f in on_front)
-
-    # The baseline: trained once with the search's train config, tagged, its own model; off
-    # the front although nothing is cheaper, never registered; compared with the front.
-    assert base.info.run_name == "e2e-baseline-tiny-ref" and base.info.status == "FINISHED"
-    assert base.data.tags["mixersnn.baseline"] == "tiny-ref" and base.data.tags["mixersnn.trial_status"] == "ok"
-    assert base.data.params["model.embed_dim"] == "3" and base.data.params["model.patch_size"] == "14"
-    assert base.data.params["model.spe"] == "False" and base.data.params["train.max_steps_per_epoch"] == "3"
-    assert base.data.metrics["energy_per_image_uj"] < min(e for _, e in point.values())
-    assert base.info.run_id not in on_front and parent.data.metrics["baselines_total"] == 1
-    text = "\n".join(lines)
-    assert "baselines vs the Pareto front" in text and "tiny-ref" in text and "not dominated" in text
-    assert "B baseline:tiny-ref" in text
-    assert [b["label"] for b in json.loads(Path(client.download_artifacts(
-        parent.info.run_id, "search/baselines.json", str(tmp_path))).read_text())] == ["tiny-ref"]
-
-    # The registry holds the most accurate trial as an MLflow PyTorch model.
-    # Tiny one-epoch models can tie exactly (same accuracy; no spikes, so the same MAC-only
-    # energy): any trial with the best (accuracy, -energy) key is a correct choice.
-    def key(c):  # type: ignore[no-untyped-def]
-        return (c.data.metrics["test_acc"], -c.data.metrics["energy_per_image_uj"])
-
-    top = max(key(c) for c in by_status["ok"])
-    best_ids = {c.info.run_id for c in by_status["ok"] if key(c) == top}
-    versions = client.search_model_versions("name='e2e-best'")
-    assert len(versions) == 1 and versions[0].run_id == res.best.run_id and res.best.run_id in best_ids
-    best = next(c for c in by_status["ok"] if c.info.run_id == res.best.run_id)
-    import mlflow.pytorch
-
-    mlflow.set_tracking_uri(mlflow_server)
-    model = mlflow.pytorch.load_model("models:/e2e-best/1")
-    assert model.config.embed_dim == int(best.data.params["model.embed_dim"])
-
-    # The report command reads it all back from MLflow.
-    out = tmp_path / "front.png"
-    capsys.readouterr()
-    assert main(["report", "exp-e2e", "--tracking-uri", mlflow_server, "--out", str(out)]) == 0
-    assert out.stat().st_size > 0
-    printed = capsys.readouterr().out
-    assert "4 trials" in printed and "1 baseline(s)" in printed and "tiny-ref" in printed and "not dominated" in printed
 
 
 def _descendants(pid: int) -> set[int]:
@@ -339,6 +216,130 @@ def test_killed_driver_resumes_without_duplicates(shards: Path, tmp_path: Path, 
     assert len(client.search_model_versions(f"name='{name}-best'")) == 1
 
 
+def test_search_end_to_end_on_mlflow_server(shards: Path, tmp_path: Path, mlflow_server: str, local_ray, capsys) -> None:  # type: ignore[no-untyped-def]
+    """The whole multi-objective search with NSGA-II and one baseline: every trial outcome
+    (trained, infeasible, failed), the front, the registry, the baseline kept off both and
+    compared with the front, and the report."""
+    from mlflow.tracking import MlflowClient
+
+    from mixersnn.cli import main
+    from search.driver import run_search
+    from search.space import load_search_config
+
+    # A seed whose four proposals (NSGA-II's first, random generation) cover every outcome:
+    # two that train, one over the energy cap, one that crashes in the trainer.
+    for seed in range(200):
+        path = _yaml(tmp_path / "search.yaml", _tiny_config(
+            tmp_path, shards, mlflow_server, "e2e", seed=seed, baselines=[TINY_BASELINE],
+            objective={"mode": "multi", "sampler": "nsga2", "population_size": 4}))
+        expected = _outcomes(path, 4)
+        if sorted(expected) == ["failed", "infeasible", "ok", "ok"]:
+            break
+    else:
+        pytest.fail("no seed gives every outcome")
+    cfg = load_search_config(path)
+
+    lines: list[str] = []
+    res = run_search(cfg, quiet=True, log=lines.append)
+
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("exp-e2e")
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    parents = [r for r in runs if r.data.tags.get("mixersnn.kind") == "search"]
+    assert len(parents) == 1 and parents[0].info.run_name == "e2e" and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    (base,) = [c for c in kids if c.data.tags["mixersnn.kind"] == "baseline"]
+    children = [c for c in kids if c.data.tags["mixersnn.kind"] == "trial"]
+    assert len(children) == 4 and len({c.info.run_name for c in children}) == 4
+    assert all(c.info.run_name.startswith("trial-") for c in children)
+    # NSGA-II, the sampler in the searcher (not only the one configured), proposed every trial.
+    assert {c.data.params["search.sampler"] for c in children} == {"NSGAIISampler"}
+    assert {c.data.params["search.sampler_generation"] for c in children} == {"0"}
+    by_status: dict[str, list] = {}
+    for c in children:
+        by_status.setdefault(c.data.tags["mixersnn.trial_status"], []).append(c)
+    assert sorted(by_status) == ["failed", "infeasible", "ok"] and len(by_status["ok"]) == 2
+
+    # Trials that trained: params, per-epoch metrics, checkpoint, MFI report.
+    for c in by_status["ok"]:
+        rid = c.info.run_id
+        assert c.info.status == "FINISHED"
+        p = c.data.params
+        assert p["model.T"] == "1" and p["search.arch.T"] == "1" and p["train.batch_size"] == "32"
+        assert p["model.embed_dim"] == p["search.arch.embed_dim"] in ("6", "12")
+        assert json.loads(p["search.distributions"])  # the Optuna record of the trial
+        for key in ("test_acc", "train_loss", "energy_per_image_uj", "sops_per_image", "mean_firing_rate"):
+            assert [h.step for h in client.get_metric_history(rid, key)] == [0], key
+        assert 0 < c.data.metrics["energy_per_image_uj"] <= cfg.constraints.max_energy_uj
+        assert c.data.metrics["num_params"] > 0
+        arts = {a.path for a in client.list_artifacts(rid, "model")}
+        assert {"model/model.pt", "model/mfi_report.json"} <= arts
+        assert c.data.tags["mixersnn.mfi_ok"] == "True"
+
+    # Infeasible: recorded with the reason, never trained.
+    (inf,) = by_status["infeasible"]
+    assert inf.info.status == "KILLED" and inf.data.params["search.arch.T"] == "2"
+    assert "max_energy_uj" in inf.data.tags["mixersnn.reason"]
+    assert "test_acc" not in inf.data.metrics and not client.list_artifacts(inf.info.run_id, "model")
+
+    # Failed: the trainer's error is the recorded reason; the search went on.
+    (bad,) = by_status["failed"]
+    assert bad.info.status == "FAILED" and "exceeds the 256 samples" in bad.data.tags["mixersnn.reason"]
+
+    # The parent run: tables, the front as a plot, Optuna's plots, summary metrics.
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id, "search")}
+    assert {"search/pareto_front.csv", "search/pareto_front.json", "search/pareto_front.png", "search/trials.csv",
+            "search/optuna_history.png", "search/search.json"} <= arts
+    assert parent.data.metrics["trials_total"] == 4 and parent.data.metrics["trials_ok"] == 2
+    front = json.loads(Path(client.download_artifacts(parent.info.run_id, "search/pareto_front.json", str(tmp_path))).read_text())
+    assert 1 <= len(front) <= 2 and {f["run_id"] for f in front} <= {c.info.run_id for c in by_status["ok"]}
+    # The front is non-dominated, and the trained trial off it is dominated by it.
+    point = {c.info.run_id: (c.data.metrics["test_acc"], c.data.metrics["energy_per_image_uj"]) for c in by_status["ok"]}
+    on_front = {f["run_id"] for f in front}
+    for rid in on_front:
+        assert not any(_dominates(point[o], point[rid]) for o in point if o != rid)
+    for rid in set(point) - on_front:
+        assert any(_dominates(point[f], point[rid]) for f in on_front)
+
+    # The baseline: trained once with the search's train config, tagged, its own model; off
+    # the front although nothing is cheaper, never registered; compared with the front.
+    assert base.info.run_name == "e2e-baseline-tiny-ref" and base.info.status == "FINISHED"
+    assert base.data.tags["mixersnn.baseline"] == "tiny-ref" and base.data.tags["mixersnn.trial_status"] == "ok"
+    assert base.data.params["model.embed_dim"] == "3" and base.data.params["model.patch_size"] == "14"
+    assert base.data.params["model.spe"] == "False" and base.data.params["train.max_steps_per_epoch"] == "3"
+    assert base.data.metrics["energy_per_image_uj"] < min(e for _, e in point.values())
+    assert base.info.run_id not in on_front and parent.data.metrics["baselines_total"] == 1
+    text = "\n".join(lines)
+    assert "baselines vs the Pareto front" in text and "tiny-ref" in text and "not dominated" in text
+    assert "B baseline:tiny-ref" in text
+    assert [b["label"] for b in json.loads(Path(client.download_artifacts(
+        parent.info.run_id, "search/baselines.json", str(tmp_path))).read_text())] == ["tiny-ref"]
+
+    # The registry holds the most accurate trial as an MLflow PyTorch model.
+    # Tiny one-epoch models can tie exactly (same accuracy; no spikes, so the same MAC-only
+    # energy): any trial with the best (accuracy, -energy) key is a correct choice.
+    def key(c):  # type: ignore[no-untyped-def]
+        return (c.data.metrics["test_acc"], -c.data.metrics["energy_per_image_uj"])
+
+    top = max(key(c) for c in by_status["ok"])
+    best_ids = {c.info.run_id for c in by_status["ok"] if key(c) == top}
+    versions = client.search_model_versions("name='e2e-best'")
+    assert len(versions) == 1 and versions[0].run_id == res.best.run_id and res.best.run_id in best_ids
+    best = next(c for c in by_status["ok"] if c.info.run_id == res.best.run_id)
+    import mlflow.pytorch
+
+    mlflow.set_tracking_uri(mlflow_server)
+    model = mlflow.pytorch.load_model("models:/e2e-best/1")
+    assert model.config.embed_dim == int(best.data.params["model.embed_dim"])
+
+    # The report command reads it all back from MLflow.
+    out = tmp_path / "front.png"
+    capsys.readouterr()
+    assert main(["report", "exp-e2e", "--tracking-uri", mlflow_server, "--out", str(out)]) == 0
+    assert out.stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert "4 trials" in printed and "1 baseline(s)" in printed and "tiny-ref" in printed and "not dominated" in printed
 
 
 def _children(client, experiment: str) -> tuple:  # type: ignore[no-untyped-def]
@@ -356,7 +357,7 @@ ASHA_SPACE = {"spe": False, "num_stages": 1, "blocks_per_stage": 1, "embed_dim":
 GOOD_LR = 0.02
 
 
-def test_asha_stops_a_weak_trial_early(shards: Path, tmp_path: Path, mlflow_server: str) -> None:
+def test_asha_stops_a_weak_trial_early(shards: Path, tmp_path: Path, mlflow_server: str, local_ray) -> None:  # type: ignore[no-untyped-def]
     """Single-objective mode with ASHA over epochs: a trial that learns nothing is stopped at
     the first rung, with its true epoch count; the others run every epoch; the best is
     registered."""
@@ -381,11 +382,7 @@ def test_asha_stops_a_weak_trial_early(shards: Path, tmp_path: Path, mlflow_serv
     else:
         pytest.fail("no seed proposes good, good, weak")
 
-    _ray_up()
-    try:
-        res = run_search(cfg, quiet=True)
-    finally:
-        ray.shutdown()
+    res = run_search(cfg, quiet=True)
 
     client = MlflowClient(mlflow_server)
     parent, children = _children(client, "exp-asha")

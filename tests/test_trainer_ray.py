@@ -37,8 +37,8 @@ def _cfg(data: Path, tmp: Path, **kw) -> TrainConfig:
 @pytest.fixture
 def local_ray():
     os.environ.update(WORKER_ENV)
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port(),
-             runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=free_port(), runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -72,20 +72,24 @@ def test_two_workers_on_two_nodes_stay_identical(shards: Path, tmp_path: Path) -
         cluster.shutdown()
 
 
-def test_killed_worker_resumes_from_last_checkpoint(shards: Path, tmp_path: Path, local_ray) -> None:
+def test_killed_worker_resumes_from_last_checkpoint(shards: Path, tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
     from trainers.ray_train import fit
 
     marker = tmp_path / "killed"
     env = {"MIXERSNN_TEST_KILL_AT_EPOCH": "2", "MIXERSNN_TEST_KILL_MARKER": str(marker)}
-    # The hook reads the environment of the worker process: set it for the job's workers.
-    ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port(),
-             runtime_env={"env_vars": {**WORKER_ENV, **env}}, log_to_driver=False)
+    # The hook reads the environment of the worker process: set it for the job's workers (a
+    # runtime of its own, not the local_ray fixture's).
+    os.environ.update(WORKER_ENV)
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=free_port(), runtime_env={"env_vars": {**WORKER_ENV, **env}}, log_to_driver=False)
     cfg = _cfg(shards, tmp_path, epochs=3)
-    res = fit(cfg, ScaleConfig(num_workers=2, cpus_per_worker=1, max_failures=1,
-                               storage_path=str(tmp_path / "ray"), name="faulty"))
+    try:
+        res = fit(cfg, ScaleConfig(num_workers=2, cpus_per_worker=1, max_failures=1,
+                                   storage_path=str(tmp_path / "ray"), name="faulty"))
+    finally:
+        ray.shutdown()
     assert marker.exists(), "the worker was not killed: the test would prove nothing"
     assert res.metrics["epoch"] == 2
     # MLflow saw every epoch exactly once: epochs 0 and 1 (before the checkpoint the restart
