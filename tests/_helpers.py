@@ -4,6 +4,8 @@
   SGD steps on them, for tests that need a model with moved weights and BN statistics.
 - :func:`tiny_train_config`: the smallest sensible ``TrainConfig`` on a shard folder.
 - :func:`free_port`: a free loopback port for a test's server or Ray dashboard.
+- :func:`lif_inputs` / :func:`lif_grads`: LIF inputs that hit the threshold exactly, and one
+  forward + backward of a LIF function (the CPU and GPU kernel suites).
 - :data:`KERNEL_TOL`: how far the fused kernels' stored results may be from the fp32 reference,
   by storage dtype (the GPU suite and the CPU run of the 16-bit kernels share it).
 """
@@ -22,6 +24,30 @@ from torch import nn
 # everywhere, the only error is rounding to storage (u saved in 16 bits feeds the surrogate;
 # gradients are accumulated over up to 16 steps).
 KERNEL_TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+
+def lif_inputs(steps: int, n: int, seed: int, dtype: torch.dtype = torch.float32, device: str = "cpu") -> torch.Tensor:
+    """LIF input currents ``[steps, n]`` that make neurons fire sometimes, with some values on a
+    0.25 grid so the membrane hits the threshold exactly (the ``>=`` and -0 cases). Drawn on
+    ``device`` with its own generator (a CUDA generator draws other numbers than the CPU's)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(steps, n, generator=g, device=device) * 1.5 + 0.7
+    grid = torch.randint(-4, 12, (steps, n), generator=g, device=device).float() * 0.25
+    use_grid = torch.rand(steps, n, generator=g, device=device) < 0.3
+    return torch.where(use_grid, grid, x).to(dtype)
+
+
+def lif_grads(fn: Any, x: torch.Tensor, v0: torch.Tensor, p: Any, gs: torch.Tensor, gv: torch.Tensor) -> tuple:
+    """``(spikes, v_final, grad_x, grad_v0)`` of the LIF function ``fn(x, v0, params)`` for the
+    upstream gradients ``gs`` (on the spikes) and ``gv`` (on v_final), cast to the outputs'
+    dtypes; the inputs are copied, so the caller's tensors are left alone."""
+    x = x.detach().clone().requires_grad_()
+    v0 = v0.detach().clone().requires_grad_()
+    s, v = fn(x, v0, p)
+    gx, gv0 = torch.autograd.grad([s, v], [x, v0], [gs.to(s.dtype), gv.to(v.dtype)])
+    return s, v, gx, gv0
+
 
 # Training steps use test images from here on; checks use images below it.
 TRAIN_FROM = 5000

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _helpers import KERNEL_TOL
+from _helpers import KERNEL_TOL, lif_grads, lif_inputs
 from mixersnn.kernels import cpu as cpu_kernels
 from mixersnn.neurons import LIF, lif_multistep, lif_reference, make_lif_params
 from mixersnn.neurons.backends import LIFParams, resolve_backend
@@ -58,24 +58,6 @@ def _options() -> list[LIFParams]:
 OPTIONS = _options()
 
 
-def _inputs(steps: int, n: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Currents that make neurons fire sometimes, with some values on a 0.25 grid so the
-    membrane hits the threshold exactly (the >= and -0 cases)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(steps, n, generator=g) * 1.5 + 0.7
-    grid = torch.randint(-4, 12, (steps, n), generator=g).float() * 0.25
-    use_grid = torch.rand(steps, n, generator=g) < 0.3
-    return torch.where(use_grid, grid, x).to(dtype)
-
-
-def _run(fn, x: torch.Tensor, v0: torch.Tensor, p: LIFParams, gs: torch.Tensor, gv: torch.Tensor):
-    x = x.detach().clone().requires_grad_()
-    v0 = v0.detach().clone().requires_grad_()
-    s, v = fn(x, v0, p)
-    gx, gv0 = torch.autograd.grad([s, v], [x, v0], [gs.to(s.dtype), gv.to(v.dtype)])
-    return s, v, gx, gv0
-
-
 @pytest.fixture(params=["cached", "streamed"])
 def store_path(request):
     """Run with the kernels writing outputs through the cache (threshold above any test size)
@@ -90,11 +72,11 @@ def store_path(request):
 @pytest.mark.parametrize("p", OPTIONS, ids=lambda p: repr(p))
 def test_parity_with_reference_fp32(p: LIFParams, store_path: str) -> None:
     for steps, n in [(1, 1), (2, 7), (5, 1031), (16, 7), (16, 1031), (3, 20000)]:
-        x = _inputs(steps, n, seed=steps * 7919 + n)
+        x = lif_inputs(steps, n, seed=steps * 7919 + n)
         v0 = torch.randn(n) * 0.5
         gs, gv = torch.randn(steps, n), torch.randn(n)
-        s_ref, v_ref, gx_ref, gv0_ref = _run(lif_reference, x, v0, p, gs, gv)
-        s, v, gx, gv0 = _run(cpu_kernels.lif_cpu, x, v0, p, gs, gv)
+        s_ref, v_ref, gx_ref, gv0_ref = lif_grads(lif_reference, x, v0, p, gs, gv)
+        s, v, gx, gv0 = lif_grads(cpu_kernels.lif_cpu, x, v0, p, gs, gv)
         assert s.dtype == torch.float32 and s.shape == (steps, n)
         assert torch.equal(s, s_ref), f"spikes differ at T={steps}, N={n}"
         torch.testing.assert_close(v, v_ref, rtol=1e-6, atol=1e-6)
@@ -117,8 +99,8 @@ def test_sigmoid_surrogate_far_from_threshold_and_nan(alpha: float, store_path: 
     x = ((u + p.v_threshold) * p.tau)[None]
     x[0, 17] = float("nan")
     v0, gs, gv = torch.zeros(n), torch.randn(1, n), torch.randn(n)
-    s_ref, _, gx_ref, gv0_ref = _run(lif_reference, x.double(), v0.double(), p, gs.double(), gv.double())
-    s, _, gx, gv0 = _run(cpu_kernels.lif_cpu, x, v0, p, gs, gv)
+    s_ref, _, gx_ref, gv0_ref = lif_grads(lif_reference, x.double(), v0.double(), p, gs.double(), gv.double())
+    s, _, gx, gv0 = lif_grads(cpu_kernels.lif_cpu, x, v0, p, gs, gv)
     assert torch.equal(s.double(), s_ref)
     gx_ref, gv0_ref = gx_ref.float(), gv0_ref.float()
     assert torch.isnan(gx[0, 17]) and torch.isnan(gx_ref[0, 17])
@@ -133,7 +115,7 @@ def test_outputs_off_cache_line_alignment_are_bitwise_equal(offset: int, store_p
     multiple of 16 so each row starts elsewhere, equal those written to aligned memory."""
     p = make_lif_params(detach_reset=False)
     steps, n = 3, 2 * 4096 + 37
-    x, v0 = _inputs(steps, n, seed=13), torch.randn(n) * 0.5
+    x, v0 = lif_inputs(steps, n, seed=13), torch.randn(n) * 0.5
     gs = torch.randn(steps, n)
 
     def run(shift: int) -> list[torch.Tensor]:
@@ -155,14 +137,14 @@ def test_streamed_and_cached_outputs_are_bitwise_equal() -> None:
     # Large enough for several tiles per thread; n odd so no row is 32-byte aligned.
     p = make_lif_params(detach_reset=False)
     steps, n = 4, 3 * 4096 + 5
-    x, v0 = _inputs(steps, n, seed=11), torch.randn(n) * 0.5
+    x, v0 = lif_inputs(steps, n, seed=11), torch.randn(n) * 0.5
     gs, gv = torch.randn(steps, n), torch.randn(n)
     before = cpu_kernels.stream_threshold()
     try:
         cpu_kernels.set_stream_threshold(1 << 40)
-        cached = _run(cpu_kernels.lif_cpu, x, v0, p, gs, gv)
+        cached = lif_grads(cpu_kernels.lif_cpu, x, v0, p, gs, gv)
         cpu_kernels.set_stream_threshold(0)
-        streamed = _run(cpu_kernels.lif_cpu, x, v0, p, gs, gv)
+        streamed = lif_grads(cpu_kernels.lif_cpu, x, v0, p, gs, gv)
     finally:
         cpu_kernels.set_stream_threshold(before)
     for a, b in zip(cached, streamed):
@@ -214,7 +196,7 @@ def test_the_inputs_exercise_firing_and_exact_threshold_hits() -> None:
     # Guards the parity test against inputs that never fire (where a broken reset or a
     # broken surrogate branch would go unnoticed).
     p = make_lif_params()
-    x = _inputs(16, 1031, seed=1)
+    x = lif_inputs(16, 1031, seed=1)
     h = torch.zeros(1031)
     hits = 0
     for t in range(16):
@@ -230,11 +212,11 @@ def test_the_inputs_exercise_firing_and_exact_threshold_hits() -> None:
 @pytest.mark.parametrize("p", OPTIONS[::3], ids=lambda p: repr(p))
 def test_16bit_inputs_match_fp32_reference_on_upcast_values(dtype: torch.dtype, p: LIFParams) -> None:
     steps, n = 6, 1031
-    x = _inputs(steps, n, seed=5, dtype=dtype)
+    x = lif_inputs(steps, n, seed=5, dtype=dtype)
     v0 = (torch.randn(n) * 0.5).to(dtype)
     gs, gv = torch.randn(steps, n), torch.randn(n)
-    s_ref, v_ref, gx_ref, gv0_ref = _run(lif_reference, x.float(), v0.float(), p, gs, gv)
-    s, v, gx, gv0 = _run(cpu_kernels.lif_cpu, x, v0, p, gs.to(dtype), gv.to(dtype))
+    s_ref, v_ref, gx_ref, gv0_ref = lif_grads(lif_reference, x.float(), v0.float(), p, gs, gv)
+    s, v, gx, gv0 = lif_grads(cpu_kernels.lif_cpu, x, v0, p, gs.to(dtype), gv.to(dtype))
     assert s.dtype == dtype and v.dtype == dtype and gx.dtype == dtype
     assert torch.equal(s.float(), s_ref)
     # The results are fp32 values rounded once to the 16-bit type (plus the 16-bit upstream
@@ -269,10 +251,10 @@ def test_16bit_kernel_instantiations_match_the_fp32_reference(host16, dtype: tor
     threads = torch.get_num_threads()
     # n = 2 tiles + 37 lanes: short last tile and chunk; T = 16 is the GPU suite's longest.
     for steps, n in [(1, 7), (5, 2 * 4096 + 37), (16, 1031)]:
-        x = _inputs(steps, n, seed=steps * 31 + n, dtype=dtype)
+        x = lif_inputs(steps, n, seed=steps * 31 + n, dtype=dtype)
         v0 = (torch.randn(n) * 0.5).to(dtype)
         gs, gv = torch.randn(steps, n).to(dtype), torch.randn(n).to(dtype)
-        s_ref, v_ref, gx_ref, gv0_ref = _run(lif_reference, x.float(), v0.float(), p, gs.float(), gv.float())
+        s_ref, v_ref, gx_ref, gv0_ref = lif_grads(lif_reference, x.float(), v0.float(), p, gs.float(), gv.float())
 
         spikes, u_saved, v_final = torch.empty_like(x), torch.empty_like(x), torch.empty_like(v0)
         forward(x.data_ptr(), v0.data_ptr(), spikes.data_ptr(), u_saved.data_ptr(), v_final.data_ptr(),
@@ -293,7 +275,7 @@ def test_16bit_kernel_instantiations_match_the_fp32_reference(host16, dtype: tor
 
 @pytest.mark.parametrize("v_init", [None, "given"])
 def test_lif_multistep_backend_cpu_matches_torch(v_init: str | None) -> None:
-    x = _inputs(4, 2 * 3 * 5 * 7, seed=3).reshape(4, 2, 3, 5, 7)
+    x = lif_inputs(4, 2 * 3 * 5 * 7, seed=3).reshape(4, 2, 3, 5, 7)
     v = None if v_init is None else torch.randn(2, 3, 5, 7)
     outs = {}
     for backend in ("torch", "cpu"):
@@ -312,13 +294,13 @@ def test_lif_multistep_backend_cpu_matches_torch(v_init: str | None) -> None:
 
 def test_non_contiguous_input_and_state() -> None:
     p = make_lif_params(v_reset=None)
-    base = _inputs(9, 3 * 257, seed=11).reshape(9, 3, 257)
+    base = lif_inputs(9, 3 * 257, seed=11).reshape(9, 3, 257)
     x = base.transpose(1, 2)  # [9, 257, 3], non-contiguous
     v0 = torch.randn(3, 257).t()
     assert not x.is_contiguous() and not v0.is_contiguous()
     gs, gv = torch.randn(x.shape), torch.randn(v0.shape)
-    ref = _run(lif_reference, x, v0, p, gs, gv)
-    got = _run(cpu_kernels.lif_cpu, x, v0, p, gs, gv)
+    ref = lif_grads(lif_reference, x, v0, p, gs, gv)
+    got = lif_grads(cpu_kernels.lif_cpu, x, v0, p, gs, gv)
     assert torch.equal(got[0], ref[0])
     for a, b in zip(ref[1:], got[1:]):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
@@ -326,7 +308,7 @@ def test_non_contiguous_input_and_state() -> None:
 
 def test_only_v_final_used_and_no_grad_forward() -> None:
     p = make_lif_params(detach_reset=False)
-    x = _inputs(5, 333, seed=2)
+    x = lif_inputs(5, 333, seed=2)
     v0 = torch.randn(333)
     # A gradient that reaches only v_final (spikes unused downstream).
     xr, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -344,7 +326,7 @@ def test_only_v_final_used_and_no_grad_forward() -> None:
 
 def test_float64_keeps_its_precision() -> None:
     p = make_lif_params()
-    x = _inputs(3, 50, seed=4).double()
+    x = lif_inputs(3, 50, seed=4).double()
     v0 = torch.zeros(50, dtype=torch.float64)
     s, v = cpu_kernels.lif_cpu(x, v0, p)
     s_ref, v_ref = lif_reference(x, v0, p)
@@ -364,7 +346,7 @@ def test_auto_picks_cpu_for_cpu_tensors() -> None:
 
 
 def test_module_uses_the_cpu_backend() -> None:
-    x = _inputs(4, 64, seed=9).reshape(4, 8, 8).requires_grad_()
+    x = lif_inputs(4, 64, seed=9).reshape(4, 8, 8).requires_grad_()
     layer_cpu, layer_ref = LIF(backend="cpu"), LIF(backend="torch")
     s_cpu, s_ref = layer_cpu(x), layer_ref(x)
     assert torch.equal(s_cpu, s_ref)

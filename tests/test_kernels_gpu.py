@@ -13,7 +13,7 @@ import itertools
 import pytest
 import torch
 
-from _helpers import KERNEL_TOL
+from _helpers import KERNEL_TOL, lif_grads, lif_inputs
 from mixersnn.neurons import LIF, lif_multistep, lif_reference, make_lif_params
 from mixersnn.neurons.backends import LIFParams, available_backends, resolve_backend
 
@@ -46,29 +46,13 @@ def _options() -> list[LIFParams]:
 OPTIONS = _options()
 
 
-def _inputs(steps: int, n: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    x = torch.randn(steps, n, generator=g, device="cuda") * 1.5 + 0.7
-    grid = torch.randint(-4, 12, (steps, n), generator=g, device="cuda").float() * 0.25
-    use_grid = torch.rand(steps, n, generator=g, device="cuda") < 0.3
-    return torch.where(use_grid, grid, x).to(dtype)
-
-
-def _run(backend: str, x: torch.Tensor, v0: torch.Tensor, p: LIFParams, gs, gv):
-    x = x.detach().clone().requires_grad_()
-    v0 = v0.detach().clone().requires_grad_()
-    s, v = resolve_backend(backend, x).fn(x, v0, p)
-    gx, gv0 = torch.autograd.grad([s, v], [x, v0], [gs.to(s.dtype), gv.to(v.dtype)])
-    return s, v, gx, gv0
-
-
 def _check(p: LIFParams, steps: int, n: int, dtype: torch.dtype, seed: int) -> None:
-    x = _inputs(steps, n, seed, dtype)
+    x = lif_inputs(steps, n, seed, dtype, device="cuda")
     v0 = (torch.randn(n, device="cuda") * 0.5).to(dtype)
     gs = torch.randn(steps, n, device="cuda").to(dtype)
     gv = torch.randn(n, device="cuda").to(dtype)
-    ref = _run("torch", x.float(), v0.float(), p, gs.float(), gv.float())
-    got = _run("cupy", x, v0, p, gs, gv)
+    ref = lif_grads(resolve_backend("torch", x).fn, x.float(), v0.float(), p, gs.float(), gv.float())
+    got = lif_grads(resolve_backend("cupy", x).fn, x, v0, p, gs, gv)
     assert got[0].dtype == dtype and got[0].shape == (steps, n)
     assert torch.equal(got[0].float(), ref[0]), f"spikes differ: T={steps} N={n} {dtype}"
     tol = KERNEL_TOL[dtype]
@@ -97,7 +81,7 @@ def test_parity_large(steps: int, dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_lif_multistep_and_module(dtype: torch.dtype) -> None:
-    x = _inputs(4, 2 * 3 * 8 * 8, seed=7, dtype=dtype).reshape(4, 2, 3, 8, 8)
+    x = lif_inputs(4, 2 * 3 * 8 * 8, seed=7, dtype=dtype, device="cuda").reshape(4, 2, 3, 8, 8)
     s_ref, v_ref = lif_multistep(x.float(), backend="torch")
     s, v = lif_multistep(x, backend="cupy")
     assert torch.equal(s.float(), s_ref)
@@ -112,7 +96,7 @@ def test_lif_multistep_and_module(dtype: torch.dtype) -> None:
 
 def test_non_contiguous_no_grad_and_v_final_only() -> None:
     p = make_lif_params(v_reset=None, detach_reset=False)
-    base = _inputs(6, 3 * 1000, seed=3, dtype=torch.float32).reshape(6, 3, 1000)
+    base = lif_inputs(6, 3 * 1000, seed=3, dtype=torch.float32, device="cuda").reshape(6, 3, 1000)
     x = base.transpose(1, 2)
     assert not x.is_contiguous()
     with torch.no_grad():
@@ -130,7 +114,7 @@ def test_runs_on_a_side_stream() -> None:
     # Launches go to torch's current stream; work queued there must be ordered correctly.
     p = make_lif_params()
     side = torch.cuda.Stream()
-    x = _inputs(4, 1 << 20, seed=5, dtype=torch.float32)
+    x = lif_inputs(4, 1 << 20, seed=5, dtype=torch.float32, device="cuda")
     torch.cuda.synchronize()
     with torch.cuda.stream(side):
         y = x * 1.0  # produced on the side stream
