@@ -1,4 +1,4 @@
-"""Ray Train end to end: multi-node DDP, fault tolerance, MLflow on a real server.
+"""Ray Train end to end: multi-node DDP, and fault tolerance logged to a real MLflow server.
 
 Each test starts its own Ray runtime (or simulated cluster) and gives Ray Train its own
 storage path: a run with a reused name and path silently resumes.
@@ -34,15 +34,6 @@ def _cfg(data: Path, tmp: Path, **kw) -> TrainConfig:
     return tiny_train_config(data, **{"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "experiment": "test", **kw})
 
 
-@pytest.fixture
-def local_ray():
-    os.environ.update(WORKER_ENV)
-    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=free_port(), runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def test_two_workers_on_two_nodes_stay_identical(shards: Path, tmp_path: Path) -> None:
     from ray.cluster_utils import Cluster
 
@@ -72,19 +63,24 @@ def test_two_workers_on_two_nodes_stay_identical(shards: Path, tmp_path: Path) -
         cluster.shutdown()
 
 
-def test_killed_worker_resumes_from_last_checkpoint(shards: Path, tmp_path: Path) -> None:
+def test_killed_worker_resumes_from_last_checkpoint_logged_to_mlflow_server(
+    shards: Path, tmp_path: Path, mlflow_server: str
+) -> None:
+    """A worker SIGKILLed mid-run: the group restarts from the last checkpoint, and the one run
+    on a real MLflow server holds every epoch once, the parameters and the final model."""
+    import json
+
     from mlflow.tracking import MlflowClient
 
     from trainers.ray_train import fit
 
     marker = tmp_path / "killed"
     env = {"MIXERSNN_TEST_KILL_AT_EPOCH": "2", "MIXERSNN_TEST_KILL_MARKER": str(marker)}
-    # The hook reads the environment of the worker process: set it for the job's workers (a
-    # runtime of its own, not the local_ray fixture's).
+    # The hook reads the environment of the worker process: set it for the job's workers.
     os.environ.update(WORKER_ENV)
     ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
              dashboard_port=free_port(), runtime_env={"env_vars": {**WORKER_ENV, **env}}, log_to_driver=False)
-    cfg = _cfg(shards, tmp_path, epochs=3)
+    cfg = _cfg(shards, tmp_path, epochs=3, tracking_uri=mlflow_server, experiment="faulty-on-server")
     try:
         res = fit(cfg, ScaleConfig(num_workers=2, cpus_per_worker=1, max_failures=1,
                                    storage_path=str(tmp_path / "ray"), name="faulty"))
@@ -92,39 +88,23 @@ def test_killed_worker_resumes_from_last_checkpoint(shards: Path, tmp_path: Path
         ray.shutdown()
     assert marker.exists(), "the worker was not killed: the test would prove nothing"
     assert res.metrics["epoch"] == 2
-    # MLflow saw every epoch exactly once: epochs 0 and 1 (before the checkpoint the restart
-    # resumed from) were not trained again.
-    client = MlflowClient(cfg.tracking_uri)
-    hist = client.get_metric_history(res.mlflow_run_id, "train_loss")
-    assert sorted(h.step for h in hist) == [0, 1, 2]
-    resumed = client.get_metric_history(res.mlflow_run_id, "resumed_from_epoch")
-    assert [(h.step, h.value) for h in resumed] == [(2, 1.0)], "one restart, from epoch 1's checkpoint"
-    run = MlflowClient(cfg.tracking_uri).get_run(res.mlflow_run_id)
-    assert run.info.status == "FINISHED"
 
-
-def test_run_logged_to_mlflow_server(shards: Path, tmp_path: Path, local_ray, mlflow_server: str) -> None:
-    from mlflow.tracking import MlflowClient
-
-    from trainers.ray_train import fit
-
-    cfg = _cfg(shards, tmp_path, tracking_uri=mlflow_server, experiment="server-test")
-    res = fit(cfg, ScaleConfig(num_workers=1, cpus_per_worker=1, storage_path=str(tmp_path / "ray"), name="served"))
     client = MlflowClient(mlflow_server)
     run = client.get_run(res.mlflow_run_id)
-    assert run.info.status == "FINISHED" and run.info.run_name == "served"
+    assert run.info.status == "FINISHED" and run.info.run_name == "faulty"
     p = run.data.params
     assert p["train.model"] == "mlp_spe_t" and p["model.embed_dim"] == "12" and p["model.T"] == "2"
-    assert int(p["model.num_params"]) > 0
+    assert int(p["model.num_params"]) > 0 and p["scale.world_size"] == "2"
+    # Every epoch exactly once: epochs 0 and 1 (before the checkpoint the restart resumed
+    # from) were not trained or logged again.
     for key in ("train_loss", "test_acc", "lr", "images_per_s", "energy_per_image_uj", "sops_per_image", "mean_firing_rate"):
-        assert [h.step for h in client.get_metric_history(run.info.run_id, key)] == [0, 1], key
+        assert [h.step for h in client.get_metric_history(run.info.run_id, key)] == [0, 1, 2], key
+    resumed = client.get_metric_history(run.info.run_id, "resumed_from_epoch")
+    assert [(h.step, h.value) for h in resumed] == [(2, 1.0)], "one restart, from epoch 1's checkpoint"
+    # The final model and its MFI report, through the server's artefact proxy.
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
     assert {"model/model.pt", "model/mfi_report.json"} <= arts
-    local = client.download_artifacts(run.info.run_id, "model/mfi_report.json", str(tmp_path / "dl"))
-    import json
-
-    report = json.loads(Path(local).read_text())
-    assert report["ok"] is True
-    assert run.data.tags["mixersnn.mfi_ok"] == "True"
+    report = json.loads(Path(client.download_artifacts(run.info.run_id, "model/mfi_report.json", str(tmp_path / "dl"))).read_text())
+    assert report["ok"] is True and run.data.tags["mixersnn.mfi_ok"] == "True"
     model_file = client.download_artifacts(run.info.run_id, "model/model.pt", str(tmp_path / "dl"))
     assert load_model(model_file).config.embed_dim == 12
