@@ -146,14 +146,15 @@ def collect_trials(uri: str, parent_run_id: str) -> list[TrialRow]:
 
 
 def epochs_logged(uri: str, run_id: str) -> int:
-    """Epochs a run finished, from its record: rank 0 logs ``test_acc`` once per finished epoch
-    at step = epoch index (a resumed run continues the steps), so this is the last step + 1.
+    """Epochs a run finished, from its record (``MLflowTracker.logged_epochs``): the last
+    epoch logged + 1.
 
     The reliable count for a trial cut off from outside: Tune stops trials at the end of its
     time budget without telling callbacks, and a killed trial never reports its end.
     """
-    hist = _client(uri).get_metric_history(run_id, "test_acc")
-    return max((h.step for h in hist), default=-1) + 1
+    from trainers.tracking import MLflowTracker
+
+    return max(MLflowTracker(uri, run_id).logged_epochs(), default=-1) + 1
 
 
 def _objectives(row: TrialRow, with_params: bool) -> tuple[float, ...]:

@@ -43,7 +43,7 @@ class WorkerContext:
         report: called once per epoch on every rank with ``(metrics, checkpoint_dir)``;
             ``checkpoint_dir`` holds ``checkpoint.pt`` on rank 0 and is None elsewhere.
         resume_dir: a directory holding ``checkpoint.pt`` to resume from, or None.
-        tracker: MLflow tracker on rank 0 (``log_params``, ``log_metrics``, ``logged_steps``,
+        tracker: MLflow tracker on rank 0 (``log_params``, ``log_metrics``, ``logged_epochs``,
             ``log_artifact``, ``log_dict``), None on other ranks or when tracking is off.
         log: progress printer (rank 0).
     """
@@ -396,7 +396,7 @@ def run_training(cfg: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
     # Epochs this run has already logged. An epoch's metrics go to MLflow before its checkpoint
     # is reported; a worker killed between the two (or before Ray registered the checkpoint)
     # trains that epoch again on restart, and it must not be logged twice.
-    logged_epochs = ctx.tracker.logged_steps("test_acc") if ctx.is_main and ctx.tracker is not None else set()
+    logged_epochs = ctx.tracker.logged_epochs() if ctx.is_main and ctx.tracker is not None else set()
     meter = _energy_meter(model) if cfg.measure_energy else None
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + ctx.rank)
     out_of_time = False

@@ -53,6 +53,10 @@ def mlflow_ui_hint(uri: str) -> str:
     return uri
 
 
+#: A run's record of its finished epochs (see :meth:`MLflowTracker.logged_epochs`).
+EPOCH_METRIC = "test_acc"
+
+
 def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
@@ -156,9 +160,10 @@ class MLflowTracker:
         for i in range(0, len(batch), 100):
             self.client.log_batch(self.run_id, params=batch[i : i + 100])
 
-    def logged_steps(self, key: str) -> set[int]:
-        """The steps at which metric ``key`` has been logged to this run."""
-        return {m.step for m in self.client.get_metric_history(self.run_id, key)}
+    def logged_epochs(self) -> set[int]:
+        """The epochs this run has logged: the training loop logs :data:`EPOCH_METRIC` once
+        per finished epoch, at step = epoch index (a resumed run continues the steps)."""
+        return {m.step for m in self.client.get_metric_history(self.run_id, EPOCH_METRIC)}
 
     def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
         import time
