@@ -4,6 +4,7 @@
   SGD steps on them, for tests that need a model with moved weights and BN statistics.
 - :func:`tiny_train_config`: the smallest sensible ``TrainConfig`` on a shard folder.
 - :func:`free_port`: a free loopback port for a test's server or Ray dashboard.
+- :data:`WORKER_ENV` / :func:`start_local_ray`: the Ray tests' worker environment and local runtime.
 - :func:`lif_inputs` / :func:`lif_grads`: LIF inputs that hit the threshold exactly, and one
   forward + backward of a LIF function (the CPU and GPU kernel suites).
 - :data:`KERNEL_TOL`: how far the fused kernels' stored results may be from the fp32 reference,
@@ -100,6 +101,25 @@ def tiny_train_config(data: Path, **kw: Any):
     )
     base.update(kw)
     return TrainConfig(**base)
+
+
+# What the tests' Ray workers inherit: one torch thread each (CI's 2 cores), fast Ray Train
+# health checks (the same environment the search gives a local runtime's workers).
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+
+
+def start_local_ray(extra_env: dict[str, str] | None = None) -> None:
+    """A fresh local Ray runtime of 2 CPUs, its dashboard on a free loopback port, workers
+    with :data:`WORKER_ENV` plus ``extra_env``. ``address="local"``: a bare ``ray.init()``
+    would join any cluster that ``ray start`` recorded on this machine."""
+    import os
+
+    import ray
+
+    os.environ.update(WORKER_ENV)
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=free_port(), runtime_env={"env_vars": {**WORKER_ENV, **(extra_env or {})}},
+             log_to_driver=False)
 
 
 def free_port() -> int:

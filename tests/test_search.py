@@ -18,13 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from _helpers import free_port
+from _helpers import WORKER_ENV, start_local_ray
 
 ray = pytest.importorskip("ray")
 optuna = pytest.importorskip("optuna")
 
 REPO = Path(__file__).resolve().parents[1]
-WORKER_ENV = {"OMP_NUM_THREADS": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 
 @pytest.fixture(scope="module")
@@ -68,15 +67,12 @@ def _tiny_config(tmp: Path, shards: Path, uri: str, name: str, **extra) -> dict:
 
 @pytest.fixture(scope="module")
 def local_ray():  # type: ignore[no-untyped-def]
-    """One local Ray runtime of 2 CPUs for the in-process searches of this module (starting one
-    takes about 10 s on 2 cores; ``address="local"``: a bare init would join any cluster that
-    ``ray start`` recorded on this machine). The second search on it also shows that the first
+    """One local Ray runtime for the in-process searches of this module (starting one takes
+    about 10 s on 2 cores). The second search on it also shows that the first
     released every CPU its trials and Train workers held. It lives until the module ends, so
     the killed-driver test, whose searches start their own Ray in subprocesses, runs first
     and has no idle runtime beside it."""
-    os.environ.update(WORKER_ENV)
-    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port(),
-             runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False)
+    start_local_ray()
     yield
     ray.shutdown()
 

@@ -19,12 +19,11 @@ from typing import Any, Iterator
 
 import pytest
 
-from _helpers import free_port
+from _helpers import WORKER_ENV, free_port
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("optuna")
 
-WORKER_ENV = {"OMP_NUM_THREADS": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 GPU_SCALE = {"num_workers": 1, "use_gpu": True, "gpus_per_worker": 0.25, "cpus_per_worker": 0.45}
 
 

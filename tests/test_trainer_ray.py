@@ -14,12 +14,9 @@ import pytest
 from mixersnn.models import load_model
 from trainers.config import ScaleConfig, TrainConfig
 
-from _helpers import free_port, tiny_train_config
+from _helpers import WORKER_ENV, free_port, start_local_ray, tiny_train_config
 
 ray = pytest.importorskip("ray")
-
-# Workers inherit these: one torch thread each (2 cores), fast Ray Train health checks.
-WORKER_ENV = {"OMP_NUM_THREADS": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +74,7 @@ def test_killed_worker_resumes_from_last_checkpoint_logged_to_mlflow_server(
     marker = tmp_path / "killed"
     env = {"MIXERSNN_TEST_KILL_AT_EPOCH": "2", "MIXERSNN_TEST_KILL_MARKER": str(marker)}
     # The hook reads the environment of the worker process: set it for the job's workers.
-    os.environ.update(WORKER_ENV)
-    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=free_port(), runtime_env={"env_vars": {**WORKER_ENV, **env}}, log_to_driver=False)
+    start_local_ray(env)
     cfg = _cfg(shards, tmp_path, epochs=3, tracking_uri=mlflow_server, experiment="faulty-on-server")
     try:
         res = fit(cfg, ScaleConfig(num_workers=2, cpus_per_worker=1, max_failures=1,
