@@ -123,6 +123,16 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         tags[BASELINE_TAG] = r["label"]
     run_id = start_run(uri, ctx["experiment"], run_name, parent_run_id=ctx["parent_run_id"], tags=tags)
     tr = MLflowTracker(uri, run_id)
+    final = _trained_before(uri, run_id, r)
+    if final is not None:
+        # Trained by an earlier driver that was killed before Tune recorded the trial's end (the
+        # run is "ok" once fit returned): report the run's record instead of launching Train
+        # again, which would restore the final checkpoint, train nothing and upload the same
+        # model again (about 30 s of worker start-up for nothing).
+        end_run(uri, run_id, "FINISHED")
+        ray.tune.report(final)
+        return
+
     sampled = {f"optuna.{k}": json.dumps(v) for k, v in config.items() if k != "resolved"}
     searched = {
         **sampled,
@@ -166,10 +176,32 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
                      REASON_TAG: f"measured energy {energy:.4g} uJ > constraints.max_energy_uj={cap:g}"})
     tr.set_tags(tags)
     tr.log_metrics({"epochs_completed": int(m.get("epoch", -1)) + 1}, step=0)
-    # The final result carries every objective (parameters are not in Train's epoch reports).
-    ray.tune.report({"test_acc": float(m.get("test_acc", 0.0)),
-                     "energy_per_image_uj": float(energy if energy is not None else r["energy_uj_est"]),
-                     "num_params": float(r["num_params"]), "infeasible": 0, "search_final": 1})
+    ray.tune.report(_final_report(r, m.get("test_acc"), energy))
+
+
+def _final_report(resolved: dict[str, Any], test_acc: Optional[float], energy: Optional[float]) -> dict[str, Any]:
+    """A trained trial's last Tune report: it carries every objective (parameters are not in
+    Train's epoch reports)."""
+    return {"test_acc": float(test_acc if test_acc is not None else 0.0),
+            "energy_per_image_uj": float(energy if energy is not None else resolved["energy_uj_est"]),
+            "num_params": float(resolved["num_params"]), "infeasible": 0, "search_final": 1}
+
+
+def _trained_before(uri: str, run_id: str, resolved: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The final report of a trial whose run already finished training (tagged ``ok``, which
+    the trial function does only after ``fit`` returned, the final model logged), or None.
+    Logs ``epochs_completed`` from the run's epoch record if the kill came before it."""
+    from mlflow.tracking import MlflowClient
+
+    from search.tracking import epochs_logged
+    from trainers.tracking import MLflowTracker
+
+    data = MlflowClient(uri).get_run(run_id).data
+    if data.tags.get(STATUS_TAG) != "ok":
+        return None
+    if "epochs_completed" not in data.metrics:
+        MLflowTracker(uri, run_id).log_metrics({"epochs_completed": epochs_logged(uri, run_id)}, step=0)
+    return _final_report(resolved, data.metrics.get("test_acc"), data.metrics.get("energy_per_image_uj"))
 
 
 # ---------------------------------------------------------------------------- progress + status

@@ -437,6 +437,38 @@ def test_finalize_counts_the_epochs_of_a_trial_cut_off_by_the_time_budget(tmp_pa
     assert [r.run_id for r in res.front] == [child]  # a stopped trial still counts with what it measured
 
 
+def test_a_trial_trained_before_a_driver_kill_reports_its_record_instead_of_training(tmp_path: Path) -> None:
+    """A driver killed after a trial's run was tagged ok (fit returned) but before Tune recorded
+    the trial's end: the resumed trial reports the run's record (last epoch's accuracy and
+    energy, the epochs it trained) and does not train again. Unfinished runs train."""
+    from mlflow.tracking import MlflowClient
+
+    from search.driver import _trained_before
+    from search.tracking import STATUS_TAG
+    from trainers.tracking import MLflowTracker, start_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    resolved = {"num_params": 1234, "energy_uj_est": 9.0}
+    done = start_run(uri, "exp-kill", "trial-done", tags={STATUS_TAG: "running"})
+    tr = MLflowTracker(uri, done)
+    for epoch, (acc, energy) in enumerate([(0.3, 0.52), (0.4, 0.48)]):  # rank 0, per finished epoch
+        tr.log_metrics({"test_acc": acc, "energy_per_image_uj": energy}, step=epoch)
+    busy = start_run(uri, "exp-kill", "trial-busy", tags={STATUS_TAG: "running"})
+    MLflowTracker(uri, busy).log_metrics({"test_acc": 0.2, "energy_per_image_uj": 0.5}, step=0)
+
+    assert _trained_before(uri, done, resolved) is None  # still training when the driver died
+    assert _trained_before(uri, busy, resolved) is None
+    tr.set_tags({STATUS_TAG: "ok"})  # the kill came after this, before epochs_completed
+    final = _trained_before(uri, done, resolved)
+    assert final == {"test_acc": 0.4, "energy_per_image_uj": 0.48, "num_params": 1234.0, "infeasible": 0,
+                     "search_final": 1}
+    client = MlflowClient(uri)
+    assert [(h.step, h.value) for h in client.get_metric_history(done, "epochs_completed")] == [(0, 2.0)]
+    # Asked again (a second restart), nothing is logged twice.
+    assert _trained_before(uri, done, resolved) == final
+    assert len(client.get_metric_history(done, "epochs_completed")) == 1
+
+
 def test_a_late_error_from_a_stopped_trial_keeps_the_stop_on_record(tmp_path: Path) -> None:
     """ASHA's stop reaches the trial function as an error from fit(); when that error path runs
     after the stop was recorded (by the progress callback or finalize()), the run stays
