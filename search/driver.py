@@ -123,9 +123,11 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         tags[BASELINE_TAG] = r["label"]
     run_id = start_run(uri, ctx["experiment"], run_name, parent_run_id=ctx["parent_run_id"], tags=tags)
     tr = MLflowTracker(uri, run_id)
-    final = _trained_before(uri, run_id, r)
+    # Only on --resume: a new search that reuses a name in the same experiment finds the old
+    # baselines' runs by name, and those were trained under another config.
+    final = _trained_before(uri, run_id, r) if ctx["resume"] else None
     if final is not None:
-        # Trained by an earlier driver that was killed before Tune recorded the trial's end (the
+        # Trained by the killed driver, which died before Tune recorded the trial's end (the
         # run is "ok" once fit returned): report the run's record instead of launching Train
         # again, which would restore the final checkpoint, train nothing and upload the same
         # model again (about 30 s of worker start-up for nothing).
@@ -337,8 +339,9 @@ def _searcher(cfg: SearchConfig) -> Any:
     return OptunaSearch(space=Sampler(cfg), metric=names[0], mode=modes[0], sampler=sampler)
 
 
-def _ctx(cfg: SearchConfig, uri: str, parent_run_id: str) -> dict[str, Any]:
+def _ctx(cfg: SearchConfig, uri: str, parent_run_id: str, resume: bool) -> dict[str, Any]:
     return {
+        "resume": resume,
         "tracking_uri": uri,
         "experiment": cfg.experiment,
         "parent_run_id": parent_run_id,
@@ -412,7 +415,7 @@ def run_search(
         kw.update(ray_init_kwargs or {})
         ray.init(**kw)
 
-    trainable = tune.with_resources(tune.with_parameters(_trial, ctx=_ctx(cfg, uri, parent)), {"CPU": TRIAL_CPU})
+    trainable = tune.with_resources(tune.with_parameters(_trial, ctx=_ctx(cfg, uri, parent, resume)), {"CPU": TRIAL_CPU})
     # Trials at once, decided once for the baselines and the trials alike (with "auto" the
     # cluster could have grown or shrunk while the baselines trained), and only if something
     # new starts: a resumed Tune experiment keeps its own.
