@@ -23,7 +23,7 @@ fi
 # Bytecode: with PYTHONDONTWRITEBYTECODE set (as on CI) every process would compile each module
 # it imports, every time; compiling all ~20k files ahead took 70 s on 2 cores. Instead, in this
 # venv only, such processes keep their bytecode under .venv/pycache (never beside the sources):
-# a module is compiled once, by the first process that imports it (~5k files for the tests).
+# a module is compiled once, by the first process that imports it (about 7k of the ~20k files over the whole test suite).
 SITE="$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 cat > "$SITE/_mixersnn_venv_bytecode.pth" <<'PTH'
 import sys, os; sys.dont_write_bytecode and not sys.pycache_prefix and (setattr(sys, "pycache_prefix", os.path.join(sys.prefix, "pycache")), setattr(sys, "dont_write_bytecode", False))

@@ -125,7 +125,7 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     tr = MLflowTracker(uri, run_id)
     # Only on --resume: a new search that reuses a name in the same experiment finds the old
     # baselines' runs by name, and those were trained under another config.
-    final = _trained_before(uri, run_id, r) if ctx["resume"] else None
+    final = _trained_before(tr, r) if ctx["resume"] else None
     if final is not None:
         # Trained by the killed driver, which died before Tune recorded the trial's end (the
         # run is "ok" once fit returned): report the run's record instead of launching Train
@@ -189,20 +189,18 @@ def _final_report(resolved: dict[str, Any], test_acc: Optional[float], energy: O
             "num_params": float(resolved["num_params"]), "infeasible": 0, "search_final": 1}
 
 
-def _trained_before(uri: str, run_id: str, resolved: dict[str, Any]) -> Optional[dict[str, Any]]:
-    """The final report of a trial whose run already finished training (tagged ``ok``, which
-    the trial function does only after ``fit`` returned, the final model logged), or None.
-    Logs ``epochs_completed`` from the run's epoch record if the kill came before it."""
-    from mlflow.tracking import MlflowClient
-
+def _trained_before(tr: Any, resolved: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The final report of a trial whose run (``tr``, an ``MLflowTracker``) already finished
+    training (tagged ``ok``, which the trial function does only after ``fit`` returned, the
+    final model logged), or None. Logs ``epochs_completed`` from the run's epoch record if the
+    kill came before it."""
     from search.tracking import epochs_logged
-    from trainers.tracking import MLflowTracker
 
-    data = MlflowClient(uri).get_run(run_id).data
+    data = tr.client.get_run(tr.run_id).data
     if data.tags.get(STATUS_TAG) != "ok":
         return None
     if "epochs_completed" not in data.metrics:
-        MLflowTracker(uri, run_id).log_metrics({"epochs_completed": epochs_logged(uri, run_id)}, step=0)
+        tr.log_metrics({"epochs_completed": epochs_logged(tr.uri, tr.run_id)}, step=0)
     return _final_report(resolved, data.metrics.get("test_acc"), data.metrics.get("energy_per_image_uj"))
 
 

@@ -27,7 +27,6 @@ from torch import nn
 KERNEL_TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 
-
 def lif_inputs(steps: int, n: int, seed: int, dtype: torch.dtype = torch.float32, device: str = "cpu") -> torch.Tensor:
     """LIF input currents ``[steps, n]`` that make neurons fire sometimes, with some values on a
     0.25 grid so the membrane hits the threshold exactly (the ``>=`` and -0 cases). Drawn on

@@ -456,16 +456,16 @@ def test_a_trial_trained_before_a_driver_kill_reports_its_record_instead_of_trai
     busy = start_run(uri, "exp-kill", "trial-busy", tags={STATUS_TAG: "running"})
     MLflowTracker(uri, busy).log_metrics({"test_acc": 0.2, "energy_per_image_uj": 0.5}, step=0)
 
-    assert _trained_before(uri, done, resolved) is None  # still training when the driver died
-    assert _trained_before(uri, busy, resolved) is None
+    assert _trained_before(tr, resolved) is None  # still training when the driver died
+    assert _trained_before(MLflowTracker(uri, busy), resolved) is None
     tr.set_tags({STATUS_TAG: "ok"})  # the kill came after this, before epochs_completed
-    final = _trained_before(uri, done, resolved)
+    final = _trained_before(tr, resolved)
     assert final == {"test_acc": 0.4, "energy_per_image_uj": 0.48, "num_params": 1234.0, "infeasible": 0,
                      "search_final": 1}
     client = MlflowClient(uri)
     assert [(h.step, h.value) for h in client.get_metric_history(done, "epochs_completed")] == [(0, 2.0)]
     # Asked again (a second restart), nothing is logged twice.
-    assert _trained_before(uri, done, resolved) == final
+    assert _trained_before(tr, resolved) == final
     assert len(client.get_metric_history(done, "epochs_completed")) == 1
 
 
