@@ -87,7 +87,8 @@ def test_parity_with_reference_fp32(p: LIFParams, store_path: str) -> None:
 @pytest.mark.parametrize("alpha", [4.0, 0.5])
 def test_sigmoid_surrogate_far_from_threshold_and_nan(alpha: float, store_path: str) -> None:
     """The host exp behind the sigmoid surrogate over its whole range: alpha * u from -400 to
-    400 (past the clamp at -87 on either side, since the surrogate takes exp(-|alpha u|)),
+    400 (past the clamp at 2^-126 = e^-87.3 on either side, since the surrogate takes
+    e^-|alpha u| = 2^-|alpha log2(e) u|),
     every chunk position and tail (n = 3 * 4096 + 5), and a NaN membrane, whose gradient
     stays NaN as in the reference. Gradients are checked against the reference in float64:
     the fp32 reference loses sig'(alpha u) to cancellation in 1 - sig once sig rounds near 1
@@ -106,6 +107,30 @@ def test_sigmoid_surrogate_far_from_threshold_and_nan(alpha: float, store_path: 
     assert torch.isnan(gx[0, 17]) and torch.isnan(gx_ref[0, 17])
     torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-6, equal_nan=True)
     torch.testing.assert_close(gv0, gv0_ref, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("alpha", [4.0, 1.3])
+def test_sigmoid_surrogate_is_within_a_few_ulp_of_the_exact_derivative(alpha: float) -> None:
+    """The surrogate the backward kernel computes, read out alone: with T=1, detach_reset, no
+    gradient on v_final and a spike gradient of 1, grad_x is sg(u). Against sig'(alpha u) in
+    float64, every u on a dense grid out to where sg underflows: relative error at most
+    3e-7 * max(1, |alpha u|), the peak sg(0) = alpha / 4 exact, nothing negative or NaN. The
+    base-2 exp is 1.7e-7 at most; what grows with |alpha u| is the fp32 rounding of its
+    argument, as for any fp32 exp (measured: 2.6e-7 |alpha u| at most; the Cody-Waite expf
+    before it, 2.3e-7 |alpha u|)."""
+    p = make_lif_params(surrogate="sigmoid", alpha=alpha, detach_reset=True, decay_input=False)
+    u = torch.cat([torch.linspace(-90.0, 90.0, 720_001) / alpha, torch.tensor([0.0, -0.0])])[None]
+    n = u.shape[1]
+    gs, grad_x = torch.ones(1, n), torch.full((1, n), float("nan"))
+    cpu_kernels._CpuLauncher.backward(p, u, gs, None, grad_x, None, n, 1)
+    sg = grad_x[0].double()
+    z = alpha * u[0].double()
+    exact = alpha * torch.sigmoid(z) * torch.sigmoid(-z)
+    assert torch.isfinite(sg).all() and (sg >= 0).all()
+    assert sg[-1] == sg[-2] == torch.tensor(alpha).float().item() / 4  # alpha as the kernel gets it
+    live = exact > 1e-35  # sg underflows fp32 (subnormals) past |alpha u| ~ 80
+    rel = ((sg - exact).abs() / exact / z.abs().clamp_min(1.0))[live]
+    assert live.float().mean() > 0.85 and rel.max() < 3e-7, rel.max()
 
 
 @pytest.mark.parametrize("offset", [1, 3, 4, 8, 15])
