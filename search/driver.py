@@ -28,6 +28,7 @@ from typing import Any, Callable, Optional
 from search.resources import TRIAL_CPU
 from search.space import Sampler, SearchConfig
 from search.tracking import BASELINE_TAG, REASON_TAG, SEARCH_TAG, STATUS_TAG, TrialRow
+from trainers.ray_train import LOCAL_RUNTIME_ENV
 
 __all__ = ["run_search", "SearchResult", "SearchExistsError"]
 
@@ -36,6 +37,11 @@ __all__ = ["run_search", "SearchResult", "SearchExistsError"]
 _CHECKPOINT_PERIOD_S = "2"
 # The baselines' own Tune experiment, inside the search's folder.
 _BASELINE_DIR = "baselines"
+# What a local runtime the search starts gives its workers (the tests' runtimes get the same,
+# tests/_helpers.WORKER_ENV): one torch thread per worker, since trials and workers share the
+# machine's cores with fractional CPUs; Ray Train's health checks every 0.5 s instead of 2 s,
+# so a trial that ends is noticed sooner; no preemption watcher (LOCAL_RUNTIME_ENV).
+LOCAL_WORKER_ENV = {**LOCAL_RUNTIME_ENV, "OMP_NUM_THREADS": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 
 class SearchExistsError(RuntimeError):
@@ -404,7 +410,7 @@ def run_search(
         ptr.set_tags({"mixersnn.resumed": True})
 
     if not ray.is_initialized():
-        env = {"OMP_NUM_THREADS": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+        env = dict(LOCAL_WORKER_ENV)
         # A new local runtime unless told otherwise (--address, or RAY_ADDRESS as set by `ray job
         # submit`): a bare ray.init() would join whatever cluster `ray start` last recorded in
         # /tmp/ray/ray_current_cluster on this machine, another user's or a dead one.

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from search.driver import LOCAL_WORKER_ENV
+
 # v_final and gradients of the fused kernels against the fp32 reference: fp32 arithmetic
 # everywhere, the only error is rounding to storage (u saved in 16 bits feeds the surrogate;
 # gradients are accumulated over up to 16 steps).
@@ -102,9 +104,9 @@ def tiny_train_config(data: Path, **kw: Any):
     return TrainConfig(**base)
 
 
-# What the tests' Ray workers inherit: one torch thread each (CI's 2 cores), fast Ray Train
-# health checks (the same environment the search gives a local runtime's workers).
-WORKER_ENV = {"OMP_NUM_THREADS": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+# What the tests' Ray workers inherit: the environment the search gives a local runtime's
+# workers (one torch thread each, fast Ray Train health checks, no preemption watcher).
+WORKER_ENV = dict(LOCAL_WORKER_ENV)
 
 
 def start_local_ray(extra_env: dict[str, str] | None = None) -> None:

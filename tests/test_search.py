@@ -238,6 +238,13 @@ def test_search_end_to_end_on_mlflow_server(shards: Path, tmp_path: Path, mlflow
     lines: list[str] = []
     res = run_search(cfg, quiet=True, log=lines.append)
 
+    # The local runtime's environment (search.driver.LOCAL_WORKER_ENV, which the fixture's
+    # runtime has too) kept Ray Train from starting a preemption watcher for each fit.
+    from ray.util.state import list_actors
+
+    classes = {a.class_name for a in list_actors(limit=1000, raise_on_missing_output=False)}
+    assert "TrainController" in classes and "PreemptionWatcher" not in classes, classes
+
     client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name("exp-e2e")
     runs = client.search_runs([exp.experiment_id], max_results=100)
