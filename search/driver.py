@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from mixersnn._atomic import atomic_path
 from search.resources import TRIAL_CPU
 from search.space import Sampler, SearchConfig
 from search.tracking import BASELINE_TAG, REASON_TAG, SEARCH_TAG, STATUS_TAG, TrialRow
@@ -37,6 +38,8 @@ __all__ = ["run_search", "SearchResult", "SearchExistsError"]
 _CHECKPOINT_PERIOD_S = "2"
 # The baselines' own Tune experiment, inside the search's folder.
 _BASELINE_DIR = "baselines"
+# The search's MLflow parent run, recorded in the search's folder when it is created.
+_PARENT_FILE = "mlflow_parent_run.json"
 # What a local runtime the search starts gives its workers (the tests' runtimes get the same,
 # tests/_helpers.WORKER_ENV): one torch thread per worker, since trials and workers share the
 # machine's cores with fractional CPUs; Ray Train's health checks every 0.5 s instead of 2 s,
@@ -129,8 +132,7 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         tags[BASELINE_TAG] = r["label"]
     run_id = start_run(uri, ctx["experiment"], run_name, parent_run_id=ctx["parent_run_id"], tags=tags)
     tr = MLflowTracker(uri, run_id)
-    # Only on --resume: a new search that reuses a name in the same experiment finds the old
-    # baselines' runs by name, and those were trained under another config.
+    # Only on --resume: only a resumed search has runs of its own that may have trained.
     final = _trained_before(tr, r) if ctx["resume"] else None
     if final is not None:
         # Trained by the killed driver, which died before Tune recorded the trial's end (the
@@ -218,12 +220,13 @@ def _tune_callback_cls() -> type:
         """Prints one line per finished trial and settles the status of trials the trial
         function could not settle itself (stopped by ASHA or the time budget, crashed actors)."""
 
-        def __init__(self, *, total: int, uri: str, experiment: str, quiet: bool = False,
-                     what: str = "trial") -> None:
+        def __init__(self, *, total: int, uri: str, experiment: str, parent_run_id: str,
+                     quiet: bool = False, what: str = "trial") -> None:
             self.total = total
             self.what = what
             self.uri = uri
             self.experiment = experiment
+            self.parent_run_id = parent_run_id
             self.quiet = quiet
             self.t0 = time.time()
             self.done = 0
@@ -231,7 +234,9 @@ def _tune_callback_cls() -> type:
         def _child(self, trial: Any) -> Optional[str]:
             from trainers.tracking import find_run
 
-            return find_run(self.uri, self.experiment, _run_name((trial.config or {}).get("resolved", {}), trial.trial_id))
+            # A callback restored from a search saved before it had parent_run_id: by name alone.
+            return find_run(self.uri, self.experiment, _run_name((trial.config or {}).get("resolved", {}), trial.trial_id),
+                            getattr(self, "parent_run_id", None))
 
         def _line(self, trials: list, trial: Any, status: str, extra: str = "") -> None:
             if self.quiet:
@@ -359,6 +364,50 @@ def _ctx(cfg: SearchConfig, uri: str, parent_run_id: str, resume: bool) -> dict[
     }
 
 
+def _open_parent(cfg: SearchConfig, uri: str, resume: bool) -> str:
+    """The search's MLflow parent run, recorded in the search's folder (``_PARENT_FILE``).
+
+    A new search gets a new run, even when the experiment holds a search of the same name (at
+    another storage path: a different search, whose runs must stay as they are); its child
+    runs are then looked up under it alone. A search that has a record (``--resume``, or a
+    start that died before Tune saved anything) reopens that run. A search resumed from
+    before the record existed reopens its run found by name, as before.
+
+    Raises:
+        SearchExistsError: the record names another tracking URI than the search's, or, on
+            ``--resume``, a run that store does not hold.
+    """
+    from trainers.tracking import find_run, reopen_run, start_run
+
+    record = cfg.search_dir() / _PARENT_FILE
+    if record.exists():
+        rec = json.loads(record.read_text())
+        if rec["tracking_uri"] != uri:
+            raise SearchExistsError(
+                f"the search at {cfg.search_dir()} is tracked at {rec['tracking_uri']!r} (run {rec['run_id']}), not "
+                f"{uri!r}: set tracking_uri to {rec['tracking_uri']!r} to continue it, or choose another name (--name) "
+                f"or storage_path for a new search")
+        from mlflow.exceptions import MlflowException
+
+        try:
+            reopen_run(uri, rec["run_id"])
+            return rec["run_id"]
+        except MlflowException as err:
+            if resume:
+                raise SearchExistsError(
+                    f"--resume: the search's parent run {rec['run_id']} (recorded in {record}) is not in {uri!r} "
+                    f"({err.error_code}); point tracking_uri at the store that holds it, or start a new search "
+                    f"under another name (--name) or storage_path") from None
+            # A start that died before Tune saved anything, tracked in a store since replaced.
+    tags = {"mixersnn.kind": "search", SEARCH_TAG: cfg.name}
+    if resume and find_run(uri, cfg.experiment, cfg.name) is not None:
+        return start_run(uri, cfg.experiment, cfg.name, tags=tags)  # reopens it (reuse by name)
+    run_id = start_run(uri, cfg.experiment, cfg.name, tags=tags, reuse=False)
+    with atomic_path(record, suffix=".json") as tmp:
+        Path(tmp).write_text(json.dumps({"tracking_uri": uri, "experiment": cfg.experiment, "run_id": run_id}))
+    return run_id
+
+
 def run_search(
     cfg: SearchConfig,
     *,
@@ -387,7 +436,7 @@ def run_search(
     import ray
     from ray import tune
 
-    from trainers.tracking import MLflowTracker, end_run, resolve_tracking_uri, start_run
+    from trainers.tracking import MLflowTracker, end_run, resolve_tracking_uri
 
     t0 = time.time()
     uri = resolve_tracking_uri(cfg.tracking_uri)
@@ -401,7 +450,7 @@ def run_search(
         raise SearchExistsError(f"a search named {cfg.name!r} already exists at {sdir}; continue it with --resume, "
                                 f"or choose another name (--name) or storage_path")
 
-    parent = start_run(uri, cfg.experiment, cfg.name, tags={"mixersnn.kind": "search", SEARCH_TAG: cfg.name})
+    parent = _open_parent(cfg, uri, resume)
     ptr = MLflowTracker(uri, parent)
     flat = cfg.to_dict()
     ptr.log_params({k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in flat.items()})
@@ -427,7 +476,7 @@ def run_search(
     status = "FAILED"
     try:
         if cfg.baselines:
-            _fit_baselines(cfg, trainable, uri, resume=resume, quiet=quiet, log=log, concurrency=concurrency)
+            _fit_baselines(cfg, trainable, uri, parent, resume=resume, quiet=quiet, log=log, concurrency=concurrency)
         if resume and (sdir / "tuner.pkl").exists():
             log(f"resuming search {cfg.name!r} from {sdir}")
             tuner = _restore(sdir, trainable)
@@ -448,7 +497,7 @@ def run_search(
                 + (f", time budget {cfg.budget.time_budget_s:.0f} s" if cfg.budget.time_budget_s else "")
                 + f", objectives {list(zip(names, modes))}" + (" with ASHA" if single else ""))
             callback = _tune_callback_cls()(total=cfg.budget.num_trials, uri=uri, experiment=cfg.experiment,
-                                            quiet=quiet)
+                                            parent_run_id=parent, quiet=quiet)
             tuner = _new_tuner(
                 sdir, trainable, callback,
                 search_alg=_searcher(cfg),
@@ -469,7 +518,7 @@ def run_search(
     return result
 
 
-def _fit_baselines(cfg: SearchConfig, trainable: Any, uri: str, *, resume: bool, quiet: bool,
+def _fit_baselines(cfg: SearchConfig, trainable: Any, uri: str, parent: str, *, resume: bool, quiet: bool,
                    log: Callable[[str], None], concurrency: Callable[[], int]) -> None:
     """Train the search file's baselines, before the sampled trials: one fixed Tune trial each
     (a grid over their configs) through the same trial function, so each is trained once with
@@ -484,8 +533,8 @@ def _fit_baselines(cfg: SearchConfig, trainable: Any, uri: str, *, resume: bool,
     from search.space import baseline_resolved
 
     bdir = cfg.search_dir() / _BASELINE_DIR
-    callback = _tune_callback_cls()(total=len(cfg.baselines), uri=uri, experiment=cfg.experiment, quiet=quiet,
-                                    what="baseline")
+    callback = _tune_callback_cls()(total=len(cfg.baselines), uri=uri, experiment=cfg.experiment,
+                                    parent_run_id=parent, quiet=quiet, what="baseline")
     if resume and (bdir / "tuner.pkl").exists():
         log(f"resuming the baselines of {cfg.name!r} from {bdir}")
         tuner = _restore(bdir, trainable)

@@ -444,6 +444,69 @@ def test_finalize_counts_the_epochs_of_a_trial_cut_off_by_the_time_budget(tmp_pa
     assert [r.run_id for r in res.front] == [child]  # a stopped trial still counts with what it measured
 
 
+def test_two_searches_of_one_name_in_one_experiment_keep_their_own_runs(shards: Path, tmp_path: Path) -> None:
+    """Two searches named alike in one experiment, at two storage paths: each gets its own
+    parent run and its child runs are found under it alone, so the second never writes into
+    the first's runs (it used to reopen the first's parent, and its baselines, by name). The
+    parent is recorded in the search's folder: --resume reopens it, and so does a start that
+    died before Tune saved anything; a record for another tracking URI is refused by name."""
+    from mlflow.tracking import MlflowClient
+
+    from search.driver import SearchExistsError, _open_parent
+    from search.space import load_search_config
+    from trainers.tracking import end_run, find_run, start_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    def cfg(store: str, name: str = "twin"):  # type: ignore[no-untyped-def]
+        d = _tiny_config(tmp_path / store, shards, uri, name)
+        return load_search_config(_yaml(tmp_path / f"{store}.yaml", d))
+
+    a, b = cfg("a"), cfg("b")
+    client = MlflowClient(uri)
+    pa = _open_parent(a, uri, resume=False)
+    ca = start_run(uri, a.experiment, "twin-baseline-ref", parent_run_id=pa)
+    end_run(uri, ca)
+    end_run(uri, pa)
+    pb = _open_parent(b, uri, resume=False)
+    cb = start_run(uri, b.experiment, "twin-baseline-ref", parent_run_id=pb)
+    assert pb != pa and cb != ca
+    assert find_run(uri, a.experiment, "twin-baseline-ref", pa) == ca
+    assert find_run(uri, a.experiment, "twin-baseline-ref", pb) == cb
+    assert client.get_run(ca).info.status == "FINISHED" and client.get_run(pa).info.status == "FINISHED"
+    assert client.get_run(ca).data.tags["mlflow.parentRunId"] == pa
+
+    # --resume of the first (its record), and a first start that died before any Tune state.
+    assert _open_parent(a, uri, resume=True) == pa and client.get_run(pa).info.status == "RUNNING"
+    assert _open_parent(b, uri, resume=False) == pb
+    parents = client.search_runs([client.get_experiment_by_name(a.experiment).experiment_id],
+                                 filter_string="tags.`mixersnn.kind` = 'search'")
+    assert sorted(r.info.run_id for r in parents) == sorted([pa, pb])
+
+    # The record names the search's tracking store: another one is refused, naming both.
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    with pytest.raises(SearchExistsError, match="other.db") as err:
+        _open_parent(a, other, resume=True)
+    assert "mlflow.db" in str(err.value) and "tracking_uri" in str(err.value)
+
+    # A record whose run the store does not hold: --resume is refused, naming the run; a start
+    # that never saved Tune state begins again with a new parent.
+    d = cfg("d")
+    _open_parent(d, uri, resume=False)
+    rec = d.search_dir() / "mlflow_parent_run.json"
+    rec.write_text(json.dumps({**json.loads(rec.read_text()), "run_id": "0" * 32}))
+    with pytest.raises(SearchExistsError, match="0" * 32):
+        _open_parent(d, uri, resume=True)
+    fresh = _open_parent(d, uri, resume=False)
+    assert fresh != "0" * 32 and json.loads(rec.read_text())["run_id"] == fresh
+
+    # A search saved before the record existed: --resume reopens its parent found by name.
+    c = cfg("c", name="old")
+    legacy = start_run(uri, c.experiment, "old", tags={"mixersnn.kind": "search"})
+    end_run(uri, legacy)
+    assert _open_parent(c, uri, resume=True) == legacy
+
+
 def test_a_trial_trained_before_a_driver_kill_reports_its_record_instead_of_training(tmp_path: Path) -> None:
     """A driver killed after a trial's run was tagged ok (fit returned) but before Tune recorded
     the trial's end: the resumed trial reports the run's record (last epoch's accuracy and
@@ -516,12 +579,17 @@ def test_a_tune_error_for_a_stopped_trial_keeps_the_stop_and_a_dead_trial_is_fai
     from trainers.tracking import MLflowTracker, end_run, start_run
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    stopped = start_run(uri, "exp-err", "trial-stop_00001", tags={STATUS_TAG: "running"})
+    parent = start_run(uri, "exp-err", "s", tags={"mixersnn.kind": "search"})
+    stopped = start_run(uri, "exp-err", "trial-stop_00001", parent_run_id=parent, tags={STATUS_TAG: "running"})
     MLflowTracker(uri, stopped).set_tags({STATUS_TAG: "stopped", REASON_TAG: "stopped after 1 epoch(s) (ASHA)"})
     end_run(uri, stopped, "KILLED")
-    died = start_run(uri, "exp-err", "trial-died_00002", tags={STATUS_TAG: "running"})
+    died = start_run(uri, "exp-err", "trial-died_00002", parent_run_id=parent, tags={STATUS_TAG: "running"})
+    # A run of the same name in another search of the experiment: not this search's, untouched.
+    other = start_run(uri, "exp-err", "trial-died_00002", parent_run_id=start_run(uri, "exp-err", "t"), reuse=False,
+                      tags={STATUS_TAG: "ok"})
+    end_run(uri, other)
 
-    progress = _tune_callback_cls()(total=2, uri=uri, experiment="exp-err")
+    progress = _tune_callback_cls()(total=2, uri=uri, experiment="exp-err", parent_run_id=parent)
     config = {"resolved": {"kind": "trial", "arch": {"embed_dim": 6}}}
     a = Trial("__fake", config=config, trial_id="stop_00001", stub=True)
     b = Trial("__fake", config=config, trial_id="died_00002", stub=True)
@@ -537,4 +605,6 @@ def test_a_tune_error_for_a_stopped_trial_keeps_the_stop_and_a_dead_trial_is_fai
     run = client.get_run(died)
     assert (run.data.tags[STATUS_TAG], run.info.status) == ("failed", "FAILED")
     assert "trial process died" in run.data.tags[REASON_TAG]
+    run = client.get_run(other)
+    assert (run.data.tags[STATUS_TAG], run.info.status) == ("ok", "FINISHED")
     assert "trial-died_00002 FAILED" in lines[1] and "trial process died" in lines[1]

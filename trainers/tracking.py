@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-__all__ = ["default_tracking_uri", "MLflowTracker", "start_run", "end_run", "find_run"]
+__all__ = ["default_tracking_uri", "MLflowTracker", "start_run", "end_run", "find_run", "reopen_run"]
 
 _MAX_PARAM_LEN = 6000
 
@@ -82,14 +82,24 @@ def _experiment_id(client: Any, uri: str, name: str) -> str:
         return exp.experiment_id
 
 
-def find_run(uri: str, experiment: str, run_name: str) -> Optional[str]:
-    """The id of an existing run with this name in the experiment, if any."""
+def find_run(uri: str, experiment: str, run_name: str, parent_run_id: Optional[str] = None) -> Optional[str]:
+    """The id of an existing run with this name in the experiment, if any; with
+    ``parent_run_id``, only among that run's children (two searches in one experiment may
+    have child runs of the same name)."""
     client = _client(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return None
-    runs = client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{run_name}'", max_results=1)
+    flt = f"attributes.run_name = '{run_name}'"
+    if parent_run_id:
+        flt += f" and tags.mlflow.parentRunId = '{parent_run_id}'"
+    runs = client.search_runs([exp.experiment_id], filter_string=flt, max_results=1)
     return runs[0].info.run_id if runs else None
+
+
+def reopen_run(uri: str, run_id: str) -> None:
+    """Mark an existing run RUNNING again (a resumed job writes into it)."""
+    _client(uri).set_terminated(run_id, "RUNNING")
 
 
 def start_run(
@@ -101,14 +111,15 @@ def start_run(
     tags: Optional[dict[str, str]] = None,
     reuse: bool = True,
 ) -> str:
-    """Create the run (or, with ``reuse``, return the existing run of that name so a resumed
-    job keeps its history) and return its id."""
+    """Create the run (or, with ``reuse``, return the existing run of that name, among
+    ``parent_run_id``'s children when given, so a resumed job keeps its history) and return
+    its id."""
     client = _client(uri)
     exp_id = _experiment_id(client, uri, experiment)
     if reuse:
-        rid = find_run(uri, experiment, run_name)
+        rid = find_run(uri, experiment, run_name, parent_run_id)
         if rid is not None:
-            client.set_terminated(rid, "RUNNING")
+            reopen_run(uri, rid)
             return rid
     all_tags = {"mlflow.runName": run_name, **(tags or {})}
     if parent_run_id:
