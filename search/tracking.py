@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from trainers.tracking import mlflow_client
+
 __all__ = [
     "TrialRow",
     "collect_trials",
@@ -97,15 +99,9 @@ class TrialRow:
                 f"p={p.get('arch.patch_size', '?')} r={p.get('arch.mlp_ratio', '?')} spe={spe}")
 
 
-def _client(uri: str) -> Any:
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
-
-
 def find_search_run(uri: str, experiment: str, name: Optional[str] = None) -> Optional[Any]:
     """The parent run of search ``name`` in ``experiment`` (the latest search when name is None)."""
-    client = _client(uri)
+    client = mlflow_client(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return None
@@ -118,7 +114,7 @@ def find_search_run(uri: str, experiment: str, name: Optional[str] = None) -> Op
 
 def collect_trials(uri: str, parent_run_id: str) -> list[TrialRow]:
     """Every child run of the search, in trial-id order."""
-    client = _client(uri)
+    client = mlflow_client(uri)
     parent = client.get_run(parent_run_id)
     runs = client.search_runs([parent.info.experiment_id],
                               filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=5000)
@@ -402,7 +398,7 @@ def register_best(uri: str, row: TrialRow, model_name: str, *, tmp: Optional[str
 
     from mixersnn.models import load_model
 
-    client = _client(uri)
+    client = mlflow_client(uri)
     with tempfile.TemporaryDirectory(dir=tmp) as d:
         local = client.download_artifacts(row.run_id, "model/model.pt", d)
         model = load_model(local)

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-__all__ = ["default_tracking_uri", "MLflowTracker", "start_run", "end_run", "find_run", "reopen_run"]
+__all__ = ["default_tracking_uri", "mlflow_client", "MLflowTracker", "start_run", "end_run", "find_run", "reopen_run"]
 
 _MAX_PARAM_LEN = 6000
 
@@ -57,7 +57,8 @@ def mlflow_ui_hint(uri: str) -> str:
 EPOCH_METRIC = "test_acc"
 
 
-def _client(uri: str):
+def mlflow_client(uri: str):
+    """An ``MlflowClient`` for ``uri`` (mlflow imported only when one is needed)."""
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
@@ -86,7 +87,7 @@ def find_run(uri: str, experiment: str, run_name: str, parent_run_id: Optional[s
     """The id of an existing run with this name in the experiment, if any; with
     ``parent_run_id``, only among that run's children (two searches in one experiment may
     have child runs of the same name)."""
-    client = _client(uri)
+    client = mlflow_client(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return None
@@ -99,7 +100,7 @@ def find_run(uri: str, experiment: str, run_name: str, parent_run_id: Optional[s
 
 def reopen_run(uri: str, run_id: str) -> None:
     """Mark an existing run RUNNING again (a resumed job writes into it)."""
-    _client(uri).set_terminated(run_id, "RUNNING")
+    mlflow_client(uri).set_terminated(run_id, "RUNNING")
 
 
 def start_run(
@@ -114,7 +115,7 @@ def start_run(
     """Create the run (or, with ``reuse``, return the existing run of that name, among
     ``parent_run_id``'s children when given, so a resumed job keeps its history) and return
     its id."""
-    client = _client(uri)
+    client = mlflow_client(uri)
     exp_id = _experiment_id(client, uri, experiment)
     if reuse:
         rid = find_run(uri, experiment, run_name, parent_run_id)
@@ -129,7 +130,7 @@ def start_run(
 
 
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
-    _client(uri).set_terminated(run_id, status)
+    mlflow_client(uri).set_terminated(run_id, status)
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -154,7 +155,7 @@ class MLflowTracker:
     def __init__(self, uri: str, run_id: str) -> None:
         self.uri = uri
         self.run_id = run_id
-        self.client = _client(uri)
+        self.client = mlflow_client(uri)
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
