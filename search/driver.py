@@ -399,10 +399,12 @@ def _open_parent(cfg: SearchConfig, uri: str, resume: bool) -> str:
                     f"({err.error_code}); point tracking_uri at the store that holds it, or start a new search "
                     f"under another name (--name) or storage_path") from None
             # A start that died before Tune saved anything, tracked in a store since replaced.
-    tags = {"mixersnn.kind": "search", SEARCH_TAG: cfg.name}
-    if resume and find_run(uri, cfg.experiment, cfg.name) is not None:
-        return start_run(uri, cfg.experiment, cfg.name, tags=tags)  # reopens it (reuse by name)
-    run_id = start_run(uri, cfg.experiment, cfg.name, tags=tags, reuse=False)
+    legacy = find_run(uri, cfg.experiment, cfg.name) if resume else None
+    if legacy is not None:
+        reopen_run(uri, legacy)
+        return legacy
+    run_id = start_run(uri, cfg.experiment, cfg.name, tags={"mixersnn.kind": "search", SEARCH_TAG: cfg.name},
+                       reuse=False)
     with atomic_path(record, suffix=".json") as tmp:
         Path(tmp).write_text(json.dumps({"tracking_uri": uri, "experiment": cfg.experiment, "run_id": run_id}))
     return run_id

@@ -89,12 +89,14 @@ def find_run(uri: str, experiment: str, run_name: str, parent_run_id: Optional[s
     have child runs of the same name)."""
     client = mlflow_client(uri)
     exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return None
+    return None if exp is None else _find_in(client, exp.experiment_id, run_name, parent_run_id)
+
+
+def _find_in(client: Any, experiment_id: str, run_name: str, parent_run_id: Optional[str]) -> Optional[str]:
     flt = f"attributes.run_name = '{run_name}'"
     if parent_run_id:
         flt += f" and tags.mlflow.parentRunId = '{parent_run_id}'"
-    runs = client.search_runs([exp.experiment_id], filter_string=flt, max_results=1)
+    runs = client.search_runs([experiment_id], filter_string=flt, max_results=1)
     return runs[0].info.run_id if runs else None
 
 
@@ -118,9 +120,9 @@ def start_run(
     client = mlflow_client(uri)
     exp_id = _experiment_id(client, uri, experiment)
     if reuse:
-        rid = find_run(uri, experiment, run_name, parent_run_id)
+        rid = _find_in(client, exp_id, run_name, parent_run_id)
         if rid is not None:
-            reopen_run(uri, rid)
+            client.set_terminated(rid, "RUNNING")  # reopen_run, with the client at hand
             return rid
     all_tags = {"mlflow.runName": run_name, **(tags or {})}
     if parent_run_id:
