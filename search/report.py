@@ -10,7 +10,11 @@ HELP = "Print a search's leaderboard and Pareto front from MLflow and write the 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("experiment", help="MLflow experiment of the search")
-    p.add_argument("--search", help="search name (default: the latest search in the experiment)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--search", help="search name (default: the latest search in the experiment); with several "
+                       "searches of that name (other storage paths), the latest")
+    which.add_argument("--run-id", help="the search's MLflow parent run (its <storage_path>/<name>/"
+                       "mlflow_parent_run.json names it): one search of several that share a name")
     p.add_argument("--tracking-uri", help="MLflow URI (default $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
     p.add_argument("--top", type=int, default=20, help="leaderboard rows (default 20)")
     p.add_argument("--out", help="Pareto plot file (default <search>-pareto.png)")
@@ -20,16 +24,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import matplotlib.pyplot as plt
 
-    from search.tracking import (collect_trials, compare_baselines, find_search_run, format_comparison, format_table,
-                                 pareto_figure, pareto_front)
+    from search.tracking import (collect_trials, compare_baselines, find_search_runs, format_comparison,
+                                 format_table, pareto_figure, pareto_front)
     from trainers.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
-    parent = find_search_run(uri, args.experiment, args.search)
-    if parent is None:
-        what = f"search {args.search!r}" if args.search else "any search"
-        print(f"error: no {what} in experiment {args.experiment!r} at {uri}; check the name and --tracking-uri")
-        return 2
+    if args.run_id:
+        parent, error = _search_run_by_id(uri, args.experiment, args.run_id)
+        if parent is None:
+            print(f"error: {error}")
+            return 2
+    else:
+        parents = find_search_runs(uri, args.experiment, args.search)
+        if not parents:
+            what = f"search {args.search!r}" if args.search else "any search"
+            print(f"error: no {what} in experiment {args.experiment!r} at {uri}; check the name and --tracking-uri")
+            return 2
+        parent = parents[0]
+        if args.search and len(parents) > 1:
+            others = ", ".join(f"{r.info.run_id} ({_started(r)})" for r in parents[1:])
+            print(f"note: {len(parents)} searches named {args.search!r} in {args.experiment!r} (each at its own "
+                  f"storage path); this is the latest, run {parent.info.run_id} ({_started(parent)}). The "
+                  f"other(s): {others}; pick one with --run-id.")
+            print()
     name = parent.info.run_name
     rows = collect_trials(uri, parent.info.run_id)
     front = pareto_front(rows, with_params=args.params)
@@ -58,3 +75,33 @@ def run(args: argparse.Namespace) -> int:
     plt.close(fig)
     print(f"\nPareto plot written to {out}")
     return 0
+
+
+def _started(run) -> str:  # type: ignore[no-untyped-def]
+    """A run's start time, UTC, to the second."""
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(run.info.start_time / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _search_run_by_id(uri: str, experiment: str, run_id: str):  # type: ignore[no-untyped-def]
+    """(the search's parent run, None), or (None, why not) for a run that the store does not
+    hold, that is not a search's parent run, or that belongs to another experiment."""
+    from mlflow.exceptions import MlflowException
+
+    from trainers.tracking import mlflow_client
+
+    client = mlflow_client(uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        return None, f"no run {run_id!r} at {uri}; check --run-id and --tracking-uri"
+    kind = run.data.tags.get("mixersnn.kind")
+    if kind != "search":
+        return None, (f"run {run_id!r} ({run.info.run_name!r}) is a {kind or 'non-mixersnn'} run, not a search's "
+                      f"parent run; give the parent's id (its child runs' mlflow.parentRunId tag)")
+    exp = client.get_experiment(run.info.experiment_id)
+    if exp.name != experiment:
+        return None, (f"run {run_id!r} is search {run.info.run_name!r} in experiment {exp.name!r}, not "
+                      f"{experiment!r}; give {exp.name!r} as the experiment")
+    return run, None

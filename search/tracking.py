@@ -28,7 +28,7 @@ __all__ = [
     "log_summary",
     "select_best",
     "register_best",
-    "find_search_run",
+    "find_search_runs",
     "epochs_logged",
     "compare_baselines",
     "format_comparison",
@@ -99,17 +99,19 @@ class TrialRow:
                 f"p={p.get('arch.patch_size', '?')} r={p.get('arch.mlp_ratio', '?')} spe={spe}")
 
 
-def find_search_run(uri: str, experiment: str, name: Optional[str] = None) -> Optional[Any]:
-    """The parent run of search ``name`` in ``experiment`` (the latest search when name is None)."""
+def find_search_runs(uri: str, experiment: str, name: Optional[str] = None) -> list[Any]:
+    """The parent runs of searches in ``experiment``, newest first: those named ``name``, or
+    every search when name is None. Searches of one name at different storage paths each have
+    their own parent run (``search.driver``), so a name can match several."""
     client = mlflow_client(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        return None
+        return []
     flt = "tags.`mixersnn.kind` = 'search'"
     if name:
         flt += f" and attributes.run_name = '{name}'"
-    runs = client.search_runs([exp.experiment_id], filter_string=flt, order_by=["attributes.start_time DESC"], max_results=1)
-    return runs[0] if runs else None
+    return list(client.search_runs([exp.experiment_id], filter_string=flt,
+                                   order_by=["attributes.start_time DESC"], max_results=1000))
 
 
 def collect_trials(uri: str, parent_run_id: str) -> list[TrialRow]:

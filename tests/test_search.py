@@ -507,6 +507,55 @@ def test_two_searches_of_one_name_in_one_experiment_keep_their_own_runs(shards: 
     assert _open_parent(c, uri, resume=True) == legacy
 
 
+def test_report_names_every_search_of_a_shared_name_and_shows_one_by_run_id(shards: Path, tmp_path: Path,
+                                                                            capsys) -> None:  # type: ignore[no-untyped-def]
+    """``mixersnn report --search NAME`` shows the latest of two searches named alike and says
+    so, naming the other's run; ``--run-id`` shows either one; a run id that is not a
+    search's parent run, or not in the experiment, or not in the store, is refused by name."""
+    from mlflow.tracking import MlflowClient
+
+    from mixersnn.cli import main
+    from search.driver import _open_parent
+    from search.space import load_search_config
+    from trainers.tracking import end_run, start_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    cfgs = [load_search_config(_yaml(tmp_path / f"{s}.yaml", _tiny_config(tmp_path / s, shards, uri, "twin")))
+            for s in ("a", "b")]
+    parents, children = [], []
+    for cfg, acc in zip(cfgs, (0.25, 0.75)):
+        parent = _open_parent(cfg, uri, resume=False)
+        child = start_run(uri, cfg.experiment, f"trial-{acc}", parent_run_id=parent,
+                          tags={"mixersnn.kind": "trial", "mixersnn.trial_status": "ok"})
+        client.log_metric(child, "test_acc", acc)
+        client.log_metric(child, "energy_per_image_uj", 1.0)
+        end_run(uri, child)
+        end_run(uri, parent)
+        parents.append(parent)
+        children.append(child)
+        time.sleep(0.01)  # distinct start times, so "latest" is defined
+
+    def report(*args: str) -> tuple[int, str]:
+        capsys.readouterr()
+        rc = main(["report", cfgs[0].experiment, "--tracking-uri", uri, "--out", str(tmp_path / "p.png"), *args])
+        return rc, capsys.readouterr().out
+
+    rc, out = report("--search", "twin")
+    assert rc == 0 and "2 searches named 'twin'" in out and f"run {parents[1]}" in out and parents[0] in out
+    assert "0.7500" in out and "0.2500" not in out
+    for parent, shown, hidden in ((parents[0], "0.2500", "0.7500"), (parents[1], "0.7500", "0.2500")):
+        rc, out = report("--run-id", parent)
+        assert rc == 0 and "note:" not in out and shown in out and hidden not in out, out
+    rc, out = report("--run-id", children[0])
+    assert rc == 2 and "not a search's parent run" in out and children[0] in out
+    rc, out = report("--run-id", "0" * 32)
+    assert rc == 2 and "0" * 32 in out and "--run-id" in out
+    capsys.readouterr()
+    assert main(["report", "another-experiment", "--tracking-uri", uri, "--run-id", parents[0]]) == 2
+    assert f"experiment {cfgs[0].experiment!r}" in capsys.readouterr().out
+
+
 def test_a_trial_trained_before_a_driver_kill_reports_its_record_instead_of_training(tmp_path: Path) -> None:
     """A driver killed after a trial's run was tagged ok (fit returned) but before Tune recorded
     the trial's end: the resumed trial reports the run's record (last epoch's accuracy and
