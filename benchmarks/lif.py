@@ -29,6 +29,15 @@ cache-resident; each pass must move 12 bytes per element in fp32 (half the step'
 their floors say so. A pass whose "cache" row is below 1.00 cannot reach the memory floor on
 this machine however its memory traffic is arranged.
 
+Three "cpu-traf" rows give the other bound: the same memory traffic with no arithmetic
+(``mixersnn.kernels.cpu.stream_traffic``: the kernels' tiles, chunks, prefetch and streaming
+stores around one add per element), for a whole step and for each pass, timed in the same
+rounds as the "cpu-kern" row of the same label. A copy moves two streams; a pass moves three
+(one read and two writes forward, two reads and one write backward), and this machine's memory
+system may not move three as fast: the traffic row is the most any kernel laid out like these
+can do here, and the last line gives the kernels' time over it (1.00x: nothing beyond their
+memory traffic).
+
 The neuron is the one the models use (``NeuronConfig``'s defaults, the paper's: tau 2, hard
 reset, ``detach_reset``). ``--surrogate`` picks the surrogate gradient the backward pass
 computes (default: the paper's sigmoid). The sigmoid's exp and division bind its backward pass
@@ -60,7 +69,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import interleaved_medians, pool_mode, pool_modes  # noqa: E402
 
-from mixersnn.kernels.cpu import _CpuLauncher, cpu_unavailable_reason, stream_copy, stream_threshold  # noqa: E402
+from mixersnn.kernels.cpu import (  # noqa: E402
+    _CpuLauncher,
+    cpu_unavailable_reason,
+    stream_copy,
+    stream_threshold,
+    stream_traffic,
+)
 from mixersnn.neurons import available_backends, make_lif_params  # noqa: E402
 from mixersnn.models.config import NeuronConfig  # noqa: E402
 from mixersnn.neurons.surrogate import SURROGATES  # noqa: E402
@@ -84,12 +99,13 @@ class Copies:
 
 
 def timed_beside_copies(
-    step: Callable[[], object], copies: Copies, device: torch.device, warmup: int, repeats: int
-) -> tuple[float, dict[str, float]]:
-    """Median seconds of ``step`` and the copies' bandwidths (bytes read + written per
-    second, by kind), all timed in the same interleaved rounds."""
-    medians = interleaved_medians({"step": step, **copies.fns}, device, warmup, repeats)
-    return medians.pop("step"), {k: 2 * copies.nbytes / t for k, t in medians.items()}
+    steps: dict[str, Callable[[], object]], copies: Copies, device: torch.device, warmup: int, repeats: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Median seconds of each of ``steps`` and the copies' bandwidths (bytes read + written
+    per second, by kind), all timed in the same interleaved rounds."""
+    medians = interleaved_medians({**steps, **copies.fns}, device, warmup, repeats)
+    secs = {k: medians.pop(k) for k in steps}
+    return secs, {k: 2 * copies.nbytes / t for k, t in medians.items()}
 
 
 def neuron_options(surrogate: str) -> dict:
@@ -153,8 +169,8 @@ def run(args: argparse.Namespace) -> dict:
             dtype = _DTYPES[dtype_name]
             elements = args.steps * args.numel
 
-            def timed(step: Callable[[], object], reps: int) -> tuple[float, dict[str, float]]:
-                secs, bws = timed_beside_copies(step, copies, device, args.warmup, reps)
+            def timed(reps: int, **steps: Callable[[], object]) -> tuple[dict[str, float], dict[str, float]]:
+                secs, bws = timed_beside_copies(steps, copies, device, args.warmup, reps)
                 measured.append(bws)
                 return secs, bws
 
@@ -166,7 +182,8 @@ def run(args: argparse.Namespace) -> dict:
                     reps = max(3, args.repeats // 2) if backend == "torch" else args.repeats
                     with pool_mode(mode) as label:
                         step = backend_step(backend, device, dtype, args.steps, args.numel, args.surrogate)
-                        secs, bws = timed(step, reps)
+                        secs, bws = timed(reps, step=step)
+                        secs = secs["step"]
                     if backend == "torch":
                         ref_s = secs
                     rows.append(row(backend, label, secs, ref_s, bws))
@@ -174,9 +191,13 @@ def run(args: argparse.Namespace) -> dict:
                     # The same kernels on preallocated, already-touched buffers: the arithmetic
                     # and memory streaming alone, without autograd or output allocation; then
                     # the same work on a cache-resident size (the arithmetic's own ceiling).
+                    # A whole step and each pass alone are timed beside the same memory traffic
+                    # with no arithmetic, in the same rounds: what any kernel laid out like these
+                    # can do at most on this machine.
                     small = min(args.numel, _IN_CACHE_NUMEL)
                     calls = max(1, args.numel // small)
                     both, fwd, bwd = ("fwd", "bwd"), ("fwd",), ("bwd",)
+                    kern_vs_traffic = {}
                     for label, numel, calls_, passes in [
                         ("-", args.numel, 1, both),
                         ("n+1", args.numel + 1, 1, both),
@@ -186,14 +207,20 @@ def run(args: argparse.Namespace) -> dict:
                         ("fwd cache", small, calls, fwd),
                         ("bwd cache", small, calls, bwd),
                     ]:
-                        step = cpu_kernels_step(args.steps, numel, calls_, args.surrogate, passes)
-                        secs, bws = timed(step, args.repeats)
-                        del step  # its buffers go before the next row's
+                        steps = {"kern": cpu_kernels_step(args.steps, numel, calls_, args.surrogate, passes)}
+                        if label in ("-", "fwd", "bwd"):
+                            steps["traffic"] = cpu_traffic_step(args.steps, numel, passes)
+                        secs, bws = timed(args.repeats, **steps)
+                        del steps  # their buffers go before the next row's
                         # Per element of the benchmark's size (the cache rows do fewer, n+1
                         # one more); the reference ratio only means something for a whole step.
-                        secs *= args.numel / (numel * calls_)
+                        scale = args.numel / (numel * calls_)
                         ref = ref_s if len(passes) == 2 else None
-                        rows.append(row("cpu-kern", label, secs, ref, bws, passes=len(passes)))
+                        rows.append(row("cpu-kern", label, secs["kern"] * scale, ref, bws, passes=len(passes)))
+                        if "traffic" in secs:
+                            rows.append(row("cpu-traf", label, secs["traffic"], None, bws, passes=len(passes)))
+                            kern_vs_traffic[label] = secs["kern"] / secs["traffic"]
+                    meta["kernels_vs_traffic"] = kern_vs_traffic
         # For the header: each kind's median over the rows' rounds.
         meta["copy_GBps"][device.type] = {
             k: statistics.median(m[k] for m in measured) / 1e9 for k in copies.fns
@@ -253,6 +280,21 @@ def cpu_kernels_step(
     return step
 
 
+def cpu_traffic_step(steps: int, numel: int, passes: tuple[str, ...]) -> Callable[[], None]:
+    """``passes``' memory traffic without their arithmetic (``stream_traffic``) on reused
+    buffers: the forward's (read one row, write two), the backward's (read two, write one)."""
+    x, grad = torch.randn(steps, numel), torch.randn(steps, numel)
+    spikes, u, grad_x = torch.zeros_like(x), torch.zeros_like(x), torch.zeros_like(x)
+
+    def step() -> None:
+        if "fwd" in passes:
+            stream_traffic("forward", x, spikes, u)
+        if "bwd" in passes:
+            stream_traffic("backward", u, grad, grad_x)
+
+    return step
+
+
 def print_table(result: dict) -> None:
     meta = result["meta"]
     print(
@@ -288,8 +330,15 @@ def print_table(result: dict) -> None:
         "cpu-kern = the cpu backend's kernels alone on reused buffers (no autograd); pool "
         "'n+1': one more neuron (rows off cache-line alignment); 'cache': the same elements as "
         "calls on a cache-resident size (the arithmetic's ceiling); 'fwd', 'bwd': one pass "
-        "alone (its floor: 12 bytes per element in fp32), 'cache' as above."
+        "alone (its floor: 12 bytes per element in fp32), 'cache' as above.\n"
+        "cpu-traf = the same memory traffic with no arithmetic (the kernels' layout and stores, "
+        "one add per element): the most a kernel moving these bytes can do on this machine; "
+        "'-' a whole step, 'fwd', 'bwd' one pass."
     )
+    ratio = meta.get("kernels_vs_traffic")
+    if ratio:
+        print(f"cpu-kern time / cpu-traf time: step {ratio['-']:.2f}x, fwd {ratio['fwd']:.2f}x, "
+              f"bwd {ratio['bwd']:.2f}x (1.00x: the kernels cost nothing beyond their memory traffic)")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -157,3 +157,8 @@ def _check_lif_pass_rows_and_neuron(result: dict) -> None:
         best = max(r["copy_GBps"].values())
         assert r["floor_ms"] == pytest.approx(elements * per_element / best / 1e6, rel=1e-9), (label, r)
         assert (r["vs_reference"] is None) == (per_element == 12), (label, r)
+    # The traffic rows (the kernels' bytes without their arithmetic) are priced alike, and the
+    # kernels' time is given against theirs.
+    traf = {r["pool"]: r for r in result["rows"] if r["backend"] == "cpu-traf"}
+    assert {k: r["bytes_per_element"] for k, r in traf.items()} == {"-": 24, "fwd": 12, "bwd": 12}
+    assert result["meta"]["kernels_vs_traffic"] == {k: pytest.approx(kern[k]["ms"] / traf[k]["ms"]) for k in traf}

@@ -208,6 +208,30 @@ def test_stream_copy_copies_exactly_at_any_alignment(n: int) -> None:
     assert torch.equal(view, src)
 
 
+@pytest.mark.parametrize("steps, n", [(1, 7), (3, 3 * 4096 + 5), (4, 2 * 4096)])
+@pytest.mark.parametrize("stream", [True, False])
+def test_stream_traffic_moves_every_element_of_both_passes(steps: int, n: int, stream: bool) -> None:
+    """benchmarks/lif.py's traffic rows time real work: every element read and written, with
+    streaming stores (threshold 0) and without, in tiles, tails and rows off cache lines."""
+    a, b = torch.randn(steps, n), torch.randn(steps, n)
+    cpu_kernels.set_stream_threshold(0 if stream else 1 << 62)
+    try:
+        s, u = torch.full_like(a, float("nan")), torch.full_like(a, float("nan"))
+        cpu_kernels.stream_traffic("forward", a, s, u)
+        assert torch.equal(s, a) and torch.equal(u, a + 1)
+        g = torch.full_like(a, float("nan"))
+        cpu_kernels.stream_traffic("backward", a, b, g)
+        assert torch.equal(g, a + b)
+    finally:
+        cpu_kernels.set_stream_threshold(None)
+    with pytest.raises(ValueError, match="'sideways'"):
+        cpu_kernels.stream_traffic("sideways", a, b, g)
+    with pytest.raises(ValueError, match=r"one shape.*\(1, 2\)"):
+        cpu_kernels.stream_traffic("backward", a, b, torch.zeros(1, 2))
+    with pytest.raises(ValueError, match="out must be a contiguous float32"):
+        cpu_kernels.stream_traffic("backward", a, b, g.double())
+
+
 def test_stream_copy_rejects_bad_tensors() -> None:
     with pytest.raises(ValueError, match="float32"):
         cpu_kernels.stream_copy(torch.zeros(4, dtype=torch.float64), torch.zeros(4))

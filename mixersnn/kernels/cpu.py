@@ -248,6 +248,9 @@ def _declare(lib: ctypes.CDLL, dtypes: tuple[str, ...] = ("float32",)) -> None:
     lib.lif_set_stream_min_bytes.restype = None
     lib.lif_stream_copy.argtypes = [ptr, ptr, i64, i32]
     lib.lif_stream_copy.restype = None
+    for name in ("lif_traffic_forward", "lif_traffic_backward"):
+        getattr(lib, name).argtypes = [ptr, ptr, ptr, i64, i32, i32]
+        getattr(lib, name).restype = None
 
 
 _STATUS: list[Optional[str]] = []
@@ -318,6 +321,15 @@ def set_stream_threshold(nbytes: Optional[int]) -> None:
     lib.lif_set_stream_min_bytes(last_level_cache_bytes() if nbytes is None else int(nbytes))
 
 
+def _check_fp32(**tensors: torch.Tensor) -> None:
+    for name, t in tensors.items():
+        if t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous():
+            raise ValueError(
+                f"{name} must be a contiguous float32 CPU tensor, got {t.dtype} on {t.device} "
+                f"(contiguous={t.is_contiguous()}); pass .float().contiguous()"
+            )
+
+
 def stream_copy(src: torch.Tensor, dst: torch.Tensor) -> None:
     """``dst.copy_(src)`` for contiguous fp32 CPU tensors with non-temporal stores on
     ``torch.get_num_threads()`` threads: the benchmarks' measure of the best copy bandwidth.
@@ -325,17 +337,42 @@ def stream_copy(src: torch.Tensor, dst: torch.Tensor) -> None:
     Raises:
         ValueError: the tensors are not contiguous fp32 CPU tensors of the same size.
     """
-    for name, t in (("src", src), ("dst", dst)):
-        if t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous():
-            raise ValueError(
-                f"{name} must be a contiguous float32 CPU tensor, got {t.dtype} on {t.device} "
-                f"(contiguous={t.is_contiguous()}); pass .float().contiguous()"
-            )
+    _check_fp32(src=src, dst=dst)
     if src.numel() != dst.numel():
         raise ValueError(f"src has {src.numel()} elements and dst {dst.numel()}; they must match")
     load_library().lib.lif_stream_copy(
         src.data_ptr(), dst.data_ptr(), src.numel(), torch.get_num_threads()
     )
+
+
+def stream_traffic(pass_: str, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """A fused LIF pass's memory traffic without its arithmetic, laid out and streamed as the
+    kernels do (``lif_traffic_*`` in ``lif_shim.h``), on ``torch.get_num_threads()`` threads:
+    the benchmarks' measure of the most any kernel with that traffic can do on this machine.
+    All three tensors are ``[steps, n]``.
+
+    ``pass_`` "forward" reads ``a`` and writes ``b = a`` and ``out = a + 1`` (the forward's one
+    input, two outputs); "backward" reads ``a`` and ``b`` and writes ``out = a + b``, last step
+    first (two inputs, one output).
+
+    Raises:
+        ValueError: an unknown pass, or tensors that are not contiguous fp32 CPU tensors of one
+            2-D shape.
+    """
+    if pass_ not in ("forward", "backward"):
+        raise ValueError(f"pass_={pass_!r} must be 'forward' or 'backward'")
+    _check_fp32(a=a, b=b, out=out)
+    if a.dim() != 2 or b.shape != a.shape or out.shape != a.shape:
+        raise ValueError(
+            f"a, b and out must be [steps, n] of one shape, got {tuple(a.shape)}, {tuple(b.shape)} "
+            f"and {tuple(out.shape)}"
+        )
+    steps, n = a.shape
+    lib = load_library().lib
+    if pass_ == "forward":
+        lib.lif_traffic_forward(a.data_ptr(), b.data_ptr(), out.data_ptr(), n, steps, torch.get_num_threads())
+    else:
+        lib.lif_traffic_backward(a.data_ptr(), b.data_ptr(), out.data_ptr(), n, steps, torch.get_num_threads())
 
 
 def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:

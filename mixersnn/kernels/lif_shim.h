@@ -218,6 +218,60 @@ extern "C" void lif_stream_copy(const float* LIF_RESTRICT src, float* LIF_RESTRI
   }
 }
 
+// The fused step's memory traffic without its arithmetic, for benchmarks/lif.py: tiles,
+// time loop, chunks, prefetch, staging and streaming stores exactly as lif_forward and
+// lif_backward lay them out, around a body of one add. The forward's traffic reads x and writes
+// two rows (out_a = x, out_b = x + 1); the backward's reads two rows (in the backward's order,
+// last step first) and writes one (out = in_a + in_b). Its time is the most any kernel with
+// this traffic can do on a machine; the copy is not, since it moves two streams, not three.
+extern "C" void lif_traffic_forward(const float* LIF_RESTRICT x, float* LIF_RESTRICT out_a,
+                                    float* LIF_RESTRICT out_b, long long n, int steps, int threads) {
+  omp_set_num_threads(threads);
+  const bool stream = lif_should_stream((long long)steps * n * 2 * (long long)sizeof(float));
+  LIF_TILE_LOOP(tile, n) {
+    LIF_OUT_ROW(float, out_a);
+    LIF_OUT_ROW(float, out_b);
+    for (int t = 0; t < steps; ++t) {
+      const lif_index_t row = (lif_index_t)t * n;
+      const lif_index_t next_row = t + 1 < steps ? row + n : (lif_index_t)LIF_LANES;
+      LIF_CHUNK_LOOP(c, tile, n, out_a + row + tile) {
+        LIF_PREFETCH(x, row, next_row, c, tile, n, (lif_index_t)steps * n);
+        LIF_CHUNK_LANES(j, c, tile, n) {
+          const lif_index_t i = row + LIF_INDEX(tile, j);
+          const float v = x[i];
+          LIF_OUT(out_a, i, j - c) = v;
+          LIF_OUT(out_b, i, j - c) = v + 1.0f;
+        }
+        LIF_OUT_FLUSH(out_a, row, c, tile, n, stream);
+        LIF_OUT_FLUSH(out_b, row, c, tile, n, stream);
+      }
+    }
+    lif_stream_fence(stream);
+  }
+}
+extern "C" void lif_traffic_backward(const float* LIF_RESTRICT in_a, const float* LIF_RESTRICT in_b,
+                                     float* LIF_RESTRICT out, long long n, int steps, int threads) {
+  omp_set_num_threads(threads);
+  const bool stream = lif_should_stream((long long)steps * n * (long long)sizeof(float));
+  LIF_TILE_LOOP(tile, n) {
+    LIF_OUT_ROW(float, out);
+    for (int t = steps - 1; t >= 0; --t) {
+      const lif_index_t row = (lif_index_t)t * n;
+      const lif_index_t next_row = t > 0 ? row - n : (lif_index_t)(steps - 1) * n + LIF_LANES;
+      LIF_CHUNK_LOOP(c, tile, n, out + row + tile) {
+        LIF_PREFETCH(in_a, row, next_row, c, tile, n, (lif_index_t)steps * n);
+        LIF_PREFETCH(in_b, row, next_row, c, tile, n, (lif_index_t)steps * n);
+        LIF_CHUNK_LANES(j, c, tile, n) {
+          const lif_index_t i = row + LIF_INDEX(tile, j);
+          LIF_OUT(out, i, j - c) = in_a[i] + in_b[i];
+        }
+        LIF_OUT_FLUSH(out, row, c, tile, n, stream);
+      }
+    }
+    lif_stream_fence(stream);
+  }
+}
+
 static inline bool lif_signbit(float x) { return __builtin_signbitf(x) != 0; }
 
 // The cpu backend only runs fp32 (16-bit tensors are converted in torch around the call).
