@@ -1,7 +1,8 @@
 """Fused LIF throughput: forward + backward, every available backend against the reference.
 
 Measured, not asserted. For each device (CPU, and CUDA when present) and dtype this times one
-training step of the multi-step LIF core, ``spikes, v = backend(x, v0)`` then
+training step of the multi-step LIF core as the models' LIF nodes run it,
+``spikes, _ = backend(x, None, v_final=False)`` (from rest, no final membrane kept) then
 ``backward(spikes, grad)``, as the median of ``--repeats`` runs after ``--warmup`` runs, for
 the reference loop ("torch") and every fused backend, in the same process.
 
@@ -119,15 +120,15 @@ def neuron_options(surrogate: str) -> dict:
 def backend_step(
     name: str, device: torch.device, dtype: torch.dtype, steps: int, numel: int, surrogate: str
 ) -> Callable[[], None]:
-    """One forward + backward of backend ``name``."""
+    """One forward + backward of backend ``name``, called as the models' LIF nodes call it:
+    from rest (no initial membrane to read) and without keeping the final membrane."""
     p = make_lif_params(**neuron_options(surrogate))
     x = torch.randn(steps, numel, device=device, dtype=dtype).requires_grad_()
-    v0 = torch.zeros(numel, device=device, dtype=dtype)
     grad = torch.randn(steps, numel, device=device, dtype=dtype)
     fn = resolve_backend(name, x).fn
 
     def step() -> None:
-        spikes, _ = fn(x, v0, p)
+        spikes, _ = fn(x, None, p, v_final=False)
         torch.autograd.backward([spikes], [grad])
         x.grad = None
 
@@ -263,17 +264,17 @@ def cpu_kernels_step(
 ) -> Callable[[], None]:
     """``calls`` fp32 kernel launches of each of ``passes`` (forward, backward) on reused
     buffers (``_CpuLauncher``, the backend's own entry points; no autograd, no allocation).
-    The backward pass reads what one forward pass wrote before the timing starts."""
+    The backward pass reads what one forward pass wrote before the timing starts. As in the
+    models, the forward starts from rest and keeps no final membrane (null v0 and v_final)."""
     p = make_lif_params(**neuron_options(surrogate))
     x, grad = torch.randn(steps, numel), torch.randn(steps, numel)
     spikes, u, grad_x = torch.zeros_like(x), torch.zeros_like(x), torch.zeros_like(x)
-    v0, v_final = torch.zeros(numel), torch.zeros(numel)
-    _CpuLauncher.forward(p, x, v0, spikes, u, v_final, numel, steps)
+    _CpuLauncher.forward(p, x, None, spikes, u, None, numel, steps)
 
     def step() -> None:
         for _ in range(calls):
             if "fwd" in passes:
-                _CpuLauncher.forward(p, x, v0, spikes, u, v_final, numel, steps)
+                _CpuLauncher.forward(p, x, None, spikes, u, None, numel, steps)
             if "bwd" in passes:
                 _CpuLauncher.backward(p, u, grad, None, grad_x, None, numel, steps)
 

@@ -284,6 +284,23 @@ def test_16bit_inputs_match_fp32_reference_on_upcast_values(dtype: torch.dtype, 
 # Tolerances are the GPU suite's (KERNEL_TOL): what passes here should pass there.
 
 
+@pytest.mark.parametrize("p", OPTIONS, ids=lambda p: repr(p))
+def test_no_initial_membrane_and_no_final_one_read_and_write_nothing(p: LIFParams, store_path: str) -> None:
+    """v0 None starts from rest without reading, v_final=False writes no final membrane (the
+    models' LIF nodes): the same spikes and gradients, bit for bit, as an explicit zero v0."""
+    for steps, n in [(1, 7), (4, 2 * 4096 + 37), (16, 1031)]:
+        x = lif_inputs(steps, n, seed=steps * 13 + n)
+        gs = torch.randn(steps, n)
+        outs = []
+        for v0, keep in ((torch.zeros(n), True), (None, False)):
+            xx = x.clone().requires_grad_()
+            s, v = cpu_kernels.lif_cpu(xx, v0, p, v_final=keep)
+            assert (v is None) == (not keep)
+            s.backward(gs)
+            outs.append((s, xx.grad))
+        assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1]), (steps, n)
+
+
 @pytest.fixture(scope="module")
 def host16(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     return cpu_kernels.compile_host_kernels(tmp_path_factory.mktemp("host16") / "lif16.so", ("float16", "bfloat16"))
@@ -320,6 +337,27 @@ def test_16bit_kernel_instantiations_match_the_fp32_reference(host16, dtype: tor
         for label, got, want in (("v_final", v_final, v_ref), ("grad_x", grad_x, gx_ref), ("grad_v0", grad_v0, gv0_ref)):
             torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol,
                                        msg=lambda m, label=label: f"{label} at T={steps}, N={n}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_16bit_kernels_take_null_v0_and_v_final(host16, dtype: torch.dtype) -> None:  # type: ignore[no-untyped-def]
+    """The GPU's instantiations, run here: a null v0 starts from 0, a null v_final is skipped."""
+    from mixersnn.kernels.source import forward_variant
+
+    name = str(dtype).removeprefix("torch.")
+    threads = torch.get_num_threads()
+    steps, n = 5, 2 * 4096 + 37
+    x = lif_inputs(steps, n, seed=5, dtype=dtype)
+    for p in OPTIONS[::5]:
+        forward = getattr(host16, forward_variant(p, name, save=True).c_symbol)
+        got = []
+        for v0, v_final in ((torch.zeros(n, dtype=dtype), torch.empty(n, dtype=dtype)), (None, None)):
+            spikes, u_saved = torch.empty_like(x), torch.empty_like(x)
+            forward(x.data_ptr(), None if v0 is None else v0.data_ptr(), spikes.data_ptr(), u_saved.data_ptr(),
+                    None if v_final is None else v_final.data_ptr(), n, steps, 1.0 / p.tau, p.v_reset_charge,
+                    p.v_threshold, threads)
+            got.append((spikes, u_saved))
+        assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1]), p
 
 
 @pytest.mark.parametrize("v_init", [None, "given"])

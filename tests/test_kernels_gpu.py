@@ -94,6 +94,22 @@ def test_lif_multistep_and_module(dtype: torch.dtype) -> None:
     torch.testing.assert_close(xx.grad.float(), xr.grad, rtol=KERNEL_TOL[dtype], atol=KERNEL_TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_no_initial_membrane_and_no_final_one_match_an_explicit_zero(dtype: torch.dtype) -> None:
+    """v0 None (a null pointer: start from rest) and v_final=False (not written), as the
+    models' LIF nodes call it: bit for bit what an explicit zero v0 gives."""
+    x = lif_inputs(4, (1 << 20) + 3, seed=11, dtype=dtype, device="cuda")
+    gs = torch.randn_like(x)
+    outs = []
+    for v0, keep in ((torch.zeros_like(x[0]), True), (None, False)):
+        xx = x.clone().requires_grad_()
+        s, v = resolve_backend("cupy", xx).fn(xx, v0, make_lif_params(), v_final=keep)
+        assert (v is None) == (not keep)
+        s.backward(gs)
+        outs.append((s, xx.grad))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
 def test_non_contiguous_no_grad_and_v_final_only() -> None:
     p = make_lif_params(v_reset=None, detach_reset=False)
     base = lif_inputs(6, 3 * 1000, seed=3, dtype=torch.float32, device="cuda").reshape(6, 3, 1000)

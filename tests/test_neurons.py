@@ -448,6 +448,19 @@ def test_v_init_none_means_zeros(v_reset):
     assert not torch.equal(v1, v3)
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_return_v_final_false_gives_none_and_the_same_spikes_and_gradients(backend):
+    x = torch.randn(5, 3, 8) * 2
+    outs = []
+    for keep in (True, False):
+        xx = x.clone().requires_grad_()
+        s, v = lif_multistep(xx, None, backend=backend, return_v_final=keep)
+        assert (v is None) == (not keep)
+        s.sum().backward()
+        outs.append((s, xx.grad))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
 def test_lif_module_is_stateless():
     m = LIF(backend="torch")
     assert list(m.parameters()) == [] and list(m.buffers()) == []

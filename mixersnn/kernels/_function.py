@@ -20,9 +20,10 @@ class Launcher(Protocol):
     def empty(self, like: torch.Tensor) -> torch.Tensor:
         """An uninitialised contiguous tensor shaped like ``like`` ([steps, n] outputs)."""
 
-    def forward(self, p: LIFParams, x: torch.Tensor, v0: torch.Tensor, spikes: torch.Tensor,
-                u_saved: Optional[torch.Tensor], v_final: torch.Tensor, n: int, steps: int) -> None:
-        """Run ``lif_forward`` (``lif.cu``)."""
+    def forward(self, p: LIFParams, x: torch.Tensor, v0: Optional[torch.Tensor], spikes: torch.Tensor,
+                u_saved: Optional[torch.Tensor], v_final: Optional[torch.Tensor], n: int, steps: int) -> None:
+        """Run ``lif_forward`` (``lif.cu``); ``v0`` None starts from 0, ``v_final`` None is not
+        written."""
 
     def backward(self, p: LIFParams, u_saved: torch.Tensor, grad_spikes: torch.Tensor,
                  grad_vfinal: Optional[torch.Tensor], grad_x: torch.Tensor,
@@ -33,19 +34,21 @@ class Launcher(Protocol):
 class FusedLIF(torch.autograd.Function):
     """Fused multi-step LIF: forward saves only u = H - v_threshold, backward is exact BPTT.
 
-    ``apply(x_seq, v0, p, save, launcher)``: ``v0`` must already have ``x_seq``'s dtype; with
-    ``save`` False nothing is stored (inference) and backward is not possible.
+    ``apply(x_seq, v0, p, save, launcher, keep_v_final)``: ``v0`` must already have ``x_seq``'s
+    dtype, or be None (start from 0, reading nothing); with ``save`` False nothing is stored
+    (inference) and backward is not possible; with ``keep_v_final`` False the final membrane is
+    neither written nor returned (None in its place).
     """
 
     @staticmethod
-    def forward(ctx, x_seq: torch.Tensor, v0: torch.Tensor, p: LIFParams, save: bool,  # type: ignore[override]
-                launcher: Launcher):  # fmt: skip
+    def forward(ctx, x_seq: torch.Tensor, v0: Optional[torch.Tensor], p: LIFParams, save: bool,  # type: ignore[override]
+                launcher: Launcher, keep_v_final: bool = True):  # fmt: skip
         x = x_seq.contiguous()
-        v = v0.contiguous()
-        steps, n = x.shape[0], v.numel()
+        v = None if v0 is None else v0.contiguous()
+        steps, n = x.shape[0], x[0].numel()
         spikes = launcher.empty(x)
         u_saved = launcher.empty(x) if save else None
-        v_final = torch.empty_like(v)
+        v_final = x.new_empty(x.shape[1:]) if keep_v_final else None
         if n > 0:
             launcher.forward(p, x, v, spikes, u_saved, v_final, n, steps)
         ctx.set_materialize_grads(False)
@@ -67,4 +70,4 @@ class FusedLIF(torch.autograd.Function):
         grad_v0 = torch.empty_like(u_saved[0]) if ctx.needs_input_grad[1] else None
         if n > 0:
             ctx.launcher.backward(ctx.p, u_saved, gs, gv, grad_x, grad_v0, n, steps)
-        return (grad_x if ctx.needs_input_grad[0] else None), grad_v0, None, None, None
+        return (grad_x if ctx.needs_input_grad[0] else None), grad_v0, None, None, None, None

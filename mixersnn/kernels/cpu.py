@@ -34,7 +34,7 @@ from mixersnn.kernels.source import (
     kernel_source,
 )
 from mixersnn.neurons.backends import LIFParams
-from mixersnn.neurons.functional import lif_reference
+from mixersnn.neurons.functional import lif_reference_backend
 
 __all__ = [
     "CpuLibrary",
@@ -386,10 +386,10 @@ class _CpuLauncher:
     empty = staticmethod(empty_like_large)
 
     @staticmethod
-    def forward(p: LIFParams, x: torch.Tensor, v0: torch.Tensor, spikes: torch.Tensor,
-                u_saved: Optional[torch.Tensor], v_final: torch.Tensor, n: int, steps: int) -> None:  # fmt: skip
+    def forward(p: LIFParams, x: torch.Tensor, v0: Optional[torch.Tensor], spikes: torch.Tensor,
+                u_saved: Optional[torch.Tensor], v_final: Optional[torch.Tensor], n: int, steps: int) -> None:  # fmt: skip
         _forward_fn(p, u_saved is not None)(
-            x.data_ptr(), v0.data_ptr(), spikes.data_ptr(), _ptr(u_saved), v_final.data_ptr(),
+            x.data_ptr(), _ptr(v0), spikes.data_ptr(), _ptr(u_saved), _ptr(v_final),
             n, steps, 1.0 / p.tau, p.v_reset_charge, p.v_threshold, torch.get_num_threads(),
         )  # fmt: skip
 
@@ -403,18 +403,21 @@ class _CpuLauncher:
         )  # fmt: skip
 
 
-def lif_cpu(x_seq: torch.Tensor, v0: torch.Tensor, p: LIFParams) -> tuple[torch.Tensor, torch.Tensor]:
+def lif_cpu(
+    x_seq: torch.Tensor, v0: Optional[torch.Tensor], p: LIFParams, *, v_final: bool = True
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The "cpu" backend: fused forward and backward on CPU tensors.
 
     Args:
         x_seq: input current ``[T, ...]``. fp32 runs the kernels; fp16/bf16 are computed in
             fp32 and cast back (results match the fp32 reference on the upcast input);
             float64 runs the reference loop, keeping its precision.
-        v0: initial membrane ``[...]`` (``x_seq.shape[1:]``).
+        v0: initial membrane ``[...]`` (``x_seq.shape[1:]``), or None for 0 (nothing is read).
         p: resolved neuron options.
+        v_final: False: the final membrane is not written, and None is returned for it.
 
     Returns:
-        ``(spikes [T, ...], v_final [...])`` in ``x_seq``'s dtype.
+        ``(spikes [T, ...], v_final [...] or None)`` in ``x_seq``'s dtype.
     """
     if x_seq.device.type != "cpu":
         raise RuntimeError(
@@ -424,11 +427,12 @@ def lif_cpu(x_seq: torch.Tensor, v0: torch.Tensor, p: LIFParams) -> tuple[torch.
     if dtype == torch.float64:
         # The kernels are fp32; float64 (gradcheck, numerics studies) keeps its precision
         # through the reference loop rather than being rounded.
-        return lif_reference(x_seq, v0, p)
+        return lif_reference_backend(x_seq, v0, p, v_final=v_final)
     # Inside autograd.Function.forward grad mode is off and needs_input_grad ignores
     # no_grad, so whether to store u for backward is decided here.
-    save = torch.is_grad_enabled() and (x_seq.requires_grad or v0.requires_grad)
+    save = torch.is_grad_enabled() and (x_seq.requires_grad or (v0 is not None and v0.requires_grad))
+    v = None if v0 is None else v0.to(torch.float32)
     if dtype == torch.float32:
-        return FusedLIF.apply(x_seq, v0.to(torch.float32), p, save, _CpuLauncher)
-    spikes, v_final = FusedLIF.apply(x_seq.to(torch.float32), v0.to(torch.float32), p, save, _CpuLauncher)
-    return spikes.to(dtype), v_final.to(dtype)
+        return FusedLIF.apply(x_seq, v, p, save, _CpuLauncher, v_final)
+    spikes, v_last = FusedLIF.apply(x_seq.to(torch.float32), v, p, save, _CpuLauncher, v_final)
+    return spikes.to(dtype), None if v_last is None else v_last.to(dtype)

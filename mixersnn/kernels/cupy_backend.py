@@ -217,8 +217,8 @@ class _CupyLauncher:
         return torch.empty_like(like, memory_format=torch.contiguous_format)
 
     @staticmethod
-    def forward(p: LIFParams, x: torch.Tensor, v0: torch.Tensor, spikes: torch.Tensor,
-                u_saved: Optional[torch.Tensor], v_final: torch.Tensor, n: int, steps: int) -> None:  # fmt: skip
+    def forward(p: LIFParams, x: torch.Tensor, v0: Optional[torch.Tensor], spikes: torch.Tensor,
+                u_saved: Optional[torch.Tensor], v_final: Optional[torch.Tensor], n: int, steps: int) -> None:  # fmt: skip
         import numpy
 
         args = (
@@ -241,25 +241,29 @@ class _CupyLauncher:
         _launch(backward_variant(p, _DTYPE_NAMES[u_saved.dtype]), n, u_saved.device, args)
 
 
-def lif_cupy(x_seq: torch.Tensor, v0: torch.Tensor, p: LIFParams) -> tuple[torch.Tensor, torch.Tensor]:
+def lif_cupy(
+    x_seq: torch.Tensor, v0: Optional[torch.Tensor], p: LIFParams, *, v_final: bool = True
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The "cupy" backend: fused forward and backward on CUDA tensors.
 
     Args:
         x_seq: input current ``[T, ...]`` on a CUDA device, fp32/fp16/bf16 (fp32 arithmetic
             inside; u is saved in the input dtype). float64 runs the reference loop.
-        v0: initial membrane ``[...]``.
+        v0: initial membrane ``[...]``, or None for 0 (nothing is read).
         p: resolved neuron options.
+        v_final: False: the final membrane is not written, and None is returned for it.
 
     Returns:
-        ``(spikes [T, ...], v_final [...])`` in ``x_seq``'s dtype.
+        ``(spikes [T, ...], v_final [...] or None)`` in ``x_seq``'s dtype.
     """
     if x_seq.device.type != "cuda":
         raise RuntimeError(
             f"backend='cupy' needs CUDA tensors, got device {x_seq.device}; use backend='auto'"
         )
     if x_seq.dtype not in _DTYPE_NAMES:
-        from mixersnn.neurons.functional import lif_reference
+        from mixersnn.neurons.functional import lif_reference_backend
 
-        return lif_reference(x_seq, v0, p)
-    save = torch.is_grad_enabled() and (x_seq.requires_grad or v0.requires_grad)
-    return FusedLIF.apply(x_seq, v0.to(x_seq.dtype), p, save, _CupyLauncher)
+        return lif_reference_backend(x_seq, v0, p, v_final=v_final)
+    save = torch.is_grad_enabled() and (x_seq.requires_grad or (v0 is not None and v0.requires_grad))
+    v = None if v0 is None else v0.to(x_seq.dtype)
+    return FusedLIF.apply(x_seq, v, p, save, _CupyLauncher, v_final)

@@ -1,7 +1,8 @@
 """Backend registry for the multi-step LIF core.
 
-A backend is a function ``fn(x_seq, v0, params) -> (spikes, v_final)`` that implements the
-exact equations of ``mixersnn.neurons.functional`` (forward and BPTT). Backends register
+A backend is a function ``fn(x_seq, v0, params, *, v_final=True) -> (spikes, v_final)`` that
+implements the exact equations of ``mixersnn.neurons.functional`` (forward and BPTT); ``v0``
+None starts from 0, and with ``v_final=False`` it returns None for the final membrane. Backends register
 here; ``resolve_backend`` picks one for a tensor, and never falls back silently: asking for
 a backend that cannot run raises with the reason.
 
@@ -52,7 +53,8 @@ class LIFParams:
         return 0.0 if self.v_reset is None else float(self.v_reset)
 
 
-BackendFn = Callable[[torch.Tensor, torch.Tensor, LIFParams], "tuple[torch.Tensor, torch.Tensor]"]
+# fn(x_seq, v0 or None, params, *, v_final: bool = True) -> (spikes, v_final or None)
+BackendFn = Callable[..., "tuple[torch.Tensor, Optional[torch.Tensor]]"]
 
 
 @dataclass(frozen=True)

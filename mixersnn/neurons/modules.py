@@ -62,6 +62,7 @@ class LIF(nn.Module):
             surrogate=p.surrogate,
             alpha=p.alpha,
             backend=self.backend,
+            return_v_final=False,  # every sample starts from rest; the final membrane is unused
         )
         return spikes
 
