@@ -298,7 +298,8 @@ def pareto_figure(rows: Sequence[TrialRow], front: Sequence[TrialRow], *, title:
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.margins(x=0.12)  # room for the labels of the outermost points
-    ax.legend(fontsize=8, loc="best")  # not over a point (a weak baseline sits bottom right)
+    if ax.get_legend_handles_labels()[0]:  # nothing scored yet (a search still running): no legend
+        ax.legend(fontsize=8, loc="best")  # not over a point (a weak baseline sits bottom right)
     fig.tight_layout()
     return fig
 

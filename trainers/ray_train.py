@@ -119,7 +119,9 @@ def _worker_loop(config: dict[str, Any]) -> None:
         tracker.set_tags({"mixersnn.node_ids": ",".join(node_ids), "mixersnn.num_nodes": len(set(node_ids))})
 
     def report(metrics: dict[str, Any], ckpt_dir: Optional[Path]) -> None:
-        metrics = {**metrics, "num_nodes": len(set(node_ids)), "worker_node_ids": list(node_ids)}
+        # The node ids as one comma-separated string, as in the run's tag: Tune's TensorBoard
+        # logger, which a search's trials report through, warns about a list of strings.
+        metrics = {**metrics, "num_nodes": len(set(node_ids)), "worker_node_ids": ",".join(node_ids)}
         checkpoint = ray.train.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir is not None else None
         ray.train.report(
             metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{int(metrics['epoch']):04d}"
