@@ -146,7 +146,7 @@ def _session(sid: int) -> set[int]:
 # timing of the kill; each attempt gets its own search name, since the MLflow server (and
 # what a failed attempt left in it) is shared by the session.
 @pytest.mark.flaky(reruns=1)
-def test_killed_driver_resumes_without_duplicates(shards: Path, tmp_path: Path, mlflow_server: str) -> None:
+def test_killed_driver_resumes_without_duplicates(shards: Path, tmp_path: Path, mlflow_server: str, capsys) -> None:  # type: ignore[no-untyped-def]
     from mlflow.tracking import MlflowClient
 
     name = f"resumable-{uuid.uuid4().hex[:8]}"
@@ -190,9 +190,13 @@ def test_killed_driver_resumes_without_duplicates(shards: Path, tmp_path: Path, 
     before = client.search_runs([exp.experiment_id], max_results=100)
     assert sum(r.data.tags.get("mixersnn.trial_status") == "ok" for r in before) < 3, "nothing left to resume"
 
-    # Without --resume the same name is refused (it would silently mix two searches).
-    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert again.returncode == 2 and "--resume" in again.stdout
+    # Without --resume the same name is refused (it would silently mix two searches), before
+    # anything starts: in this process, through the same command line.
+    from mixersnn.cli import main
+
+    capsys.readouterr()
+    assert main(["search", "--config", str(path), "--quiet"]) == 2
+    assert "--resume" in capsys.readouterr().out
 
     done = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -444,13 +448,16 @@ def test_finalize_counts_the_epochs_of_a_trial_cut_off_by_the_time_budget(tmp_pa
     assert [r.run_id for r in res.front] == [child]  # a stopped trial still counts with what it measured
 
 
-def test_two_searches_of_one_name_in_one_experiment_keep_their_own_runs(shards: Path, tmp_path: Path) -> None:
+def test_two_searches_of_one_name_in_one_experiment_keep_their_own_runs(shards: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     """Two searches named alike in one experiment, at two storage paths: each gets its own
     parent run and its child runs are found under it alone, so the second never writes into
-    the first's runs (it used to reopen the first's parent, and its baselines, by name). The
-    parent is recorded in the search's folder: --resume reopens it, and so does a start that
-    died before Tune saved anything; a record for another tracking URI is refused by name."""
+    the first's runs (it used to reopen the first's parent, and its baselines, by name); the
+    report shows either. The parent is recorded in the search's folder: --resume reopens it,
+    and so does a start that died before Tune saved anything; a record for another tracking
+    URI is refused by name."""
     from mlflow.tracking import MlflowClient
+
+    from mixersnn.cli import main
 
     from search.driver import SearchExistsError, _open_parent
     from search.space import load_search_config
@@ -475,6 +482,31 @@ def test_two_searches_of_one_name_in_one_experiment_keep_their_own_runs(shards: 
     assert find_run(uri, a.experiment, "twin-baseline-ref", pb) == cb
     assert client.get_run(ca).info.status == "FINISHED" and client.get_run(pa).info.status == "FINISHED"
     assert client.get_run(ca).data.tags["mlflow.parentRunId"] == pa
+
+    # `mixersnn report --search twin` shows the latest and names the other's parent run;
+    # --run-id shows either; a run id that is not a search's parent run, is in another
+    # experiment or is not in the store is refused by name.
+    for child, acc in ((ca, 0.25), (cb, 0.75)):
+        client.log_metric(child, "test_acc", acc)
+        client.log_metric(child, "energy_per_image_uj", 1.0)
+
+    def report(*args: str, experiment: str = a.experiment) -> tuple[int, str]:
+        capsys.readouterr()
+        rc = main(["report", experiment, "--tracking-uri", uri, "--out", str(tmp_path / "p.png"), *args])
+        return rc, capsys.readouterr().out
+
+    rc, out = report("--search", "twin")
+    assert rc == 0 and "2 searches named 'twin'" in out and f"run {pb}" in out and pa in out
+    assert "0.7500" in out and "0.2500" not in out
+    for parent, shown, hidden in ((pa, "0.2500", "0.7500"), (pb, "0.7500", "0.2500")):
+        rc, out = report("--run-id", parent)
+        assert rc == 0 and "note:" not in out and shown in out and hidden not in out, out
+    rc, out = report("--run-id", ca)
+    assert rc == 2 and "not a search's parent run" in out and ca in out
+    rc, out = report("--run-id", "0" * 32)
+    assert rc == 2 and "0" * 32 in out and "--run-id" in out
+    rc, out = report("--run-id", pa, experiment="another-experiment")
+    assert rc == 2 and f"experiment {a.experiment!r}" in out
 
     # --resume of the first (its record), and a first start that died before any Tune state.
     assert _open_parent(a, uri, resume=True) == pa and client.get_run(pa).info.status == "RUNNING"
@@ -505,55 +537,6 @@ def test_two_searches_of_one_name_in_one_experiment_keep_their_own_runs(shards: 
     legacy = start_run(uri, c.experiment, "old", tags={"mixersnn.kind": "search"})
     end_run(uri, legacy)
     assert _open_parent(c, uri, resume=True) == legacy
-
-
-def test_report_names_every_search_of_a_shared_name_and_shows_one_by_run_id(shards: Path, tmp_path: Path,
-                                                                            capsys) -> None:  # type: ignore[no-untyped-def]
-    """``mixersnn report --search NAME`` shows the latest of two searches named alike and says
-    so, naming the other's run; ``--run-id`` shows either one; a run id that is not a
-    search's parent run, or not in the experiment, or not in the store, is refused by name."""
-    from mlflow.tracking import MlflowClient
-
-    from mixersnn.cli import main
-    from search.driver import _open_parent
-    from search.space import load_search_config
-    from trainers.tracking import end_run, start_run
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    cfgs = [load_search_config(_yaml(tmp_path / f"{s}.yaml", _tiny_config(tmp_path / s, shards, uri, "twin")))
-            for s in ("a", "b")]
-    parents, children = [], []
-    for cfg, acc in zip(cfgs, (0.25, 0.75)):
-        parent = _open_parent(cfg, uri, resume=False)
-        child = start_run(uri, cfg.experiment, f"trial-{acc}", parent_run_id=parent,
-                          tags={"mixersnn.kind": "trial", "mixersnn.trial_status": "ok"})
-        client.log_metric(child, "test_acc", acc)
-        client.log_metric(child, "energy_per_image_uj", 1.0)
-        end_run(uri, child)
-        end_run(uri, parent)
-        parents.append(parent)
-        children.append(child)
-        time.sleep(0.01)  # distinct start times, so "latest" is defined
-
-    def report(*args: str) -> tuple[int, str]:
-        capsys.readouterr()
-        rc = main(["report", cfgs[0].experiment, "--tracking-uri", uri, "--out", str(tmp_path / "p.png"), *args])
-        return rc, capsys.readouterr().out
-
-    rc, out = report("--search", "twin")
-    assert rc == 0 and "2 searches named 'twin'" in out and f"run {parents[1]}" in out and parents[0] in out
-    assert "0.7500" in out and "0.2500" not in out
-    for parent, shown, hidden in ((parents[0], "0.2500", "0.7500"), (parents[1], "0.7500", "0.2500")):
-        rc, out = report("--run-id", parent)
-        assert rc == 0 and "note:" not in out and shown in out and hidden not in out, out
-    rc, out = report("--run-id", children[0])
-    assert rc == 2 and "not a search's parent run" in out and children[0] in out
-    rc, out = report("--run-id", "0" * 32)
-    assert rc == 2 and "0" * 32 in out and "--run-id" in out
-    capsys.readouterr()
-    assert main(["report", "another-experiment", "--tracking-uri", uri, "--run-id", parents[0]]) == 2
-    assert f"experiment {cfgs[0].experiment!r}" in capsys.readouterr().out
 
 
 def test_a_trial_trained_before_a_driver_kill_reports_its_record_instead_of_training(tmp_path: Path) -> None:
