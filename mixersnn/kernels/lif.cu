@@ -97,6 +97,10 @@ LIF_GLOBAL void lif_forward(const scalar_t* LIF_RESTRICT x, const scalar_t* LIF_
   }
 }
 
+// benchmarks/lif.py prices both passes against their bare memory traffic, lif_traffic_forward
+// and lif_traffic_backward in lif_shim.h, which copy these loops' layout (tiles, time loop,
+// chunks, prefetch, staging, streaming stores): a change to one belongs in the other.
+
 // Backward through time (exact BPTT):
 //   g_H[t] = g_S[t] sg(u) + (g_V[t] + g_H[t+1] (1 - 1/tau)) dV/dH
 //   dV/dH  = hard: 1 - S + (V_reset - H) sg(u);  soft: 1 - v_threshold sg(u);

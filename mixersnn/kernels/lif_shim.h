@@ -224,6 +224,8 @@ extern "C" void lif_stream_copy(const float* LIF_RESTRICT src, float* LIF_RESTRI
 // two rows (out_a = x, out_b = x + 1); the backward's reads two rows (in the backward's order,
 // last step first) and writes one (out = in_a + in_b). Its time is the most any kernel with
 // this traffic can do on a machine; the copy is not, since it moves two streams, not three.
+// The loops copy lif.cu's on purpose (a shared skeleton would mean one more layer of macros
+// around the kernels): a change to the kernels' layout belongs here too.
 extern "C" void lif_traffic_forward(const float* LIF_RESTRICT x, float* LIF_RESTRICT out_a,
                                     float* LIF_RESTRICT out_b, long long n, int steps, int threads) {
   omp_set_num_threads(threads);
