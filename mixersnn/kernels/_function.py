@@ -10,7 +10,7 @@ import torch
 
 from mixersnn.neurons.backends import LIFParams
 
-__all__ = ["Launcher", "FusedLIF"]
+__all__ = ["Launcher", "FusedLIF", "run_fused"]
 
 
 class Launcher(Protocol):
@@ -71,3 +71,13 @@ class FusedLIF(torch.autograd.Function):
         if n > 0:
             ctx.launcher.backward(ctx.p, u_saved, gs, gv, grad_x, grad_v0, n, steps)
         return (grad_x if ctx.needs_input_grad[0] else None), grad_v0, None, None, None, None
+
+
+def run_fused(x_seq: torch.Tensor, v0: Optional[torch.Tensor], p: LIFParams, launcher: Launcher,
+              keep_v_final: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:  # fmt: skip
+    """``FusedLIF.apply`` with what must be decided outside it: whether to store u for backward
+    (inside ``forward`` grad mode is off and ``needs_input_grad`` ignores ``no_grad``), and v0
+    (or None) in ``x_seq``'s dtype. The backends' one way in."""
+    save = torch.is_grad_enabled() and (x_seq.requires_grad or (v0 is not None and v0.requires_grad))
+    v = None if v0 is None else v0.to(x_seq.dtype)
+    return FusedLIF.apply(x_seq, v, p, save, launcher, keep_v_final)

@@ -25,7 +25,7 @@ from typing import Callable, Optional
 import torch
 
 from mixersnn.kernels._alloc import empty_like_large
-from mixersnn.kernels._function import FusedLIF
+from mixersnn.kernels._function import run_fused
 from mixersnn.kernels.source import (
     backward_variant,
     backward_variants,
@@ -368,11 +368,8 @@ def stream_traffic(pass_: str, a: torch.Tensor, b: torch.Tensor, out: torch.Tens
             f"and {tuple(out.shape)}"
         )
     steps, n = a.shape
-    lib = load_library().lib
-    if pass_ == "forward":
-        lib.lif_traffic_forward(a.data_ptr(), b.data_ptr(), out.data_ptr(), n, steps, torch.get_num_threads())
-    else:
-        lib.lif_traffic_backward(a.data_ptr(), b.data_ptr(), out.data_ptr(), n, steps, torch.get_num_threads())
+    fn = getattr(load_library().lib, f"lif_traffic_{pass_}")
+    fn(a.data_ptr(), b.data_ptr(), out.data_ptr(), n, steps, torch.get_num_threads())
 
 
 def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
@@ -428,11 +425,7 @@ def lif_cpu(
         # The kernels are fp32; float64 (gradcheck, numerics studies) keeps its precision
         # through the reference loop rather than being rounded.
         return lif_reference_backend(x_seq, v0, p, v_final=v_final)
-    # Inside autograd.Function.forward grad mode is off and needs_input_grad ignores
-    # no_grad, so whether to store u for backward is decided here.
-    save = torch.is_grad_enabled() and (x_seq.requires_grad or (v0 is not None and v0.requires_grad))
-    v = None if v0 is None else v0.to(torch.float32)
     if dtype == torch.float32:
-        return FusedLIF.apply(x_seq, v, p, save, _CpuLauncher, v_final)
-    spikes, v_last = FusedLIF.apply(x_seq.to(torch.float32), v, p, save, _CpuLauncher, v_final)
+        return run_fused(x_seq, v0, p, _CpuLauncher, v_final)
+    spikes, v_last = run_fused(x_seq.to(torch.float32), v0, p, _CpuLauncher, v_final)
     return spikes.to(dtype), None if v_last is None else v_last.to(dtype)

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import torch
 
-from mixersnn.kernels._function import FusedLIF
+from mixersnn.kernels._function import run_fused
 from mixersnn.kernels.source import (
     KernelVariant,
     backward_variant,
@@ -264,6 +264,4 @@ def lif_cupy(
         from mixersnn.neurons.functional import lif_reference_backend
 
         return lif_reference_backend(x_seq, v0, p, v_final=v_final)
-    save = torch.is_grad_enabled() and (x_seq.requires_grad or (v0 is not None and v0.requires_grad))
-    v = None if v0 is None else v0.to(x_seq.dtype)
-    return FusedLIF.apply(x_seq, v, p, save, _CupyLauncher, v_final)
+    return run_fused(x_seq, v0, p, _CupyLauncher, v_final)
