@@ -40,15 +40,17 @@ def lif_inputs(steps: int, n: int, seed: int, dtype: torch.dtype = torch.float32
     return torch.where(use_grid, grid, x).to(dtype)
 
 
-def lif_grads(fn: Any, x: torch.Tensor, v0: torch.Tensor, p: Any, gs: torch.Tensor, gv: torch.Tensor) -> tuple:
+def lif_grads(fn: Any, x: torch.Tensor, v0: torch.Tensor | None, p: Any, gs: torch.Tensor, gv: torch.Tensor) -> tuple:
     """``(spikes, v_final, grad_x, grad_v0)`` of the LIF function ``fn(x, v0, params)`` for the
     upstream gradients ``gs`` (on the spikes) and ``gv`` (on v_final), cast to the outputs'
-    dtypes; the inputs are copied, so the caller's tensors are left alone."""
+    dtypes; the inputs are copied, so the caller's tensors are left alone. ``v0`` None is
+    passed on as None (the backend starts from rest) and ``grad_v0`` is then None."""
     x = x.detach().clone().requires_grad_()
-    v0 = v0.detach().clone().requires_grad_()
+    v0 = None if v0 is None else v0.detach().clone().requires_grad_()
     s, v = fn(x, v0, p)
-    gx, gv0 = torch.autograd.grad([s, v], [x, v0], [gs.to(s.dtype), gv.to(v.dtype)])
-    return s, v, gx, gv0
+    inputs = [x] if v0 is None else [x, v0]
+    grads = torch.autograd.grad([s, v], inputs, [gs.to(s.dtype), gv.to(v.dtype)])
+    return s, v, grads[0], None if v0 is None else grads[1]
 
 
 # Training steps use test images from here on; checks use images below it.

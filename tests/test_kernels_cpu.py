@@ -286,19 +286,24 @@ def test_16bit_inputs_match_fp32_reference_on_upcast_values(dtype: torch.dtype, 
 
 @pytest.mark.parametrize("p", OPTIONS, ids=lambda p: repr(p))
 def test_no_initial_membrane_and_no_final_one_read_and_write_nothing(p: LIFParams, store_path: str) -> None:
-    """v0 None starts from rest without reading, v_final=False writes no final membrane (the
-    models' LIF nodes): the same spikes and gradients, bit for bit, as an explicit zero v0."""
+    """v0 None starts from rest (v_reset for a hard reset, 0 for a soft one) without reading,
+    v_final=False writes no final membrane (the models' LIF nodes): the same spikes and
+    gradients, bit for bit, as an explicit v0 filled with the rest value."""
+    rest = 0.0 if p.v_reset is None else p.v_reset
     for steps, n in [(1, 7), (4, 2 * 4096 + 37), (16, 1031)]:
         x = lif_inputs(steps, n, seed=steps * 13 + n)
         gs = torch.randn(steps, n)
         outs = []
-        for v0, keep in ((torch.zeros(n), True), (None, False)):
+        for v0, keep in ((torch.full((n,), rest), True), (None, False), (torch.zeros(n), False)):
             xx = x.clone().requires_grad_()
             s, v = cpu_kernels.lif_cpu(xx, v0, p, v_final=keep)
             assert (v is None) == (not keep)
             s.backward(gs)
             outs.append((s, xx.grad))
         assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1]), (steps, n)
+        if rest != 0.0 and steps > 1:
+            # Non-vacuous: a start at 0 is another neuron (the gradients differ).
+            assert not torch.equal(outs[2][1], outs[1][1]), (steps, n)
 
 
 @pytest.fixture(scope="module")
@@ -341,34 +346,78 @@ def test_16bit_kernel_instantiations_match_the_fp32_reference(host16, dtype: tor
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_16bit_kernels_take_null_v0_and_v_final(host16, dtype: torch.dtype) -> None:  # type: ignore[no-untyped-def]
-    """The GPU's instantiations, run here: a null v0 starts from 0, a null v_final is skipped."""
+    """The GPU's instantiations, run here: a null v0 starts from rest (the fp32 v_reset of a
+    hard reset, 0 for a soft one), a null v_final is skipped.
+
+    The rest value is an fp32 kernel argument, which a 16-bit v0 tensor may not hold exactly
+    (-0.2 does not), so the null start is checked against the fp32 reference started there;
+    where rest is 0 it is also bitwise what an explicit zero v0 gives."""
     from mixersnn.kernels.source import forward_variant
 
     name = str(dtype).removeprefix("torch.")
     threads = torch.get_num_threads()
     steps, n = 5, 2 * 4096 + 37
     x = lif_inputs(steps, n, seed=5, dtype=dtype)
-    for p in OPTIONS[::5]:
+    picked = OPTIONS[::5]
+    assert any(p.v_reset not in (None, 0.0) for p in picked)  # a hard reset whose rest is not 0
+
+    def run(p: LIFParams, v0: torch.Tensor | None, v_final: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         forward = getattr(host16, forward_variant(p, name, save=True).c_symbol)
-        got = []
-        for v0, v_final in ((torch.zeros(n, dtype=dtype), torch.empty(n, dtype=dtype)), (None, None)):
-            spikes, u_saved = torch.empty_like(x), torch.empty_like(x)
-            forward(x.data_ptr(), None if v0 is None else v0.data_ptr(), spikes.data_ptr(), u_saved.data_ptr(),
-                    None if v_final is None else v_final.data_ptr(), n, steps, 1.0 / p.tau, p.v_reset_charge,
-                    p.v_threshold, threads)
-            got.append((spikes, u_saved))
-        assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1]), p
+        spikes, u_saved = torch.empty_like(x), torch.empty_like(x)
+        forward(x.data_ptr(), None if v0 is None else v0.data_ptr(), spikes.data_ptr(), u_saved.data_ptr(),
+                None if v_final is None else v_final.data_ptr(), n, steps, 1.0 / p.tau, p.v_reset_charge,
+                p.v_threshold, threads)
+        return spikes, u_saved
+
+    for p in picked:
+        rest = 0.0 if p.v_reset is None else p.v_reset
+        s_ref, v_ref = lif_reference(x.float(), torch.full((n,), rest), p)
+        v_final = torch.empty(n, dtype=dtype)
+        with_vf = run(p, None, v_final)
+        assert torch.equal(with_vf[0].float(), s_ref), p
+        torch.testing.assert_close(v_final.float(), v_ref, rtol=KERNEL_TOL[dtype], atol=KERNEL_TOL[dtype])
+        bare = run(p, None, None)
+        assert torch.equal(bare[0], with_vf[0]) and torch.equal(bare[1], with_vf[1]), p
+        if rest == 0.0:
+            explicit = run(p, torch.zeros(n, dtype=dtype), torch.empty(n, dtype=dtype))
+            assert torch.equal(explicit[0], bare[0]) and torch.equal(explicit[1], bare[1]), p
+        else:
+            # Non-vacuous: the reference started at 0 fires elsewhere.
+            assert not torch.equal(lif_reference(x.float(), torch.zeros(n), p)[0], s_ref), p
 
 
+@pytest.mark.parametrize("detach_reset", [False, True])
+@pytest.mark.parametrize("decay_input", [True, False])
+def test_hard_reset_null_v0_starts_at_v_reset(decay_input: bool, detach_reset: bool, store_path: str) -> None:
+    """The fp32 kernel with v0 None (a null pointer) and v_reset = -0.3: spikes, final membrane
+    and gradient of x bit for bit as with an explicit v0 of -0.3, and within fp32 tolerance of
+    the reference loop started there; not what a start at 0 gives."""
+    p = make_lif_params(v_reset=-0.3, decay_input=decay_input, detach_reset=detach_reset, surrogate="atan")
+    for steps, n in [(1, 7), (4, 2 * 4096 + 37), (16, 1031)]:
+        x = lif_inputs(steps, n, seed=steps * 17 + n)
+        gs, gv = torch.randn(steps, n), torch.randn(n)
+        s, v, gx, gv0 = lif_grads(cpu_kernels.lif_cpu, x, None, p, gs, gv)
+        assert gv0 is None
+        s_rest, v_rest, gx_rest, _ = lif_grads(cpu_kernels.lif_cpu, x, torch.full((n,), -0.3), p, gs, gv)
+        assert torch.equal(s, s_rest) and torch.equal(v, v_rest) and torch.equal(gx, gx_rest), (steps, n)
+        s_ref, v_ref, gx_ref, _ = lif_grads(lif_reference, x, torch.full((n,), -0.3), p, gs, gv)
+        assert torch.equal(s, s_ref), (steps, n)
+        torch.testing.assert_close(v, v_ref, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-5)
+        s_zero, v_zero, _, _ = lif_grads(lif_reference, x, torch.zeros(n), p, gs, gv)
+        assert not torch.equal(v, v_zero), (steps, n)
+
+
+@pytest.mark.parametrize("v_reset", [0.0, -0.3, None], ids=["hard0", "hard_neg", "soft"])
 @pytest.mark.parametrize("v_init", [None, "given"])
-def test_lif_multistep_backend_cpu_matches_torch(v_init: str | None) -> None:
+def test_lif_multistep_backend_cpu_matches_torch(v_init: str | None, v_reset: float | None) -> None:
     x = lif_inputs(4, 2 * 3 * 5 * 7, seed=3).reshape(4, 2, 3, 5, 7)
     v = None if v_init is None else torch.randn(2, 3, 5, 7)
     outs = {}
     for backend in ("torch", "cpu"):
         xx = x.clone().requires_grad_()
         vv = None if v is None else v.clone().requires_grad_()
-        s, vf = lif_multistep(xx, vv, backend=backend, surrogate="atan", detach_reset=False)
+        s, vf = lif_multistep(xx, vv, v_reset=v_reset, backend=backend, surrogate="atan", detach_reset=False)
         (s * torch.arange(s.numel()).reshape(s.shape).sin()).sum().add(vf.square().sum()).backward()
         outs[backend] = (s, vf, xx.grad, None if vv is None else vv.grad)
     for a, b in zip(outs["torch"], outs["cpu"]):

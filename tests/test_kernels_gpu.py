@@ -110,6 +110,41 @@ def test_no_initial_membrane_and_no_final_one_match_an_explicit_zero(dtype: torc
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_hard_reset_without_v0_starts_at_v_reset(dtype: torch.dtype) -> None:
+    """v0 None (a null pointer) with a hard reset at v_reset = -0.3 starts at v_reset. The
+    kernel starts at the fp32 v_reset, which a 16-bit v0 tensor cannot hold exactly, so the
+    check is against the fp32 reference started there: spikes exactly, the rest to KERNEL_TOL;
+    in fp32 also bit for bit what an explicit v0 of -0.3 gives. The module (v0 and v_final both
+    null) starts there too."""
+    steps, n = 4, (1 << 16) + 3
+    x = lif_inputs(steps, n, seed=13, dtype=dtype, device="cuda")
+    gs = torch.randn(steps, n, device="cuda").to(dtype)
+    gv = torch.randn(n, device="cuda").to(dtype)
+    rest = torch.full((n,), -0.3, device="cuda")
+    tol = KERNEL_TOL[dtype]
+    for p in (
+        make_lif_params(v_reset=-0.3),
+        make_lif_params(v_reset=-0.3, decay_input=False, detach_reset=True, surrogate="atan"),
+    ):
+        ref = lif_grads(resolve_backend("torch", x).fn, x.float(), rest, p, gs.float(), gv.float())
+        got = lif_grads(resolve_backend("cupy", x).fn, x, None, p, gs, gv)
+        assert got[3] is None
+        assert torch.equal(got[0].float(), ref[0]), p
+        for name, a, b in zip(("v_final", "grad_x"), ref[1:3], got[1:3]):
+            torch.testing.assert_close(b.float(), a, rtol=tol, atol=tol, msg=lambda m, name=name: f"{name}: {m}")
+        # Non-vacuous: the reference started at 0 fires elsewhere.
+        assert not torch.equal(lif_reference(x.float(), torch.zeros_like(rest), p)[0], ref[0]), p
+        if dtype == torch.float32:
+            explicit = lif_grads(resolve_backend("cupy", x).fn, x, rest, p, gs, gv)
+            for a, b in zip(got[:3], explicit[:3]):
+                assert torch.equal(a, b), p
+        layer = LIF(v_reset=p.v_reset, decay_input=p.decay_input, detach_reset=p.detach_reset,
+                    surrogate=p.surrogate, backend="cupy")
+        with torch.no_grad():
+            assert torch.equal(layer(x).float(), ref[0]), p
+
+
 def test_non_contiguous_no_grad_and_v_final_only() -> None:
     p = make_lif_params(v_reset=None, detach_reset=False)
     base = lif_inputs(6, 3 * 1000, seed=3, dtype=torch.float32, device="cuda").reshape(6, 3, 1000)

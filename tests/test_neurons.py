@@ -61,21 +61,49 @@ HAND_CASES = {
         dict(tau=2.0, v_threshold=1.0, v_reset=0.0, decay_input=True),
         (2.0,), None, (1,), 0.0,
     ),
-    # tau=4, V_th=0.5, V_reset=-0.5: H = V + (X - (V + 0.5))/4.
+    # tau=4, V_th=0.5, V_reset=-0.5, v_init=0 (given, so not the rest state):
+    # H = V + (X - (V + 0.5))/4.
     #   t0: H = 0     + (2.5 - 0.5)/4   = 0.5      u = 0 -> S=1, V=-0.5
     #   t1: H = -0.5  + (1.0 - 0)/4     = -0.25    S=0, V=-0.25
     #   t2: H = -0.25 + (3.0 - 0.25)/4  = 0.4375   < 0.5 -> S=0, V=0.4375
     "hard_decay_vreset_neg_tau4": Case(
         dict(tau=4.0, v_threshold=0.5, v_reset=-0.5, decay_input=True),
-        (2.5, 1.0, 3.0), None, (1, 0, 0), 0.4375,
+        (2.5, 1.0, 3.0), 0.0, (1, 0, 0), 0.4375,
     ),
-    # The leak pulls toward V_reset=0.25 (not 0), tau=2, V_th=1: H = V + (X - (V - 0.25))/2.
+    # The leak pulls toward V_reset=0.25 (not 0), tau=2, V_th=1, v_init=0 (given, below the
+    # rest state): H = V + (X - (V - 0.25))/2.
     #   t0: H = 0      + (0 + 0.25)/2      = 0.125    S=0, V=0.125
     #   t1: H = 0.125  + (0 + 0.125)/2     = 0.1875   S=0, V=0.1875
     #   t2: H = 0.1875 + (2 + 0.0625)/2    = 1.21875  S=1, V=V_reset=0.25
     "hard_decay_leak_to_vreset": Case(
         dict(tau=2.0, v_threshold=1.0, v_reset=0.25, decay_input=True),
-        (0.0, 0.0, 2.0), None, (0, 0, 1), 0.25,
+        (0.0, 0.0, 2.0), 0.0, (0, 0, 1), 0.25,
+    ),
+    # No v_init and a hard reset: the neuron starts at rest, V = V_reset (SpikingJelly's
+    # start). tau=2, V_th=1, V_reset=-0.5: H = V + (X - (V + 0.5))/2.
+    #   t0: H = -0.5  + (2.0 - 0)/2       = 0.5     S=0, V=0.5
+    #   t1: H = 0.5   + (1.75 - 1.0)/2    = 0.875   S=0, V=0.875
+    #   t2: H = 0.875 + (0.5 - 1.375)/2   = 0.4375  S=0, V=0.4375
+    "hard_decay_vreset_neg_starts_at_rest": Case(
+        dict(tau=2.0, v_threshold=1.0, v_reset=-0.5, decay_input=True),
+        (2.0, 1.75, 0.5), None, (0, 0, 0), 0.4375,
+    ),
+    # The same neuron and input from v_init=0 instead fires (the start matters):
+    #   t0: H = 0     + (2.0 - 0.5)/2     = 0.75    S=0, V=0.75
+    #   t1: H = 0.75  + (1.75 - 1.25)/2   = 1.0     u = 0 -> S=1, V=-0.5
+    #   t2: H = -0.5  + (0.5 - 0)/2       = -0.25   S=0, V=-0.25
+    "hard_decay_vreset_neg_vinit0": Case(
+        dict(tau=2.0, v_threshold=1.0, v_reset=-0.5, decay_input=True),
+        (2.0, 1.75, 0.5), 0.0, (0, 1, 0), -0.25,
+    ),
+    # No v_init, no decay_input, V_reset=-1: starts at V = -1. tau=2, V_th=1:
+    # H = V - (V + 1)/2 + X.
+    #   t0: H = -1  - 0    + 1.5  = 0.5   S=0, V=0.5
+    #   t1: H = 0.5 - 0.75 + 0.75 = 0.5   S=0, V=0.5
+    # (from v_init=0, t0 would be H = 0 - 0.5 + 1.5 = 1.0 and fire)
+    "hard_no_decay_vreset_neg_starts_at_rest": Case(
+        dict(tau=2.0, v_threshold=1.0, v_reset=-1.0, decay_input=False),
+        (1.5, 0.75), None, (0, 0), 0.5,
     ),
     # No decay_input, tau=2, V_th=1, V_reset=0: H = V - V/2 + X.
     #   t0: H = 0     - 0     + 0.5  = 0.5    S=0, V=0.5
@@ -446,6 +474,105 @@ def test_v_init_none_means_zeros(v_reset):
     # and a non-zero v_init does change the result (the argument is not ignored)
     s3, v3 = lif_multistep(x, torch.full((10,), 0.9), v_reset=v_reset, backend="torch")
     assert not torch.equal(v1, v3)
+
+
+# The CPU-runnable backends; "cpu" runs the fused kernel (lif.cu) on fp32 tensors.
+CPU_BACKENDS = ["torch", "cpu"]
+
+
+def _spikes_vfinal_grad(backend, x, v_init, gs, **opts):
+    """``(spikes, v_final or None, grad_x)`` of one ``lif_multistep`` call, with the upstream
+    gradient ``gs`` on the spikes and 1 on the final membrane (when it is returned)."""
+    xx = x.clone().requires_grad_()
+    s, v = lif_multistep(xx, v_init, backend=backend, **opts)
+    loss = (s * gs).sum() + (0.0 if v is None else v.sum())
+    (gx,) = torch.autograd.grad(loss, xx)
+    return s, v, gx
+
+
+@pytest.mark.parametrize("return_v_final", [True, False])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_hard_reset_without_v_init_starts_at_v_reset(backend, return_v_final):
+    # SpikingJelly's rest state: a hard-reset neuron without v_init starts at v_reset, bit for
+    # bit as if v_init were v_reset everywhere; return_v_final=False is the models' call (the
+    # fused kernel then reads no v0 and writes no v_final).
+    g = torch.Generator().manual_seed(21)
+    T, N, vr = 6, 400, -0.3
+    x = torch.randn(T, N, generator=g) * 1.5 + 0.7
+    gs = torch.randn(T, N, generator=g)
+    opts = dict(v_reset=vr, detach_reset=False, return_v_final=return_v_final)
+    none = _spikes_vfinal_grad(backend, x, None, gs, **opts)
+    rest = _spikes_vfinal_grad(backend, x, torch.full((N,), vr), gs, **opts)
+    zero = _spikes_vfinal_grad(backend, x, torch.zeros(N), gs, **opts)
+    assert (none[1] is None) == (not return_v_final)
+    for a, b in zip(none, rest):
+        assert (a is None and b is None) or torch.equal(a, b)
+    # Non-vacuous: starting from 0 instead gives other spikes and gradients.
+    assert not torch.equal(none[0], zero[0])
+    assert not torch.equal(none[2], zero[2])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_lif_module_starts_at_v_reset(backend):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(5, 3, 40, generator=g) * 1.5 + 0.7
+    vr = -0.3
+    s = LIF(v_reset=vr, backend=backend)(x)
+    s_rest, _ = lif_multistep(x, torch.full((3, 40), vr), v_reset=vr, backend="torch")
+    s_zero, _ = lif_multistep(x, torch.zeros(3, 40), v_reset=vr, backend="torch")
+    assert torch.equal(s, s_rest)
+    assert not torch.equal(s, s_zero)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_soft_reset_without_v_init_starts_at_zero(backend):
+    # A soft reset charges towards 0, so 0 is its rest state, whatever else is set.
+    g = torch.Generator().manual_seed(8)
+    T, N = 6, 400
+    x = torch.randn(T, N, generator=g) * 1.5 + 0.7
+    gs = torch.randn(T, N, generator=g)
+    opts = dict(v_reset=None, v_threshold=0.8, detach_reset=False)
+    none = _spikes_vfinal_grad(backend, x, None, gs, **opts)
+    zero = _spikes_vfinal_grad(backend, x, torch.zeros(N), gs, **opts)
+    other = _spikes_vfinal_grad(backend, x, torch.full((N,), -0.3), gs, **opts)
+    for a, b in zip(none, zero):
+        assert torch.equal(a, b)
+    assert not torch.equal(none[1], other[1])
+
+
+def _spikingjelly_lif(x, *, tau, v_threshold, v_reset, decay_input):
+    """SpikingJelly's multi-step LIFNode forward with a hard reset, written out here in numpy
+    (SpikingJelly is not installed): the membrane is registered as ``v = v_reset``, then per
+    step neuronal_charge, neuronal_fire (Heaviside, H(0) = 1) and the hard reset."""
+    v = np.full(x.shape[1:], v_reset, dtype=x.dtype)
+    spikes = []
+    for t in range(x.shape[0]):
+        if decay_input:
+            h = v + (x[t] - (v - v_reset)) / tau
+        else:
+            h = v - (v - v_reset) / tau + x[t]
+        s = (h - v_threshold >= 0).astype(x.dtype)
+        v = (1.0 - s) * h + s * v_reset
+        spikes.append(s)
+    return np.stack(spikes), v
+
+
+@pytest.mark.parametrize("decay_input", [True, False])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_rest_start_matches_spikingjelly_equations(backend, decay_input):
+    # fp32 throughout, tau = 2 (dividing by 2 and multiplying by 1/2 round alike, and neither
+    # side fuses a multiply-add), so the loop and the backends agree bit for bit.
+    rng = np.random.default_rng(21)
+    T, N = 8, 500
+    x = (rng.standard_normal((T, N)) * 1.5 + 0.7).astype(np.float32)
+    f32 = np.float32
+    S, V = _spikingjelly_lif(x, tau=f32(2.0), v_threshold=f32(1.0), v_reset=f32(-0.3),
+                             decay_input=decay_input)
+    assert 0.05 < S.mean() < 0.95
+    s, v = lif_multistep(torch.from_numpy(x), None, tau=2.0, v_threshold=1.0, v_reset=-0.3,
+                         decay_input=decay_input, backend=backend)
+    np.testing.assert_array_equal(s.numpy(), S)
+    np.testing.assert_array_equal(v.numpy(), V)
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])

@@ -22,8 +22,8 @@ class Launcher(Protocol):
 
     def forward(self, p: LIFParams, x: torch.Tensor, v0: Optional[torch.Tensor], spikes: torch.Tensor,
                 u_saved: Optional[torch.Tensor], v_final: Optional[torch.Tensor], n: int, steps: int) -> None:
-        """Run ``lif_forward`` (``lif.cu``); ``v0`` None starts from 0, ``v_final`` None is not
-        written."""
+        """Run ``lif_forward`` (``lif.cu``); ``v0`` None starts from rest (``p.v_rest``, which
+        the kernel takes from its v_reset argument), ``v_final`` None is not written."""
 
     def backward(self, p: LIFParams, u_saved: torch.Tensor, grad_spikes: torch.Tensor,
                  grad_vfinal: Optional[torch.Tensor], grad_x: torch.Tensor,
@@ -35,9 +35,10 @@ class FusedLIF(torch.autograd.Function):
     """Fused multi-step LIF: forward saves only u = H - v_threshold, backward is exact BPTT.
 
     ``apply(x_seq, v0, p, save, launcher, keep_v_final)``: ``v0`` must already have ``x_seq``'s
-    dtype, or be None (start from 0, reading nothing); with ``save`` False nothing is stored
-    (inference) and backward is not possible; with ``keep_v_final`` False the final membrane is
-    neither written nor returned (None in its place).
+    dtype, or be None (start from rest, ``p.v_rest``, reading nothing; no gradient to return
+    for a constant start); with ``save`` False nothing is stored (inference) and backward is
+    not possible; with ``keep_v_final`` False the final membrane is neither written nor
+    returned (None in its place).
     """
 
     @staticmethod

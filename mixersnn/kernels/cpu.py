@@ -409,7 +409,8 @@ def lif_cpu(
         x_seq: input current ``[T, ...]``. fp32 runs the kernels; fp16/bf16 are computed in
             fp32 and cast back (results match the fp32 reference on the upcast input);
             float64 runs the reference loop, keeping its precision.
-        v0: initial membrane ``[...]`` (``x_seq.shape[1:]``), or None for 0 (nothing is read).
+        v0: initial membrane ``[...]`` (``x_seq.shape[1:]``), or None to start from rest,
+            ``p.v_rest`` (v_reset for a hard reset, 0 for a soft one; nothing is read).
         p: resolved neuron options.
         v_final: False: the final membrane is not written, and None is returned for it.
 

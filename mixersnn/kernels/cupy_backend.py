@@ -249,7 +249,8 @@ def lif_cupy(
     Args:
         x_seq: input current ``[T, ...]`` on a CUDA device, fp32/fp16/bf16 (fp32 arithmetic
             inside; u is saved in the input dtype). float64 runs the reference loop.
-        v0: initial membrane ``[...]``, or None for 0 (nothing is read).
+        v0: initial membrane ``[...]``, or None to start from rest, ``p.v_rest`` (v_reset for a
+            hard reset, 0 for a soft one; nothing is read).
         p: resolved neuron options.
         v_final: False: the final membrane is not written, and None is returned for it.
 

@@ -36,7 +36,8 @@ LIF_DEVICE float lif_charge(float v, float x, float inv_tau, float v_reset_charg
 
 // Forward over all steps.
 //   x        [steps, n]  input current
-//   v0       [n] or null membrane before step 0; null: 0 (rest), read from nowhere
+//   v0       [n] or null membrane before step 0; null: rest, read from nowhere (hard reset:
+//                        v_reset, as SpikingJelly starts; soft reset: 0)
 //   spikes   [steps, n]  out: 0/1
 //   u_saved  [steps, n]  out (kSave only): H - v_threshold, with -0 canonicalised to +0
 //   v_final  [n] or null out: membrane after the last step; null: not written
@@ -49,14 +50,15 @@ LIF_GLOBAL void lif_forward(const scalar_t* LIF_RESTRICT x, const scalar_t* LIF_
                             scalar_t* LIF_RESTRICT spikes, scalar_t* LIF_RESTRICT u_saved,
                             scalar_t* LIF_RESTRICT v_final, lif_index_t n, int steps,
                             float inv_tau, float v_reset, float v_threshold) {
-  // A soft reset charges towards 0 (design doc section 2).
+  // A soft reset charges towards 0 (design doc section 2). The potential the charge leaks
+  // towards is also the rest state a null v0 starts from.
   const float v_reset_charge = kHard ? v_reset : 0.0f;
   const bool stream = lif_should_stream((long long)steps * n * (kSave ? 2 : 1) * sizeof(scalar_t));
   LIF_TILE_LOOP(tile, n) {
     float v[LIF_LANES];
     LIF_OUT_ROW(scalar_t, spikes);
     LIF_OUT_ROW(scalar_t, u_saved);
-    LIF_LANE_LOOP(j, tile, n) { v[j] = v0 ? lif_load(v0[LIF_INDEX(tile, j)]) : 0.0f; }
+    LIF_LANE_LOOP(j, tile, n) { v[j] = v0 ? lif_load(v0[LIF_INDEX(tile, j)]) : v_reset_charge; }
     for (int t = 0; t < steps; ++t) {
       const lif_index_t row = (lif_index_t)t * n;
       // After this row the tile reads the next step, then step 0 of the next tile.
@@ -111,7 +113,7 @@ LIF_GLOBAL void lif_forward(const scalar_t* LIF_RESTRICT x, const scalar_t* LIF_
 //   grad_spikes  [steps, n]
 //   grad_vfinal  [n] or null (no gradient reached v_final)
 //   grad_x       [steps, n]  out
-//   grad_v0      [n] or null (v0 needs no gradient)
+//   grad_v0      [n] or null (v0 needs no gradient, or was null: a rest start is a constant)
 template <typename scalar_t, int kHard, int kDecay, int kDetach, int kSurrogate>
 LIF_GLOBAL void lif_backward(const scalar_t* LIF_RESTRICT u_saved,
                              const scalar_t* LIF_RESTRICT grad_spikes,

@@ -2,9 +2,10 @@
 
 A backend is a function ``fn(x_seq, v0, params, *, v_final=True) -> (spikes, v_final)`` that
 implements the exact equations of ``mixersnn.neurons.functional`` (forward and BPTT); ``v0``
-None starts from 0, and with ``v_final=False`` it returns None for the final membrane. Backends register
-here; ``resolve_backend`` picks one for a tensor, and never falls back silently: asking for
-a backend that cannot run raises with the reason.
+None starts from rest (``LIFParams.v_rest``: v_reset for a hard reset, 0 for a soft one), and
+with ``v_final=False`` it returns None for the final membrane. Backends register here;
+``resolve_backend`` picks one for a tensor, and never falls back silently: asking for a
+backend that cannot run raises with the reason.
 
 "torch" (the reference) is always available. ``mixersnn.kernels`` registers the fused ones
 ("cpu", "cupy") when it is imported, which ``mixersnn.neurons`` does lazily.
@@ -52,8 +53,17 @@ class LIFParams:
         """The V_reset used in the charge step (0 for a soft reset)."""
         return 0.0 if self.v_reset is None else float(self.v_reset)
 
+    @property
+    def v_rest(self) -> float:
+        """The membrane a sample starts from when no initial one is given: the resting
+        potential the leak settles to without input, v_reset for a hard reset (as SpikingJelly
+        starts its neurons) and 0 for a soft one. It equals :attr:`v_reset_charge`, which is
+        what the fused kernels receive and start from."""
+        return self.v_reset_charge
 
-# fn(x_seq, v0 or None, params, *, v_final: bool = True) -> (spikes, v_final or None)
+
+# fn(x_seq, v0 or None (start at params.v_rest), params, *, v_final: bool = True)
+#   -> (spikes, v_final or None)
 BackendFn = Callable[..., "tuple[torch.Tensor, Optional[torch.Tensor]]"]
 
 

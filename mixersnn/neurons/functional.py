@@ -117,8 +117,10 @@ def lif_reference_backend(
     x_seq: torch.Tensor, v0: Optional[torch.Tensor], p: LIFParams, *, v_final: bool = True
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The "torch" backend: :func:`lif_reference` behind the backend interface (``v0`` None
-    starts from 0; ``v_final`` False returns None for the final membrane)."""
-    spikes, v = lif_reference(x_seq, torch.zeros_like(x_seq[0]) if v0 is None else v0, p)
+    starts from rest, ``p.v_rest``; ``v_final`` False returns None for the final membrane)."""
+    if v0 is None:
+        v0 = torch.full_like(x_seq[0], p.v_rest)
+    spikes, v = lif_reference(x_seq, v0, p)
     return spikes, v if v_final else None
 
 
@@ -151,8 +153,10 @@ def lif_multistep(
 
     Args:
         x_seq: input current, ``[T, ...]`` with T >= 1, floating point.
-        v_init: membrane before step 0, shape ``x_seq.shape[1:]``; ``None`` means zeros
-            (every sample starts from rest, so there is no state to reset between batches).
+        v_init: membrane before step 0, shape ``x_seq.shape[1:]``; ``None`` means every
+            sample starts from rest, the potential the leak settles to: ``v_reset`` for a hard
+            reset (SpikingJelly's start; 0 for the paper's neuron), 0 for a soft reset. So there
+            is no state to reset between batches.
         tau: membrane time constant, >= 1.
         v_threshold: firing threshold.
         v_reset: hard-reset potential, or ``None`` for a soft reset.
@@ -187,7 +191,7 @@ def lif_multistep(
         alpha=alpha,
     )
     if v_init is None:
-        v0 = None  # zeros, which every backend starts from without reading a tensor
+        v0 = None  # rest (p.v_rest), which every backend starts from without reading a tensor
     else:
         if tuple(v_init.shape) != tuple(x_seq.shape[1:]):
             raise ValueError(

@@ -16,9 +16,10 @@ __all__ = ["LIF"]
 class LIF(nn.Module):
     """Multi-step LIF layer: ``[T, ...]`` currents in, ``[T, ...]`` spikes out.
 
-    Stateless: every call starts from v = 0, so nothing leaks between batches and there is
-    no ``reset_net`` to remember. The options are validated and the backend is checked here,
-    at construction, so a bad option or an unavailable backend fails before any training.
+    Stateless: every call starts from rest (v = v_reset for a hard reset, 0 for a soft one), so
+    nothing leaks between batches and there is no ``reset_net`` to remember. The options are
+    validated and the backend is checked here, at construction, so a bad option or an
+    unavailable backend fails before any training.
 
     Args:
         tau, v_threshold, v_reset, decay_input, detach_reset, surrogate, alpha, backend:
