@@ -47,7 +47,16 @@ class TrainConfig:
         seed: global seed (each rank adds its rank).
         data_workers: DataLoader worker processes per training worker.
         max_steps_per_epoch: cap train batches per epoch (smoke runs), or None.
+        samples_per_epoch: train images per epoch over all ranks (rounded down to whole
+            batches), or None for the whole split: an epoch becomes a fixed budget of images
+            whatever the batch size (the search's unit of training for successive halving).
         max_eval_batches: cap eval batches (smoke runs), or None.
+        full_final_eval: evaluate the whole eval split after the last epoch (or when the time
+            budget ends training), whatever ``max_eval_batches``.
+        cache_data: keep the decoded splits in memory and batch from there ("auto": a split
+            of fixed-size images, both within 2 GiB, that this process holds already or that
+            the run reads at least once over; true; false: stream the shards every epoch).
+            The shards stay the source of truth.
         time_budget_s: stop after the epoch in which this much training time has passed
             (the learning-rate schedule is still laid over ``epochs``).
         tracking_uri: MLflow tracking URI; None means ``$MLFLOW_TRACKING_URI`` if set, else
@@ -80,7 +89,10 @@ class TrainConfig:
     seed: int = 0
     data_workers: int = 0
     max_steps_per_epoch: Optional[int] = None
+    samples_per_epoch: Optional[int] = None
     max_eval_batches: Optional[int] = None
+    full_final_eval: bool = False
+    cache_data: Union[bool, str] = "auto"
     time_budget_s: Optional[float] = None
     tracking_uri: Optional[str] = None
     experiment: str = "mixersnn"
@@ -113,7 +125,8 @@ class TrainConfig:
         check(self.amp in ("auto", "off", "bf16", "fp16"), f"amp={self.amp!r} must be one of 'auto', 'off', 'bf16', 'fp16'")
         check(self.grad_clip is None or self.grad_clip > 0, f"grad_clip={self.grad_clip} must be > 0 or None (off)")
         check(self.data_workers >= 0, f"data_workers={self.data_workers} must be >= 0")
-        for name in ("max_steps_per_epoch", "max_eval_batches"):
+        check(self.cache_data in (True, False, "auto"), f"cache_data={self.cache_data!r} must be true, false or 'auto'")
+        for name in ("max_steps_per_epoch", "samples_per_epoch", "max_eval_batches"):
             v = getattr(self, name)
             check(v is None or (isinstance(v, int) and v >= 1), f"{name}={v!r} must be an integer >= 1 or None")
         check(self.time_budget_s is None or self.time_budget_s > 0, f"time_budget_s={self.time_budget_s} must be > 0 or None")

@@ -311,6 +311,53 @@ def evaluate(
     return {"test_loss": loss_sum / n, "test_acc": correct1 / n, "test_top5": correct5 / n, "test_samples": n}
 
 
+# ----------------------------------------------------------------------------- data
+#: Largest decoded split (bytes) that ``cache_data: auto`` keeps in memory.
+CACHE_LIMIT_BYTES = 2 << 30
+
+
+def build_loaders(cfg: TrainConfig, spec: DataSpec, img_size: int, ctx: WorkerContext) -> tuple[Any, Any]:
+    """This rank's train and eval loaders: streamed from the shards, or batched from the
+    decoded splits held in memory (:mod:`mixersnn.data.memory`) when ``cache_data`` says so.
+
+    ``auto`` caches a split of fixed-size images (both splits within :data:`CACHE_LIMIT_BYTES`)
+    when this process holds it decoded already (a reused search-trial process), or when the
+    run reads at least as many samples as the split holds: decoding it once then costs no more
+    than streaming. Transforms follow the model's input size, which may differ from the
+    stored size.
+    """
+    from mixersnn.data import build_loader, eval_preset, train_preset
+    from mixersnn.data.memory import MemoryLoader, decoded_nbytes, is_cached
+
+    eval_tf = eval_preset(img_size, source_size=spec.img_size)
+    common = dict(num_workers=cfg.data_workers, rank=ctx.rank, world_size=ctx.world_size)
+    train = build_loader(spec.train, batch_size=cfg.batch_size, train=True, seed=cfg.seed,
+                         transform=train_preset(img_size) if cfg.augment else eval_tf, **common)
+    evaluation = build_loader(spec.eval, batch_size=cfg.eval_batch_size, train=False, transform=eval_tf, **common)
+    if cfg.cache_data != "auto":
+        cache = bool(cfg.cache_data)
+        return (MemoryLoader(train), MemoryLoader(evaluation)) if cache else (train, evaluation)
+    sizes = [decoded_nbytes(train), decoded_nbytes(evaluation)]
+    if any(n is None for n in sizes) or sum(sizes) > CACHE_LIMIT_BYTES:  # type: ignore[arg-type]
+        return train, evaluation
+    per_epoch = epoch_steps(cfg, len(train), ctx.world_size) * cfg.batch_size
+    evals = len(evaluation) if cfg.max_eval_batches is None else min(len(evaluation), cfg.max_eval_batches)
+    reads = {id(train): cfg.epochs * per_epoch, id(evaluation): cfg.epochs * evals * cfg.eval_batch_size}
+    return tuple(MemoryLoader(ld) if is_cached(ld) or reads[id(ld)] >= ld.num_samples else ld  # type: ignore[return-value]
+                 for ld in (train, evaluation))
+
+
+def epoch_steps(cfg: TrainConfig, batches: int, world_size: int) -> int:
+    """Training steps in one epoch: the loader's batches, capped by ``max_steps_per_epoch``
+    and by ``samples_per_epoch`` (images over all ranks, in whole global batches)."""
+    steps = batches
+    if cfg.max_steps_per_epoch is not None:
+        steps = min(steps, cfg.max_steps_per_epoch)
+    if cfg.samples_per_epoch is not None:
+        steps = min(steps, max(1, cfg.samples_per_epoch // (cfg.batch_size * world_size)))
+    return steps
+
+
 # ----------------------------------------------------------------------------- the loop
 def run_training(cfg: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
     """Train ``cfg`` on this rank; returns the last epoch's metrics (identical on every rank).
@@ -318,8 +365,6 @@ def run_training(cfg: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
     Resumes from ``ctx.resume_dir`` when given: model, optimiser, scheduler, scaler, epoch
     and the metric history all come back, and epochs before the checkpoint are not re-run.
     """
-    from mixersnn.data import build_loader, eval_preset, train_preset
-
     torch.manual_seed(cfg.seed + ctx.rank)
     device = ctx.device
     spec = resolve_data(cfg.data)
@@ -328,31 +373,8 @@ def run_training(cfg: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
     model = create_model(cfg.model, **overrides).to(device)
     model_cfg = model.config
 
-    # Transforms follow the model's input size (which may differ from the stored size).
-    src_size = spec.img_size
-    eval_tf = eval_preset(model_cfg.img_size, source_size=src_size)
-    train_loader = build_loader(
-        spec.train,
-        batch_size=cfg.batch_size,
-        train=True,
-        transform=train_preset(model_cfg.img_size) if cfg.augment else eval_tf,
-        num_workers=cfg.data_workers,
-        seed=cfg.seed,
-        rank=ctx.rank,
-        world_size=ctx.world_size,
-    )
-    eval_loader = build_loader(
-        spec.eval,
-        batch_size=cfg.eval_batch_size,
-        train=False,
-        transform=eval_tf,
-        num_workers=cfg.data_workers,
-        rank=ctx.rank,
-        world_size=ctx.world_size,
-    )
-    steps_per_epoch = len(train_loader)
-    if cfg.max_steps_per_epoch is not None:
-        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    train_loader, eval_loader = build_loaders(cfg, spec, model_cfg.img_size, ctx)
+    steps_per_epoch = epoch_steps(cfg, len(train_loader), ctx.world_size)
     if steps_per_epoch < 1:
         raise ValueError(
             f"the training split {spec.train} gives 0 batches of {cfg.batch_size} per rank with "
@@ -447,12 +469,16 @@ def run_training(cfg: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
 
         if meter is not None:
             meter.reset()
+        t_eval = time.perf_counter()
         ev = evaluate(
             ddp_model,
             eval_loader,
             device=device,
             num_classes=spec.num_classes,
-            max_batches=cfg.max_eval_batches,
+            # The last evaluation is of the whole split when asked (full_final_eval): the
+            # figure a run ends with is then exact, the ones before it cheaper samples.
+            max_batches=None if cfg.full_final_eval and (out_of_time or epoch == cfg.epochs - 1)
+            else cfg.max_eval_batches,
             meter=meter,
             autocast=autocast,
         )
@@ -464,6 +490,7 @@ def run_training(cfg: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
             "lr": sched.get_last_lr()[0],
             "images_per_s": seen / max(epoch_time, 1e-9),
             "epoch_time_s": epoch_time,
+            "eval_time_s": time.perf_counter() - t_eval,
             "train_time_s": clock.elapsed(),
             "replica_divergence": replica_divergence(model, device),
             # Damaged data is skipped, counted and reported, never silently absorbed.
