@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace):  # -> SearchConfig
-    from search.space import load_search_config
+    from search.config import load_search_config
 
     path: Optional[str] = args.config
     if path is None and DEFAULT_CONFIG.is_file():
@@ -43,17 +43,25 @@ def _config(args: argparse.Namespace):  # -> SearchConfig
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from mixersnn.models.config import ConfigError
     from search.driver import SearchExistsError, run_search
     from trainers.tracking import mlflow_ui_hint, resolve_tracking_uri
 
-    cfg = _config(args)
+    try:
+        # Every value, the command line's overrides included, is checked before Ray starts.
+        cfg = _config(args)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     kw = {"address": args.address} if args.address else {}
     if args.verbose:
         kw["log_to_driver"] = True
     try:
         res = run_search(cfg, resume=args.resume, ray_init_kwargs=kw, quiet=args.quiet, register=not args.no_register)
     except SearchExistsError as err:
-        print(f"error: {err}")
+        print(f"error: {err}", file=sys.stderr)
         return 2
     trials = [r for r in res.rows if not r.is_baseline]
     scored = [r for r in trials if r.scored]

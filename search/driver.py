@@ -1,12 +1,20 @@
-"""The search driver: Ray Tune over Ray Train trials, Optuna as the searcher, MLflow as the
-record. The one file of the search that touches Ray Tune's API.
+"""The search driver: Ray Tune trials, Optuna as the searcher, successive halving as the
+scheduler, MLflow as the record. The one file of the search that builds Ray Tune experiments.
 
-Layout of one search (``<storage_path>/<name>/``): Tune's experiment state (the resume point)
-and ``train/`` with each trial's Ray Train run (``trial-<id>``, its checkpoints). In MLflow:
-a parent run named after the search and a nested child run ``trial-<id>`` per trial. Names
-come from the search name and Tune's trial ids, which Tune keeps on restore, so a resumed
-driver reuses the parent run, continues the trials it lost from their last checkpoint, and
-writes into the same child runs: no duplicates.
+Layout of one search (``<storage_path>/<name>/``): Tune's experiment state (the resume point,
+each trial's checkpoints), ``mo_asha.json`` (the halving scheduler's rungs and decisions) and,
+for trials that train through Ray Train, ``train/`` with their Train runs. In MLflow: a parent
+run named after the search and a nested child run ``trial-<id>`` per trial. Names come from the
+search name and Tune's trial ids, which Tune keeps on restore, so a resumed driver reuses the
+parent run, continues the trials it lost from their last checkpoint, and writes into the same
+child runs: no duplicates.
+
+Trials with one CPU worker train inside their Tune trial process, which Tune reuses from trial
+to trial (:mod:`search.trial`); larger trials launch Ray Train. In multi-objective mode trials
+start at a small budget and MO-ASHA (:mod:`search.scheduler`) promotes the promising ones to
+larger budgets; single-objective mode uses Ray's ASHA. Trained baselines are the experiment's
+first trials (same schedule, never stopped, never fed to the searcher); estimate-only baselines
+are recorded from their parameter count and dense-bound energy without training.
 
 Trials that break the user's constraints never train: the sampler marks them infeasible, the
 trial function records a child run tagged ``mixersnn.trial_status=infeasible`` with the
@@ -17,7 +25,6 @@ tagged ``failed`` with the reason; Tune records the error and the search goes on
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import time
@@ -26,9 +33,11 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from mixersnn._atomic import atomic_path
-from search.resources import TRIAL_CPU
-from search.space import Sampler, SearchConfig
-from search.tracking import BASELINE_TAG, REASON_TAG, SEARCH_TAG, STATUS_TAG, TrialRow
+from search.config import SearchConfig
+from search.space import Sampler, TrialSpec
+from search.tracking import (BASELINE_TAG, REASON_TAG, SEARCH_TAG, STATUS_TAG, TrialRow, epochs_logged, settle_run,
+                             stop_reason)
+from search.trial import SearchContext, in_process, run_trial, trial_resources
 from trainers.ray_train import LOCAL_RUNTIME_ENV
 
 __all__ = ["run_search", "SearchResult", "SearchExistsError"]
@@ -36,8 +45,8 @@ __all__ = ["run_search", "SearchResult", "SearchExistsError"]
 # Tune snapshots its experiment state (the resume point) at most this often; the default
 # ("auto") can be minutes apart, and a driver killed in between restarts trials from scratch.
 _CHECKPOINT_PERIOD_S = "2"
-# The baselines' own Tune experiment, inside the search's folder.
-_BASELINE_DIR = "baselines"
+# The halving scheduler's rungs and decisions, in the search's folder (Tune does not save them).
+_SCHEDULER_FILE = "mo_asha.json"
 # The search's MLflow parent run, recorded in the search's folder when it is created.
 _PARENT_FILE = "mlflow_parent_run.json"
 # What a local runtime the search starts gives its workers (the tests' runtimes get the same,
@@ -66,152 +75,6 @@ class SearchResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-# ---------------------------------------------------------------------------- trial function
-def _failure_reason(err: BaseException) -> str:
-    """The root cause in one line (Ray wraps worker errors in several layers)."""
-    text = str(err).strip()
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    for ln in reversed(lines):
-        if "Error" in ln or "error" in ln or "loss is" in ln:
-            return ln[:500]
-    return (lines[-1] if lines else type(err).__name__)[:500]
-
-
-def record_failure(uri: str, run_id: str, err: BaseException) -> bool:
-    """Mark a trial's run failed with the reason, unless it was already recorded as stopped.
-
-    A trial that ASHA stopped also reaches the trial function's error path (``fit()`` sees the
-    stop as an error), and that can run after the progress callback, or even ``finalize()``,
-    recorded the stop (seen in CI). A stop is not a failure, so that record is kept.
-
-    Returns:
-        Whether the run was marked failed.
-    """
-    from mlflow.tracking import MlflowClient
-
-    from trainers.tracking import MLflowTracker, end_run
-
-    if MlflowClient(uri).get_run(run_id).data.tags.get(STATUS_TAG) == "stopped":
-        return False
-    MLflowTracker(uri, run_id).set_tags({STATUS_TAG: "failed", REASON_TAG: _failure_reason(err)})
-    end_run(uri, run_id, "FAILED")
-    return True
-
-
-def _run_name(resolved: dict[str, Any], trial_id: str) -> str:
-    """The child run's name (also the Train run's): ``trial-<Tune trial id>``, or the name the
-    baseline carries (``<search>-baseline-<label>``: baselines have no random id, so the
-    search name keeps two searches in one experiment apart)."""
-    return resolved.get("run_name") or f"trial-{trial_id}"
-
-
-def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
-    """One Tune trial: record the child run, then train through Ray Train (or skip if infeasible).
-
-    Args:
-        config: Tune's config for the trial: the sampled Optuna values and ``resolved``
-            (see :func:`search.space.suggest`).
-        ctx: the search context (tracking, parent run, fixed training fields, scale).
-    """
-    import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from trainers.config import ScaleConfig, TrainConfig
-    from trainers.ray_train import fit
-    from trainers.tracking import MLflowTracker, end_run, start_run
-
-    trial_id = ray.tune.get_context().get_trial_id()
-    r = config["resolved"]
-    kind = r.get("kind", "trial")  # "trial" (sampled) or "baseline" (a fixed model, see baselines:)
-    run_name = _run_name(r, trial_id)
-    uri = ctx["tracking_uri"]
-    # Created here (before fit) so infeasible and crashed trials have a run too; fit() finds
-    # it by name and logs into it. Reuse by name also makes a restarted trial write here.
-    tags = {SEARCH_TAG: ctx["search"], "mixersnn.trial_id": trial_id, "mixersnn.kind": kind}
-    if kind == "baseline":
-        tags[BASELINE_TAG] = r["label"]
-    run_id = start_run(uri, ctx["experiment"], run_name, parent_run_id=ctx["parent_run_id"], tags=tags)
-    tr = MLflowTracker(uri, run_id)
-    # Only on --resume: only a resumed search has runs of its own that may have trained.
-    final = _trained_before(tr, r) if ctx["resume"] else None
-    if final is not None:
-        # Trained by the killed driver, which died before Tune recorded the trial's end (the
-        # run is "ok" once fit returned): report the run's record instead of launching Train
-        # again, which would restore the final checkpoint, train nothing and upload the same
-        # model again (about 30 s of worker start-up for nothing).
-        end_run(uri, run_id, "FINISHED")
-        ray.tune.report(final)
-        return
-
-    sampled = {f"optuna.{k}": json.dumps(v) for k, v in config.items() if k != "resolved"}
-    searched = {
-        **sampled,
-        **{f"arch.{k}": v for k, v in r["arch"].items()},
-        **{f"hp.{k}": v for k, v in r["train"].items()},
-        "trial_id": trial_id,
-        "distributions": json.dumps(r.get("distributions", {})),
-        **{k: r[k] for k in ("sampler", "sampler_generation", "model", "label") if r.get(k) is not None},
-    }
-    tr.log_params({f"search.{k}": v for k, v in searched.items()})
-    tr.log_metrics({"num_params": r["num_params"], "search.energy_uj_dense": r["energy_uj_dense"],
-                    "search.energy_uj_est": r["energy_uj_est"]}, step=0)
-
-    if r.get("infeasible"):
-        tr.set_tags({STATUS_TAG: "infeasible", REASON_TAG: r["infeasible"]})
-        end_run(uri, run_id, "KILLED")
-        ray.tune.report({"test_acc": 0.0, "energy_per_image_uj": float(r["energy_uj_est"]),
-                         "num_params": float(r["num_params"]), "infeasible": 1, "search_final": 1})
-        return
-
-    tr.set_tags({STATUS_TAG: "running"})
-    cfg = TrainConfig.from_dict({
-        **ctx["train"], **r["train"], "model": r.get("model", ctx["base_model"]), "data": ctx["data"],
-        "model_overrides": dict(r["arch"]), "tracking_uri": uri, "experiment": ctx["experiment"],
-        "run_name": run_name, "parent_run_id": ctx["parent_run_id"],
-    })
-    scale = ScaleConfig(**ctx["scale"], storage_path=ctx["train_storage"], name=run_name)
-    try:
-        res = fit(cfg, scale, callbacks=[TuneReportCallback()])
-    except Exception as err:
-        record_failure(uri, run_id, err)
-        raise
-    m = res.metrics
-    energy = m.get("energy_per_image_uj")
-    cap = ctx.get("max_energy_uj")
-    tags: dict[str, Any] = {STATUS_TAG: "ok"}
-    if cap is not None and energy is not None and energy > cap and kind == "trial":
-        # Passed the pre-training estimate (an assumed firing rate below 1) but not the
-        # measurement: keep the result, never register it.
-        tags.update({"mixersnn.over_energy_limit": True,
-                     REASON_TAG: f"measured energy {energy:.4g} uJ > constraints.max_energy_uj={cap:g}"})
-    tr.set_tags(tags)
-    tr.log_metrics({"epochs_completed": int(m.get("epoch", -1)) + 1}, step=0)
-    ray.tune.report(_final_report(r, m.get("test_acc"), energy))
-
-
-def _final_report(resolved: dict[str, Any], test_acc: Optional[float], energy: Optional[float]) -> dict[str, Any]:
-    """A trained trial's last Tune report: it carries every objective (parameters are not in
-    Train's epoch reports)."""
-    return {"test_acc": float(test_acc if test_acc is not None else 0.0),
-            "energy_per_image_uj": float(energy if energy is not None else resolved["energy_uj_est"]),
-            "num_params": float(resolved["num_params"]), "infeasible": 0, "search_final": 1}
-
-
-def _trained_before(tr: Any, resolved: dict[str, Any]) -> Optional[dict[str, Any]]:
-    """The final report of a trial whose run (``tr``, an ``MLflowTracker``) already finished
-    training (tagged ``ok``, which the trial function does only after ``fit`` returned, the
-    final model logged), or None. Logs ``epochs_completed`` from the run's epoch record if the
-    kill came before it."""
-    from search.tracking import epochs_logged
-
-    data = tr.client.get_run(tr.run_id).data
-    if data.tags.get(STATUS_TAG) != "ok":
-        return None
-    if "epochs_completed" not in data.metrics:
-        tr.log_metrics({"epochs_completed": epochs_logged(tr.uri, tr.run_id)}, step=0)
-    return _final_report(resolved, data.metrics.get("test_acc"), data.metrics.get("energy_per_image_uj"))
-
-
 # ---------------------------------------------------------------------------- progress + status
 def _tune_callback_cls() -> type:
     from ray.tune import Callback
@@ -235,8 +98,13 @@ def _tune_callback_cls() -> type:
             from trainers.tracking import find_run
 
             # A callback restored from a search saved before it had parent_run_id: by name alone.
-            return find_run(self.uri, self.experiment, _run_name((trial.config or {}).get("resolved", {}), trial.trial_id),
-                            getattr(self, "parent_run_id", None))
+            spec = TrialSpec.from_dict(trial.config["resolved"])
+            return find_run(self.uri, self.experiment, spec.name(trial.trial_id), getattr(self, "parent_run_id", None))
+
+        def note(self, text: str) -> None:
+            """A progress line that is not a trial's end (the scheduler's pauses and promotions)."""
+            if not self.quiet:
+                print(f"[{time.time() - self.t0:6.0f}s]     {text}", flush=True)
 
         def _line(self, trials: list, trial: Any, status: str, extra: str = "") -> None:
             if self.quiet:
@@ -247,15 +115,9 @@ def _tune_callback_cls() -> type:
             res = trial.last_result or {}
             acc = res.get("test_acc")
             en = res.get("energy_per_image_uj")
-            resolved = (trial.config or {}).get("resolved", {})
-            arch = resolved.get("arch", {})
-            if resolved.get("kind") == "baseline":
-                who = f"baseline {resolved['label']}"
-                desc = f"{resolved.get('model')} " + (" ".join(f"{k}={v}" for k, v in arch.items()) or "(registry variant)")
-            else:
-                who = f"trial-{trial.trial_id}"
-                desc = (f"C={arch.get('embed_dim')} d={arch.get('depths')} T={arch.get('T')} "
-                        f"p={arch.get('patch_size')} spe={arch.get('spe')}")
+            spec = TrialSpec.from_dict(trial.config["resolved"])
+            who = f"baseline {spec.label}" if spec.is_baseline else f"trial-{trial.trial_id}"
+            desc = spec.describe()
             print(
                 f"[{time.time() - self.t0:6.0f}s] {done:>3}/{self.total} {who} {status:<10} "
                 + (f"acc {acc:.4f} " if isinstance(acc, (int, float)) else "")
@@ -267,47 +129,37 @@ def _tune_callback_cls() -> type:
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             res = trial.last_result or {}
             if res.get("infeasible"):
-                self._line(trials, trial, "infeasible", f"({(trial.config['resolved'].get('infeasible') or '')[:80]})")
+                self._line(trials, trial, "infeasible", f"({(trial.config['resolved']['infeasible'] or '')[:80]})")
                 return
             if res.get("search_final"):
                 self._line(trials, trial, "done")
                 return
-            # Stopped between epochs by ASHA (the time budget stops trials without calling
-            # this; finalize() settles those). The count comes from the run's record: Train
-            # forwards the epoch index, but a stop can land before any epoch was reported.
+            # Stopped at a rung by the scheduler, or a paused trial never promoted (the time
+            # budget stops running trials without calling this; finalize() settles those).
+            # The count comes from the run's record: a stop can land before any report.
             rid = self._child(trial)
             epochs = int(res.get("epoch", -1)) + 1
             if rid is not None:
-                from search.tracking import epochs_logged
-
                 epochs = max(epochs, epochs_logged(self.uri, rid))
-            reason = f"stopped after {epochs} epoch(s) (ASHA early stopping or the search time budget)"
-            if rid is not None:
-                from trainers.tracking import MLflowTracker, end_run
-
-                tr = MLflowTracker(self.uri, rid)
-                tr.set_tags({STATUS_TAG: "stopped", REASON_TAG: reason})
-                tr.log_metrics({"epochs_completed": epochs}, step=0)
-                end_run(self.uri, rid, "KILLED")
-            self._line(trials, trial, "stopped", f"({reason.split(' (')[0]})")
+                settle_run(self.uri, rid, "stopped", stop_reason(epochs), epochs=epochs)
+            self._line(trials, trial, "stopped", f"(after {epochs} epoch(s))")
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             rid = self._child(trial)
             status, reason = "FAILED", ""
             if rid is not None:
-                from mlflow.tracking import MlflowClient
+                from trainers.tracking import mlflow_client
 
-                tags = MlflowClient(self.uri).get_run(rid).data.tags
+                tags = mlflow_client(self.uri).get_run(rid).data.tags
                 if tags.get(STATUS_TAG) not in ("failed", "stopped"):
                     # The trial's process died before it could say why: take Tune's record
-                    # (record_failure still keeps a stop recorded meanwhile).
-                    err = RuntimeError(str(getattr(trial, "error_msg", "") or "trial process died"))
-                    record_failure(self.uri, rid, err)
-                    tags = MlflowClient(self.uri).get_run(rid).data.tags
+                    # (a stop recorded meanwhile stays a stop).
+                    settle_run(self.uri, rid, "failed", str(getattr(trial, "error_msg", "") or "trial process died")[:500])
+                    tags = mlflow_client(self.uri).get_run(rid).data.tags
                 reason = tags.get(REASON_TAG, "")
                 if tags.get(STATUS_TAG) == "stopped":
-                    # A trial that ASHA stopped, whose teardown Tune reported as an error: the
-                    # stop stays on record and is shown as one.
+                    # A trial that the scheduler stopped, whose teardown Tune reported as an
+                    # error: the stop stays on record and is shown as one.
                     status, reason = "stopped", reason.split(" (")[0]
             self._line(trials, trial, status, f"({reason[:100]})")
 
@@ -327,7 +179,10 @@ def _max_concurrent(cfg: SearchConfig, log: Callable[[str], None] = print) -> in
     return max_concurrent_auto(cfg.scale, float(cfg.budget.autoscale_wait_s), log=log)
 
 
-def _searcher(cfg: SearchConfig) -> Any:
+def _searcher(cfg: SearchConfig, baselines: list[dict[str, Any]]) -> Any:
+    """Optuna through Tune's ``OptunaSearch`` (define-by-run :class:`search.space.Sampler`),
+    behind :class:`BaselinesFirst` so the trained baselines come first and stay out of the
+    study."""
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
@@ -339,29 +194,112 @@ def _searcher(cfg: SearchConfig) -> Any:
         sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=startup)
     names, modes = cfg.objective.metrics()
     if cfg.objective.mode == "multi":
-        # Multi-objective: metric/mode on the searcher, TuneConfig's left unset (no scheduler).
-        return OptunaSearch(space=Sampler(cfg), metric=names, mode=modes, sampler=sampler)
-    # Single objective: metric/mode on the searcher too. Tune hands TuneConfig's metric/mode to
-    # a searcher only through set_search_properties, which it calls only with a param_space,
-    # and OptunaSearch ignores it once it has a space (ours, define-by-run): without them here
-    # the first suggestion raises. TuneConfig keeps them as well, for ASHA.
-    return OptunaSearch(space=Sampler(cfg), metric=names[0], mode=modes[0], sampler=sampler)
+        # Multi-objective: metric/mode on the searcher, TuneConfig's left unset.
+        inner = OptunaSearch(space=Sampler(cfg), metric=names, mode=modes, sampler=sampler)
+    else:
+        # Single objective: metric/mode on the searcher too. Tune hands TuneConfig's metric/mode
+        # to a searcher only through set_search_properties, which it calls only with a
+        # param_space, and OptunaSearch ignores it once it has a space (ours, define-by-run):
+        # without them here the first suggestion raises. TuneConfig keeps them as well, for ASHA.
+        inner = OptunaSearch(space=Sampler(cfg), metric=names[0], mode=modes[0], sampler=sampler)
+    return _baselines_first_cls()(inner, baselines)
 
 
-def _ctx(cfg: SearchConfig, uri: str, parent_run_id: str, resume: bool) -> dict[str, Any]:
-    return {
-        "resume": resume,
-        "tracking_uri": uri,
-        "experiment": cfg.experiment,
-        "parent_run_id": parent_run_id,
-        "search": cfg.name,
-        "base_model": cfg.base_model,
-        "data": cfg.data,
-        "train": dict(cfg.train),
-        "scale": dict(cfg.scale),
-        "train_storage": str(cfg.search_dir() / "train"),
-        "max_energy_uj": cfg.constraints.max_energy_uj,
-    }
+def _baselines_first_cls() -> type:
+    from ray.tune.search import Searcher
+
+    class BaselinesFirst(Searcher):
+        """A searcher that hands out the search's trained baselines first, then the inner
+        searcher's proposals. Baseline trials' results never reach the inner searcher: they
+        are references, not samples of the space."""
+
+        def __init__(self, inner: Any, baselines: list[dict[str, Any]]) -> None:
+            super().__init__(metric=inner.metric, mode=inner.mode)
+            self.inner = inner
+            self.pending = list(baselines)
+            self.baseline_ids: set[str] = set()
+
+        def set_search_properties(self, metric: Optional[str], mode: Optional[str], config: dict, **spec: Any) -> bool:
+            return self.inner.set_search_properties(metric, mode, config, **spec)
+
+        def suggest(self, trial_id: str) -> Optional[dict[str, Any]]:
+            if self.pending:
+                self.baseline_ids.add(trial_id)
+                return {"resolved": self.pending.pop(0)}
+            return self.inner.suggest(trial_id)
+
+        def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+            if trial_id not in self.baseline_ids:
+                self.inner.on_trial_result(trial_id, result)
+
+        def on_trial_complete(self, trial_id: str, result: Optional[dict[str, Any]] = None, error: bool = False) -> None:
+            if trial_id not in self.baseline_ids:
+                self.inner.on_trial_complete(trial_id, result=result, error=error)
+
+        def save(self, checkpoint_path: str) -> None:
+            import pickle
+
+            with open(checkpoint_path, "wb") as f:
+                pickle.dump(self.__dict__, f)
+
+        def restore(self, checkpoint_path: str) -> None:
+            import pickle
+
+            with open(checkpoint_path, "rb") as f:
+                self.__dict__.update(pickle.load(f))
+
+    return BaselinesFirst
+
+
+def _scheduler(cfg: SearchConfig, num_trials: int, log: Optional[Callable[[str], None]] = None) -> Any:
+    """Successive halving over epochs, or None (no early stopping, or a single epoch).
+
+    Single-objective mode: Ray's ASHA on accuracy. Multi-objective mode: MO-ASHA
+    (:class:`search.scheduler.MultiObjectiveASHA`), its state kept in the search's folder.
+    """
+    epochs = int(cfg.train.get("epochs", 10))
+    if not cfg.asha.enabled or epochs <= cfg.asha.grace_period:
+        return None
+    if cfg.objective.mode == "single":
+        from ray.tune.schedulers import ASHAScheduler
+
+        # max_t one past the last epoch: ASHA stops a trial that reaches max_t at once, which
+        # would cut off the final model upload after the last epoch's report.
+        return ASHAScheduler(time_attr="training_iteration", max_t=epochs + 1,
+                             grace_period=cfg.asha.grace_period, reduction_factor=cfg.asha.reduction_factor)
+    from search.scheduler import MultiObjectiveASHA
+
+    names, modes = cfg.objective.metrics()
+    return MultiObjectiveASHA(metrics=names, modes=modes, max_t=epochs, grace_period=cfg.asha.grace_period,
+                              reduction_factor=cfg.asha.reduction_factor, num_trials=num_trials,
+                              state_file=str(cfg.search_dir() / _SCHEDULER_FILE), log=log)
+
+
+def _ctx(cfg: SearchConfig, uri: str, parent_run_id: str, resume: bool) -> SearchContext:
+    return SearchContext(tracking_uri=uri, experiment=cfg.experiment, parent_run_id=parent_run_id, search=cfg.name,
+                         base_model=cfg.base_model, data=cfg.data, train=dict(cfg.train), scale=dict(cfg.scale),
+                         train_storage=str(cfg.search_dir() / "train"), max_energy_uj=cfg.constraints.max_energy_uj,
+                         resume=resume)
+
+
+def _record_estimates(cfg: SearchConfig, uri: str, parent: str) -> None:
+    """A child run for each estimate-only baseline: its parameters and dense-bound energy,
+    tagged ``mixersnn.trial_status=estimate``; nothing trains (reused on ``--resume``)."""
+    from search.space import baseline_spec
+    from trainers.tracking import MLflowTracker, start_run
+
+    for b in cfg.baselines:
+        if not b.estimate_only:
+            continue
+        spec = baseline_spec(cfg, b)
+        rid = start_run(uri, cfg.experiment, spec.run_name, parent_run_id=parent,
+                        tags={SEARCH_TAG: cfg.name, "mixersnn.kind": "baseline", BASELINE_TAG: b.label,
+                              "mixersnn.trial_id": spec.run_name})
+        tr = MLflowTracker(uri, rid)
+        tr.log_params({"search.model": b.model, "search.label": b.label,
+                       **{f"search.arch.{k}": v for k, v in spec.arch.items()}})
+        tr.log_metrics({"num_params": spec.num_params, "search.energy_uj_dense": spec.energy_uj_dense}, step=0)
+        settle_run(uri, rid, "estimate", "estimate only: not trained (baselines[].estimate_only)")
 
 
 def _open_parent(cfg: SearchConfig, uri: str, resume: bool) -> str:
@@ -418,6 +356,7 @@ def run_search(
     quiet: bool = False,
     register: bool = True,
     log: Callable[[str], None] = print,
+    callbacks: Optional[list[Any]] = None,
 ) -> SearchResult:
     """Run (or resume) a search and summarise it in MLflow.
 
@@ -430,11 +369,15 @@ def run_search(
         quiet: no per-trial progress lines.
         register: register the selected model in the MLflow model registry.
         log: where progress and the summary go.
+        callbacks: more Tune callbacks (``ray.tune.Callback``) for a new search, e.g. to time trials.
 
     Raises:
         SearchExistsError: state exists and ``resume`` is False, or none exists and it is True.
     """
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", _CHECKPOINT_PERIOD_S)
+    # Every epoch's checkpoint forces a snapshot of the experiment (num_to_keep), which is what
+    # makes --resume lose at most one epoch; Tune warns about each burst of them.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     import ray
     from ray import tune
 
@@ -443,8 +386,7 @@ def run_search(
     t0 = time.time()
     uri = resolve_tracking_uri(cfg.tracking_uri)
     sdir = cfg.search_dir()
-    bdir = sdir / _BASELINE_DIR
-    exists = (sdir / "tuner.pkl").exists() or (bdir / "tuner.pkl").exists()
+    exists = (sdir / "tuner.pkl").exists()
     if resume and not exists:
         raise SearchExistsError(f"--resume: no search state at {sdir}; start it without --resume "
                                 f"(or point storage_path/name at the search to resume)")
@@ -459,6 +401,7 @@ def run_search(
     ptr.log_dict(flat, "search/search.json")
     if resume:
         ptr.set_tags({"mixersnn.resumed": True})
+    _record_estimates(cfg, uri, parent)
 
     if not ray.is_initialized():
         env = dict(LOCAL_WORKER_ENV)
@@ -470,44 +413,46 @@ def run_search(
         kw.update(ray_init_kwargs or {})
         ray.init(**kw)
 
-    trainable = tune.with_resources(tune.with_parameters(_trial, ctx=_ctx(cfg, uri, parent, resume)), {"CPU": TRIAL_CPU})
-    # Trials at once, decided once for the baselines and the trials alike (with "auto" the
-    # cluster could have grown or shrunk while the baselines trained), and only if something
-    # new starts: a resumed Tune experiment keeps its own.
-    concurrency = functools.cache(lambda: _max_concurrent(cfg, log))
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=_ctx(cfg, uri, parent, resume)),
+                                    trial_resources(cfg.scale))
     status = "FAILED"
     try:
-        if cfg.baselines:
-            _fit_baselines(cfg, trainable, uri, parent, resume=resume, quiet=quiet, log=log, concurrency=concurrency)
-        if resume and (sdir / "tuner.pkl").exists():
+        if resume:
             log(f"resuming search {cfg.name!r} from {sdir}")
             tuner = _restore(sdir, trainable)
         else:
-            names, modes = cfg.objective.metrics()
-            single = cfg.objective.mode == "single"
-            scheduler = None
-            if single:
-                from ray.tune.schedulers import ASHAScheduler
+            from search.space import baseline_spec
 
-                epochs = int(cfg.train.get("epochs", 10))
-                # max_t one past the last epoch: ASHA stops a trial that reaches max_t at once,
-                # which would cut off the final model upload after the last epoch's report.
-                scheduler = ASHAScheduler(time_attr="training_iteration", max_t=epochs + 1,
-                                          grace_period=cfg.asha.grace_period, reduction_factor=cfg.asha.reduction_factor)
-            n_conc = concurrency()
-            log(f"search {cfg.name!r}: {cfg.budget.num_trials} trials, {n_conc} at a time"
+            baselines = [baseline_spec(cfg, b).to_dict() for b in cfg.baselines if not b.estimate_only]
+            names, modes = cfg.objective.metrics()
+            callback = _tune_callback_cls()(total=cfg.budget.num_trials + len(baselines), uri=uri,
+                                            experiment=cfg.experiment, parent_run_id=parent, quiet=quiet)
+            scheduler = _scheduler(cfg, cfg.budget.num_trials + len(baselines), callback.note)
+            n_conc = _max_concurrent(cfg, log)
+            pausing = scheduler is not None and cfg.objective.mode == "multi"
+            halving = ""
+            if scheduler is not None:
+                from search.scheduler import rung_milestones
+
+                rungs = rung_milestones(cfg.asha.grace_period, cfg.asha.reduction_factor, int(cfg.train.get("epochs", 10)))
+                halving = (f", {'ASHA' if cfg.objective.mode == 'single' else 'MO-ASHA'} rungs at epochs "
+                           f"{rungs} of {cfg.train.get('epochs', 10)}")
+            log(f"search {cfg.name!r}: {cfg.budget.num_trials} trials"
+                + (f" after {len(baselines)} baseline(s)" if baselines else "") + f", {n_conc} at a time"
                 + (f", time budget {cfg.budget.time_budget_s:.0f} s" if cfg.budget.time_budget_s else "")
-                + f", objectives {list(zip(names, modes))}" + (" with ASHA" if single else ""))
-            callback = _tune_callback_cls()(total=cfg.budget.num_trials, uri=uri, experiment=cfg.experiment,
-                                            parent_run_id=parent, quiet=quiet)
+                + f", objectives {list(zip(names, modes))}{halving}; trials train "
+                + ("in their own reused Tune processes" if in_process(cfg.scale) else "through Ray Train"))
+            single = cfg.objective.mode == "single"
             tuner = _new_tuner(
-                sdir, trainable, callback,
-                search_alg=_searcher(cfg),
+                sdir, trainable, [callback, *(callbacks or [])], reuse_actors=in_process(cfg.scale),
+                search_alg=_searcher(cfg, baselines),
                 scheduler=scheduler,
                 metric="test_acc" if single else None,
                 mode="max" if single else None,
-                num_samples=cfg.budget.num_trials,
-                max_concurrent_trials=n_conc,
+                num_samples=cfg.budget.num_trials + len(baselines),
+                # MO-ASHA pauses trials at rungs; Tune's concurrency limit would count them as
+                # running and stop starting new ones. The trials' resources bound how many run.
+                max_concurrent_trials=None if pausing else n_conc,
                 time_budget_s=cfg.budget.time_budget_s,
             )  # fmt: skip
         tuner.fit()
@@ -520,47 +465,20 @@ def run_search(
     return result
 
 
-def _fit_baselines(cfg: SearchConfig, trainable: Any, uri: str, parent: str, *, resume: bool, quiet: bool,
-                   log: Callable[[str], None], concurrency: Callable[[], int]) -> None:
-    """Train the search file's baselines, before the sampled trials: one fixed Tune trial each
-    (a grid over their configs) through the same trial function, so each is trained once with
-    the search's ``train:``, ``scale`` and per-trial budget and recorded as a child run tagged
-    ``mixersnn.kind=baseline``. Constraints are not applied to them, and neither ASHA nor the
-    search's ``budget.time_budget_s`` (which bounds the sampled trials) stops them; the
-    per-trial ``train.time_budget_s`` bounds their training. Their own Tune experiment
-    (``<search>/baselines``) makes them resumable like the trials: after a kill, finished
-    baselines are kept and an unfinished one continues from its checkpoint."""
-    from ray import tune
-
-    from search.space import baseline_resolved
-
-    bdir = cfg.search_dir() / _BASELINE_DIR
-    callback = _tune_callback_cls()(total=len(cfg.baselines), uri=uri, experiment=cfg.experiment,
-                                    parent_run_id=parent, quiet=quiet, what="baseline")
-    if resume and (bdir / "tuner.pkl").exists():
-        log(f"resuming the baselines of {cfg.name!r} from {bdir}")
-        tuner = _restore(bdir, trainable)
-    else:
-        log(f"baselines of {cfg.name!r}: {', '.join(b.label for b in cfg.baselines)} (trained once each, before the "
-            f"search's trials, with the same train config and per-trial budget; constraints not applied)")
-        tuner = _new_tuner(bdir, trainable, callback, num_samples=1, max_concurrent_trials=concurrency(),
-                           param_space={"resolved": tune.grid_search([baseline_resolved(cfg, b) for b in cfg.baselines])})
-    tuner.fit()
-
-
-def _new_tuner(directory: Path, trainable: Any, callback: Any, *, param_space: Optional[dict[str, Any]] = None,
+def _new_tuner(directory: Path, trainable: Any, callbacks: list[Any], *, reuse_actors: bool,
                **tune_config: Any) -> Any:
-    """A Tune experiment stored at ``directory`` (sampled trials and baselines alike): no
-    actor reuse, no automatic retries (a failed trial stays failed and is reported), Tune's
-    own console output off (``callback`` prints progress)."""
+    """A Tune experiment stored at ``directory``: no automatic retries (a failed trial stays
+    failed and is reported), Tune's own console output off (the first callback prints progress),
+    the last two checkpoints of each trial kept; with ``reuse_actors`` a finished trial's
+    process takes the next trial (in-process training keeps what it loaded)."""
     from ray import tune
 
     return tune.Tuner(
         trainable,
-        param_space=param_space,
-        tune_config=tune.TuneConfig(reuse_actors=False, **tune_config),
-        run_config=tune.RunConfig(name=directory.name, storage_path=str(directory.parent), callbacks=[callback],
-                                  failure_config=tune.FailureConfig(max_failures=0), verbose=0),
+        tune_config=tune.TuneConfig(reuse_actors=reuse_actors, **tune_config),
+        run_config=tune.RunConfig(name=directory.name, storage_path=str(directory.parent), callbacks=callbacks,
+                                  failure_config=tune.FailureConfig(max_failures=0), verbose=0,
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
     )
 
 
@@ -575,36 +493,22 @@ def _restore(directory: Path, trainable: Any) -> Any:
 def finalize(cfg: SearchConfig, uri: str, parent: str, *, register: bool = True,
              log: Callable[[str], None] = print) -> SearchResult:
     """Settle leftover statuses, then log the Pareto front, plots and registry entry."""
-    from search.tracking import (collect_trials, compare_baselines, epochs_logged, format_comparison, format_table,
-                                 log_summary, pareto_front, register_best, select_best)
-    from trainers.tracking import MLflowTracker, end_run
+    from search.tracking import (collect_trials, compare_baselines, format_comparison, format_table, log_summary,
+                                 pareto_front, register_best, select_best)
+    from trainers.tracking import MLflowTracker
 
     rows = collect_trials(uri, parent)
     for r in rows:
-        if r.status == "running":
-            # Nothing runs after tuner.fit() returns: a run still marked running was cut off
-            # (the search's time budget stops trials without a callback, or the trial process
-            # was killed before it could close the run). Its epochs are the ones it logged.
+        if r.status in ("running", "stopped"):
+            # Nothing runs after tuner.fit() returns. A run still marked running was cut off
+            # (the time budget stops trials without a callback, or the trial process was
+            # killed before it could close its run); a stopped one may have finished another
+            # epoch after the callback counted, or been closed FAILED by a late error path.
+            # Either way its epochs are the ones it logged.
+            why = "the search time budget, or the trial was killed" if r.status == "running" else None
             r.epochs = epochs_logged(uri, r.run_id)
-            reason = f"stopped after {r.epochs} epoch(s) (the search time budget, or the trial was killed)"
-            tr = MLflowTracker(uri, r.run_id)
-            tr.set_tags({STATUS_TAG: "stopped", REASON_TAG: reason})
-            tr.log_metrics({"epochs_completed": r.epochs}, step=0)
-            end_run(uri, r.run_id, "KILLED")
-            r.status, r.reason = "stopped", reason
-        elif r.status == "stopped":
-            # Stopped by ASHA: the trial function may have seen the stop as an error from fit()
-            # and closed the run FAILED after the callback closed it KILLED; settle it now that
-            # nothing runs any more.
-            end_run(uri, r.run_id, "KILLED")
-            # Its workers may also have finished another epoch while the stop travelled to
-            # them (after the callback counted): count again.
-            n = epochs_logged(uri, r.run_id)
-            if n != r.epochs:
-                r.epochs = n
-                r.reason = f"stopped after {n} epoch(s) (ASHA early stopping or the search time budget)"
-                MLflowTracker(uri, r.run_id).set_tags({REASON_TAG: r.reason})
-                MLflowTracker(uri, r.run_id).log_metrics({"epochs_completed": n}, step=0)
+            r.reason = stop_reason(r.epochs, why) if why else stop_reason(r.epochs)
+            r.status = settle_run(uri, r.run_id, "stopped", r.reason, epochs=r.epochs)
     with_params = cfg.objective.include_params
     front = pareto_front(rows, with_params=with_params)
     names, modes = cfg.objective.metrics()

@@ -1,9 +1,11 @@
 """What one search trial asks of Ray, how many fit on a cluster, and waiting for an
 autoscaling cluster to hold the first one (``budget.max_concurrent_trials: auto``).
 
-A trial is a Tune function holding :data:`TRIAL_CPU` CPU that runs one Ray Train
-``TorchTrainer`` (its controller takes no resources) with ``scale.num_workers`` workers of
-:func:`trainers.ray_train.worker_resources` each. So one trial needs the bundles
+A trial with one CPU worker trains in its own Tune process and holds that worker's resources,
+one bundle ``[{CPU: cpus_per_worker}]``. A larger trial is a Tune function holding
+:data:`TRIAL_CPU` CPU that runs one Ray Train ``TorchTrainer`` (its controller takes no
+resources) with ``scale.num_workers`` workers of :func:`trainers.ray_train.worker_resources`
+each, so it needs the bundles
 ``[{CPU: 0.01}] + num_workers x [{CPU: cpus_per_worker, GPU: gpus_per_worker}]``.
 
 Auto concurrency counts, node by node, how many worker bundles fit in each node's total
@@ -20,7 +22,7 @@ import math
 import time
 from typing import Any, Callable
 
-__all__ = ["TRIAL_CPU", "trial_bundles", "concurrency", "alive_node_resources", "wait_for_one_trial",
+__all__ = ["TRIAL_CPU", "SEARCH_SCALE_KEYS", "scale_config", "trial_bundles", "concurrency", "alive_node_resources", "wait_for_one_trial",
            "max_concurrent_auto"]
 
 # The CPU the trial function itself holds (``tune.with_resources(..., {"CPU": 0.01})`` in the
@@ -29,21 +31,34 @@ TRIAL_CPU = 0.01
 _EPS = 1e-9
 
 
-def _scale(scale: dict[str, Any]) -> Any:
+#: Keys of a search's ``scale:`` section that are not ScaleConfig fields: where a trial trains
+#: (``in_process``: auto, true or false; see :func:`search.trial.in_process`).
+SEARCH_SCALE_KEYS = ("in_process",)
+
+
+def scale_config(scale: dict[str, Any], **fields: Any) -> Any:
+    """The ``ScaleConfig`` of one trial's training from the search's ``scale:`` section (the
+    search sets ``storage_path`` and ``name`` per trial, through ``fields``)."""
     from trainers.config import ScaleConfig
 
-    return ScaleConfig(**{k: v for k, v in scale.items() if k not in ("storage_path", "name")})
+    kept = {k: v for k, v in scale.items() if k not in ("storage_path", "name", *SEARCH_SCALE_KEYS)}
+    return ScaleConfig(**kept, **fields)
 
 
 def trial_bundles(scale: dict[str, Any]) -> list[dict[str, float]]:
     """The Ray resource bundles one trial holds: the trial function's, then one per worker.
+    A trial that trains in its own process (one CPU worker, :func:`search.trial.in_process`)
+    is one bundle, the worker's.
 
     Args:
         scale: the search's ``scale:`` section (ScaleConfig fields).
     """
+    from search.trial import in_process
     from trainers.ray_train import worker_resources
 
-    sc = _scale(scale)
+    sc = scale_config(scale)
+    if in_process(scale):
+        return [worker_resources(sc)]
     return [{"CPU": TRIAL_CPU}] + [worker_resources(sc)] * sc.num_workers
 
 
@@ -54,13 +69,14 @@ def concurrency(scale: dict[str, Any], nodes: list[dict[str, float]]) -> int:
         scale: the search's ``scale:`` section.
         nodes: each alive node's total resources (``ray.nodes()[i]["Resources"]``).
     """
-    trial_fn, *workers = trial_bundles(scale)
+    bundles = trial_bundles(scale)
+    workers = bundles[1:] or bundles  # an in-process trial is its worker
     worker = workers[0]  # every worker asks the same
     slots = 0
     for node in nodes:
         slots += min(math.floor(float(node.get(k, 0.0)) / v + _EPS) for k, v in worker.items())
     cpus = sum(float(n.get("CPU", 0.0)) for n in nodes)
-    trial_cpu = sum(b.get("CPU", 0.0) for b in (trial_fn, *workers))
+    trial_cpu = sum(b.get("CPU", 0.0) for b in bundles)
     by_cpu = math.floor(cpus / trial_cpu + _EPS)
     return max(0, min(slots // len(workers), by_cpu))
 

@@ -1,713 +1,101 @@
-"""The search space over the Mixer-SNN family, declared once in a YAML file.
+"""The sampler over a search's space, and the typed spec of one trial.
 
-A search file has these sections (every one optional; see ``configs/search_fashion_mnist.yaml``)::
+:func:`suggest` is Optuna define-by-run. It proposes only valid models by construction: the
+width is a multiple of 3 whenever SPE is on (its own parameter, ``embed_dim_spe``, so the
+conditional is visible to the sampler), patch sizes divide the image size, and one
+``blocks_stage<i>`` parameter exists per sampled stage. The width is sampled last, with its
+upper end lowered to the widest model that meets the user's constraints (parameters, energy
+per image), so almost every proposal is feasible; a proposal that cannot be made feasible (even
+the narrowest width breaks a limit) is marked infeasible with the reason and never trains (the
+trial records it and reports a dominated sentinel).
 
-    name, experiment, data, tracking_uri, storage_path, base_model, seed
-    objective:   mode (multi | single), include_params, sampler (nsga2 | tpe)
-    budget:      num_trials, time_budget_s, max_concurrent_trials (an int or "auto"),
-                 autoscale_wait_s
-    asha:        grace_period, reduction_factor            (single-objective mode)
-    constraints: max_params, max_energy_uj, assumed_firing_rate
-    space:       spe, num_stages, blocks_per_stage, embed_dim, mlp_ratio, T, patch_size,
-                 lr, weight_decay, batch_size, label_smoothing
-    train:       fixed TrainConfig fields for every trial (epochs, max_steps_per_epoch, ...)
-    scale:       num_workers, cpus_per_worker, use_gpu, gpus_per_worker per trial
-    select:      which finished trial is registered (criterion, max_energy_uj, registered_model)
-    baselines:   fixed reference models trained once beside the search (list of
-                 {model, label, model_overrides, train}), compared with the Pareto front
-
-Each ``space`` entry is a constant, a list of choices, or ``{low, high[, step][, log]}``.
-Keys left out take defaults that fit the data set's image size (:func:`default_space`).
-
-The sampler (:func:`suggest`) is Optuna define-by-run. It proposes only valid models by
-construction: the width is a multiple of 3 whenever SPE is on (its own parameter,
-``embed_dim_spe``, so the conditional is visible to the sampler), patch sizes divide the image
-size, and one ``blocks_stage<i>`` parameter exists per sampled stage. The width is sampled
-last, with its upper end lowered to the widest model that meets the user's constraints
-(parameters, energy per image), so almost every proposal is feasible; a proposal that cannot
-be made feasible (even the narrowest width breaks a limit) is marked infeasible with the
-reason and never trains (the driver records it and reports a dominated sentinel).
+Each proposal, and each baseline, is a :class:`TrialSpec`: what the trial trains and what is
+known of it before training. It travels in Tune's config as a plain dict (``to_dict``).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
-from typing import Any, Optional, Union
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
 
 from mixersnn.models.config import ConfigError
+from search.config import TRAIN_KEYS, Baseline, ParamSpec, SearchConfig
 
-__all__ = [
-    "ParamSpec",
-    "SearchSpace",
-    "Objective",
-    "Budget",
-    "Asha",
-    "Constraints",
-    "Select",
-    "Baseline",
-    "SearchConfig",
-    "DataShape",
-    "default_space",
-    "data_shape",
-    "load_search_config",
-    "estimate",
-    "suggest",
-    "Sampler",
-    "baseline_resolved",
-]
-
-# Parameters of the space and whether they must be integers.
-_ARCH_KEYS = ("spe", "num_stages", "blocks_per_stage", "embed_dim", "mlp_ratio", "T", "patch_size")
-_TRAIN_KEYS = ("lr", "weight_decay", "batch_size", "label_smoothing")
-_INT_KEYS = {"num_stages", "blocks_per_stage", "embed_dim", "T", "patch_size", "batch_size"}
-# TrainConfig fields the search itself owns; the ``train:`` section may not set them.
-_SEARCH_OWNED = set(_TRAIN_KEYS) | {"model", "model_overrides", "data", "tracking_uri", "experiment",
-                                    "run_name", "parent_run_id"}
+__all__ = ["TrialSpec", "estimate", "suggest", "Sampler", "baseline_spec"]
 
 
-def _num(v: Any, where: str) -> Any:
-    """YAML 1.1 reads ``1e-3`` as a string: accept numeric strings, name anything else."""
-    if isinstance(v, bool) or isinstance(v, (int, float)):
-        return v
-    if isinstance(v, str):
-        try:
-            f = float(v)
-        except ValueError:
-            raise ConfigError(f"{where}={v!r} is not a number; write e.g. 0.001 or 1.0e-3") from None
-        return int(f) if f.is_integer() and "." not in v and "e" not in v.lower() else f
-    raise ConfigError(f"{where}={v!r} must be a number")
-
-
-@dataclass(frozen=True)
-class ParamSpec:
-    """One searchable value: a constant, a set of choices, or a numeric range.
+@dataclass
+class TrialSpec:
+    """One trial: the model and hyperparameters it trains, and what is known before training.
 
     Attributes:
-        name: parameter name (also the Optuna parameter name).
-        choices: the allowed values (a constant is one choice).
-        low: range start (inclusive).
-        high: range end (inclusive).
-        step: grid step of the range (integers: default 1).
-        log: sample the range on a log scale.
+        arch: model overrides (embed_dim, depths, T, patch_size, mlp_ratio, spe).
+        train: the sampled TrainConfig fields (lr, weight_decay, batch_size, label_smoothing).
+        num_params: parameter count (closed form, exact).
+        energy_uj_dense: energy per image with every spike-layer input firing (microjoules).
+        energy_uj_est: the estimate the constraints were checked against.
+        infeasible: the constraint it breaks (it never trains), or None.
+        kind: "trial" (proposed by the sampler) or "baseline" (from the file's ``baselines:``).
+        label: a baseline's label ("" for trials).
+        model: registry variant; None: the search's ``base_model``.
+        run_name: the run's name when fixed (baselines: ``<search>-baseline-<label>``); None:
+            ``trial-<Tune trial id>``.
+        distributions: the Optuna distributions of the sampled values (JSON), so the report
+            can rebuild a study from MLflow alone.
+        sampler: the Optuna sampler that proposed it, and, for a genetic one, the generation.
+        sampler_generation: see ``sampler``.
     """
 
-    name: str
-    choices: Optional[tuple[Any, ...]] = None
-    low: Optional[float] = None
-    high: Optional[float] = None
-    step: Optional[float] = None
-    log: bool = False
+    arch: dict[str, Any]
+    train: dict[str, Any]
+    num_params: int
+    energy_uj_dense: float
+    energy_uj_est: float
+    infeasible: Optional[str] = None
+    kind: str = "trial"
+    label: str = ""
+    model: Optional[str] = None
+    run_name: Optional[str] = None
+    distributions: dict[str, str] = field(default_factory=dict)
+    sampler: Optional[str] = None
+    sampler_generation: Optional[int] = None
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.kind == "baseline"
+
+    def name(self, trial_id: str) -> str:
+        """The child run's name (also the Train run's): ``trial-<Tune trial id>``, or the name
+        the baseline carries (baselines have no random id, so the search name keeps two
+        searches in one experiment apart)."""
+        return self.run_name or f"trial-{trial_id}"
+
+    def describe(self) -> str:
+        """One line for progress output."""
+        a = self.arch
+        if self.is_baseline:
+            return f"{self.model} " + (" ".join(f"{k}={v}" for k, v in a.items()) or "(registry variant)")
+        return (f"C={a.get('embed_dim')} d={a.get('depths')} T={a.get('T')} p={a.get('patch_size')} "
+                f"spe={a.get('spe')}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
     @classmethod
-    def parse(cls, name: str, raw: Any) -> "ParamSpec":
-        """Read a YAML value: ``3``, ``[2, 3]``, ``{choices: [...]}`` or ``{low, high, step, log}``."""
-        where = f"space.{name}"
-        if isinstance(raw, dict):
-            extra = sorted(set(raw) - {"low", "high", "step", "log", "choices"})
-            if extra:
-                raise ConfigError(f"{where}: unknown keys {extra}; use choices: [...] or low/high[/step][/log]")
-            if "choices" in raw:
-                return cls.parse(name, list(raw["choices"]))
-            if "low" not in raw or "high" not in raw:
-                raise ConfigError(f"{where}={raw!r} needs both low and high (or choices: [...])")
-            low, high = _num(raw["low"], f"{where}.low"), _num(raw["high"], f"{where}.high")
-            step = None if raw.get("step") is None else _num(raw["step"], f"{where}.step")
-            log = bool(raw.get("log", False))
-            if low > high:
-                raise ConfigError(f"{where}: low={low} > high={high}; swap them")
-            if log and low <= 0:
-                raise ConfigError(f"{where}: log scale needs low > 0, got low={low}; use e.g. 1.0e-5")
-            if log and step is not None:
-                raise ConfigError(f"{where}: step and log cannot be combined (Optuna forbids it); drop one")
-            if step is not None and step <= 0:
-                raise ConfigError(f"{where}: step={step} must be > 0")
-            if name in _INT_KEYS:
-                for k, v in (("low", low), ("high", high), ("step", step)):
-                    if v is not None and not float(v).is_integer():
-                        raise ConfigError(f"{where}.{k}={v} must be an integer")
-                low, high = int(low), int(high)
-                step = int(step) if step is not None else (None if log else 1)
-            return cls(name, None, low, high, step, log)
-        values = list(raw) if isinstance(raw, (list, tuple)) else [raw]
-        if not values:
-            raise ConfigError(f"{where}=[] has no choices; give at least one value")
-        if name == "spe":
-            if not all(isinstance(v, bool) for v in values):
-                raise ConfigError(f"{where}={raw!r} must be true, false or [true, false]")
-        else:
-            values = [_num(v, where) for v in values]
-            if name in _INT_KEYS and not all(float(v).is_integer() for v in values):
-                raise ConfigError(f"{where}={raw!r} must hold integers")
-            if name in _INT_KEYS:
-                values = [int(v) for v in values]
-        return cls(name, tuple(dict.fromkeys(values)))
+    def from_dict(cls, d: dict[str, Any]) -> "TrialSpec":
+        return cls(**d)
 
-    # ------------------------------------------------------------------ views
-    @property
-    def is_range(self) -> bool:
-        return self.choices is None
 
-    def values(self) -> list[Any]:
-        """Every value this spec can produce (ranges of integers enumerated; float ranges: ends)."""
-        if self.choices is not None:
-            return list(self.choices)
-        if isinstance(self.low, int) and isinstance(self.high, int) and not self.log:
-            return list(range(self.low, self.high + 1, int(self.step or 1)))
-        if isinstance(self.low, int) and isinstance(self.high, int):
-            return list(range(self.low, self.high + 1))
-        return [self.low, self.high]
-
-    def to_yaml(self) -> Any:
-        if self.choices is not None:
-            return list(self.choices) if len(self.choices) > 1 else self.choices[0]
-        d: dict[str, Any] = {"low": self.low, "high": self.high}
-        if self.step is not None:
-            d["step"] = self.step
-        if self.log:
-            d["log"] = True
-        return d
-
-    def sample(self, trial: Any, name: Optional[str] = None) -> Any:
-        """Ask Optuna for a value (constants are not sampled, so they stay out of the study)."""
-        name = name or self.name
-        if self.choices is not None:
-            if len(self.choices) == 1:
-                return self.choices[0]
-            return trial.suggest_categorical(name, list(self.choices))
-        if self.low == self.high:
-            return self.low
-        if isinstance(self.low, int) and isinstance(self.high, int):
-            return trial.suggest_int(name, self.low, self.high, step=self.step or 1, log=self.log)
-        return trial.suggest_float(name, float(self.low), float(self.high), step=self.step, log=self.log)
-
-
-@dataclass(frozen=True)
-class DataShape:
-    """What the search needs to know about the data before any trial starts."""
-
-    img_size: int
-    in_chans: int
-    num_classes: int
-
-
-def data_shape(data: str) -> DataShape:
-    """Image size, channels and classes of ``data`` ("fashion-mnist" or a shard folder)."""
-    if data == "fashion-mnist":
-        return DataShape(28, 1, 10)
-    from trainers.loop import resolve_data
-
-    spec = resolve_data(data)
-    return DataShape(spec.img_size, spec.in_chans, spec.num_classes)
-
-
-def default_space(img_size: int) -> dict[str, ParamSpec]:
-    """Defaults that fit the image size: small images get small, shallow, cheap models.
-
-    Small inputs (<= 64 px, e.g. 28-px Fashion-MNIST, 32-px CIFAR) search widths 12-36,
-    2-3 stages of 1-2 blocks and T 1-4, the budget of a laptop; larger inputs search
-    around the paper's variants (4 stages, widths 48-96, T 2-6).
-    """
-    patches = [p for p in (2, 4, 7, 8, 14, 16) if img_size % p == 0 and img_size // p >= 2]
-    if img_size <= 64:
-        raw: dict[str, Any] = {
-            "spe": [True, False],
-            "num_stages": [2, 3],
-            "blocks_per_stage": {"low": 1, "high": 2},
-            "embed_dim": {"low": 12, "high": 36, "step": 6},
-            "mlp_ratio": [2, 3],
-            "T": {"low": 1, "high": 4},
-            "patch_size": [p for p in patches if p >= 4][:2] or patches[:1] or [1],
-            "lr": {"low": 1e-3, "high": 1e-2, "log": True},
-            "weight_decay": {"low": 1e-4, "high": 5e-2, "log": True},
-            "batch_size": [64, 128],
-            "label_smoothing": {"low": 0.0, "high": 0.15},
-        }
-    else:
-        raw = {
-            "spe": [True, False],
-            "num_stages": [4],
-            "blocks_per_stage": {"low": 1, "high": 4},
-            "embed_dim": {"low": 48, "high": 96, "step": 6},
-            "mlp_ratio": [3],
-            "T": {"low": 2, "high": 6},
-            "patch_size": [4] if img_size % 4 == 0 else patches[:1] or [1],
-            "lr": {"low": 5e-4, "high": 5e-3, "log": True},
-            "weight_decay": {"low": 1e-3, "high": 1e-1, "log": True},
-            "batch_size": [64, 128],
-            "label_smoothing": {"low": 0.0, "high": 0.2},
-        }
-    return {k: ParamSpec.parse(k, v) for k, v in raw.items()}
-
-
-@dataclass(frozen=True)
-class SearchSpace:
-    """All searchable parameters (architecture and training), one :class:`ParamSpec` each."""
-
-    params: dict[str, ParamSpec]
-
-    def __getitem__(self, key: str) -> ParamSpec:
-        return self.params[key]
-
-    def to_yaml(self) -> dict[str, Any]:
-        return {k: v.to_yaml() for k, v in self.params.items()}
-
-
-@dataclass(frozen=True)
-class Objective:
-    """What the search optimises.
-
-    Attributes:
-        mode: "multi" (Pareto front of accuracy vs energy per image [vs parameters], no
-            early stopping: Optuna ignores intermediate values with several objectives) or
-            "single" (accuracy only, ASHA stops weak trials between epochs).
-        include_params: add the parameter count as a third objective (multi mode).
-        sampler: "nsga2" (NSGA-II) or "tpe" (Optuna's TPE; multi-objective TPE in multi mode).
-        population_size: NSGA-II generation size.
-        startup_trials: TPE's random trials before it starts modelling; None: a third of
-            the trial budget, between 2 and 8.
-    """
-
-    mode: str = "multi"
-    include_params: bool = False
-    sampler: str = "tpe"
-    population_size: int = 8
-    startup_trials: Optional[int] = None
-
-    def metrics(self) -> tuple[list[str], list[str]]:
-        """Tune metric names and modes."""
-        if self.mode == "single":
-            return ["test_acc"], ["max"]
-        names, modes = ["test_acc", "energy_per_image_uj"], ["max", "min"]
-        if self.include_params:
-            names.append("num_params")
-            modes.append("min")
-        return names, modes
-
-
-@dataclass(frozen=True)
-class Budget:
-    """How much search to run.
-
-    Attributes:
-        num_trials: trials to sample in total (Tune's ``num_samples``).
-        time_budget_s: wall-clock cap for the whole search (running trials stop), or None.
-        max_concurrent_trials: trials at once; "auto" fits as many as the cluster's CPUs
-            (and GPUs) hold given the per-trial ``scale``, counted once when the search
-            starts. On a cluster that cannot hold one trial yet (autoscaling from zero) it
-            asks the autoscaler for one trial's resources and waits for them first.
-        autoscale_wait_s: how long "auto" waits for the first trial's resources before it
-            gives up with an error (seconds).
-    """
-
-    num_trials: int = 12
-    time_budget_s: Optional[float] = None
-    max_concurrent_trials: Union[int, str] = "auto"
-    autoscale_wait_s: float = 600.0
-
-
-@dataclass(frozen=True)
-class Asha:
-    """ASHA early stopping over epochs (single-objective mode).
-
-    Attributes:
-        grace_period: epochs every trial gets before it can be stopped.
-        reduction_factor: keep the best 1/reduction_factor at each rung.
-    """
-
-    grace_period: int = 1
-    reduction_factor: int = 2
-
-
-@dataclass(frozen=True)
-class Constraints:
-    """User limits, enforced before any training.
-
-    Attributes:
-        max_params: largest parameter count (closed form, exact), or None.
-        max_energy_uj: largest energy per image in microjoules, or None. Before training it
-            is checked against an estimate: MACs of the real-input layers plus
-            ``assumed_firing_rate`` x the dense synaptic operations. With the default rate 1.0
-            the estimate is the dense upper bound (every input spikes), so a model that passes
-            is guaranteed to meet the limit; a lower rate (measured rates are typically
-            0.1-0.3) admits larger models, and the measured energy after training is checked
-            again (a trial over the limit is tagged and never registered).
-        assumed_firing_rate: input firing rate of spiking layers for the estimate, in (0, 1].
-    """
-
-    max_params: Optional[int] = None
-    max_energy_uj: Optional[float] = None
-    assumed_firing_rate: float = 1.0
-
-
-@dataclass(frozen=True)
-class Select:
-    """Which finished trial is registered in the MLflow model registry.
-
-    Attributes:
-        criterion: "max_acc" (the most accurate trial with measured energy <= max_energy_uj
-            when that is set) or "knee" (the Pareto point closest to the ideal corner after
-            normalising accuracy and log-energy to [0, 1]).
-        max_energy_uj: energy cap for "max_acc" (measured energy), or None.
-        registered_model: registry name; None: ``<search name>-best``.
-    """
-
-    criterion: str = "max_acc"
-    max_energy_uj: Optional[float] = None
-    registered_model: Optional[str] = None
-
-
-@dataclass(frozen=True)
-class Baseline:
-    """A fixed reference model, trained once with the search's own ``train:`` config, ``scale``
-    and per-trial budget, so it is comparable with the trials (e.g. the paper's MLP-SPE-T at
-    the data's image size). Constraints are not applied to baselines (a reference may be far
-    over any limit); they are never on the Pareto front and never registered.
-
-    Attributes:
-        model: registry name (``mlp_spe_t``, ...); the data sets image size, channels, classes.
-        label: its name in the tables, the plot and the run name (letters, digits, ``.``,
-            ``_``, ``-``); default: the model name.
-        model_overrides: model fields changed from the registry variant (e.g. ``embed_dim``,
-            ``depths``, ``T``).
-        train: values of the hyperparameters the search samples for trials (``lr``,
-            ``weight_decay``, ``batch_size``, ``label_smoothing``); each one not given takes
-            the space's value when the space holds a constant, else the TrainConfig default.
-    """
-
-    model: str
-    label: str
-    model_overrides: dict[str, Any] = field(default_factory=dict)
-    train: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "label": self.label, "model_overrides": dict(self.model_overrides),
-                "train": dict(self.train)}
-
-
-@dataclass(frozen=True)
-class SearchConfig:
-    """One search, read from YAML (:func:`load_search_config`).
-
-    Attributes:
-        name: the search's name: Tune experiment folder and parent MLflow run name; the same
-            name resumes (``--resume``).
-        experiment: MLflow experiment.
-        data: "fashion-mnist" or a shard folder with train/ and test/.
-        tracking_uri: MLflow URI; None: ``$MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<cwd>/mlflow.db``.
-        storage_path: where Tune and Train keep their state (``<storage>/<name>``).
-        base_model: registry variant whose non-searched fields (neuron) every trial starts from.
-        seed: sampler seed.
-        space: the searchable parameters.
-        objective, budget, asha, constraints, select: see their classes.
-        train: fixed TrainConfig fields (epochs, max_steps_per_epoch, optimizer, ...).
-        scale: per-trial ScaleConfig fields (num_workers, cpus_per_worker, use_gpu, ...).
-        shape: image size, channels and classes of the data.
-        baselines: reference models trained once before the search's trials (see
-            :class:`Baseline`).
-    """
-
-    name: str = "search"
-    experiment: str = "mixersnn-search"
-    data: str = "fashion-mnist"
-    tracking_uri: Optional[str] = None
-    storage_path: str = "runs/search"
-    base_model: str = "mlp_spe_t"
-    seed: int = 0
-    space: SearchSpace = field(default_factory=lambda: SearchSpace(default_space(28)))
-    objective: Objective = field(default_factory=Objective)
-    budget: Budget = field(default_factory=Budget)
-    asha: Asha = field(default_factory=Asha)
-    constraints: Constraints = field(default_factory=Constraints)
-    select: Select = field(default_factory=Select)
-    train: dict[str, Any] = field(default_factory=dict)
-    scale: dict[str, Any] = field(default_factory=dict)
-    shape: DataShape = field(default_factory=lambda: DataShape(28, 1, 10))
-    baselines: tuple[Baseline, ...] = ()
-
-    def search_dir(self) -> Path:
-        return Path(self.storage_path).resolve() / self.name
-
-    def registered_model_name(self) -> str:
-        return self.select.registered_model or f"{self.name}-best"
-
-    def to_dict(self) -> dict[str, Any]:
-        """A YAML-able dict: what the parent run logs and what ``--resume`` re-reads."""
-        return {
-            "name": self.name, "experiment": self.experiment, "data": self.data,
-            "tracking_uri": self.tracking_uri, "storage_path": self.storage_path,
-            "base_model": self.base_model, "seed": self.seed,
-            "objective": asdict(self.objective), "budget": asdict(self.budget),
-            "asha": asdict(self.asha), "constraints": asdict(self.constraints),
-            "select": asdict(self.select), "space": self.space.to_yaml(),
-            "train": dict(self.train), "scale": dict(self.scale),
-            "baselines": [b.to_dict() for b in self.baselines],
-        }
-
-    def replace_budget(self, **kw: Any) -> "SearchConfig":
-        """A copy with budget fields changed (the CLI's --num-trials / --time-budget-s)."""
-        from dataclasses import replace
-
-        kw = {k: v for k, v in kw.items() if v is not None}
-        return replace(self, budget=replace(self.budget, **kw)) if kw else self
-
-
-def _section(raw: dict[str, Any], key: str, cls: type, path: str) -> Any:
-    d = raw.get(key) or {}
-    if not isinstance(d, dict):
-        raise ConfigError(f"{path}: '{key}:' must be a mapping, got {d!r}")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ConfigError(f"{path}: unknown keys {unknown} in '{key}:'; valid: {sorted(known)}")
-    return cls(**d)
-
-
-def _validate(cfg: SearchConfig) -> None:
-    """Static checks of the whole search file, before Ray or MLflow start."""
-    from mixersnn.models import list_models
-    from trainers.config import ScaleConfig, TrainConfig
-
-    def check(ok: bool, msg: str) -> None:
-        if not ok:
-            raise ConfigError(msg)
-
-    check(bool(cfg.name) and "/" not in cfg.name and cfg.name.strip() == cfg.name,
-          f"name={cfg.name!r} must be a non-empty folder name without '/' or spaces at the ends")
-    check(cfg.base_model in list_models(), f"base_model={cfg.base_model!r} is not registered; choose one of {list_models()}")
-    o = cfg.objective
-    check(o.mode in ("multi", "single"), f"objective.mode={o.mode!r} must be 'multi' (Pareto) or 'single' (accuracy + ASHA)")
-    check(o.sampler in ("nsga2", "tpe"), f"objective.sampler={o.sampler!r} must be 'nsga2' or 'tpe'")
-    check(not (o.mode == "single" and o.include_params),
-          "objective.include_params=true needs mode: multi (parameters are a second objective)")
-    check(isinstance(o.population_size, int) and o.population_size >= 2,
-          f"objective.population_size={o.population_size!r} must be an integer >= 2")
-    check(o.startup_trials is None or (isinstance(o.startup_trials, int) and o.startup_trials >= 1),
-          f"objective.startup_trials={o.startup_trials!r} must be an integer >= 1 or null")
-    b = cfg.budget
-    check(isinstance(b.num_trials, int) and b.num_trials >= 1, f"budget.num_trials={b.num_trials!r} must be an integer >= 1")
-    check(b.time_budget_s is None or float(b.time_budget_s) > 0, f"budget.time_budget_s={b.time_budget_s!r} must be > 0 or null")
-    check(b.max_concurrent_trials == "auto" or (isinstance(b.max_concurrent_trials, int) and b.max_concurrent_trials >= 1),
-          f"budget.max_concurrent_trials={b.max_concurrent_trials!r} must be 'auto' or an integer >= 1")
-    check(not isinstance(b.autoscale_wait_s, bool) and isinstance(b.autoscale_wait_s, (int, float))
-          and b.autoscale_wait_s > 0,
-          f"budget.autoscale_wait_s={b.autoscale_wait_s!r} must be a number of seconds > 0 (how long "
-          f"max_concurrent_trials: auto waits for an autoscaling cluster to hold one trial; default 600)")
-    a = cfg.asha
-    check(isinstance(a.grace_period, int) and a.grace_period >= 1, f"asha.grace_period={a.grace_period!r} must be an integer >= 1")
-    check(isinstance(a.reduction_factor, int) and a.reduction_factor >= 2,
-          f"asha.reduction_factor={a.reduction_factor!r} must be an integer >= 2")
-    c = cfg.constraints
-    check(c.max_params is None or (isinstance(c.max_params, int) and c.max_params >= 1),
-          f"constraints.max_params={c.max_params!r} must be an integer >= 1 or null")
-    check(c.max_energy_uj is None or float(c.max_energy_uj) > 0,
-          f"constraints.max_energy_uj={c.max_energy_uj!r} must be > 0 (microjoules per image) or null")
-    check(0 < float(c.assumed_firing_rate) <= 1,
-          f"constraints.assumed_firing_rate={c.assumed_firing_rate!r} must be in (0, 1]; 1.0 is the dense upper bound")
-    s = cfg.select
-    check(s.criterion in ("max_acc", "knee"), f"select.criterion={s.criterion!r} must be 'max_acc' or 'knee'")
-    check(s.max_energy_uj is None or float(s.max_energy_uj) > 0, f"select.max_energy_uj={s.max_energy_uj!r} must be > 0 or null")
-
-    # Fixed training fields: the search owns the sampled ones and the tracking fields.
-    owned = sorted(set(cfg.train) & _SEARCH_OWNED)
-    check(not owned, f"train: {owned} are set by the search (sample them under 'space:' or set them at the top level)")
-    try:
-        TrainConfig.from_dict({**cfg.train, "model": cfg.base_model, "data": cfg.data,
-                               "model_overrides": {"img_size": cfg.shape.img_size, "in_chans": cfg.shape.in_chans,
-                                                   "num_classes": cfg.shape.num_classes, "embed_dim": 12,
-                                                   "depths": [1], "spe": False}})
-    except ConfigError as err:
-        raise ConfigError(f"train: {err}") from None
-    try:
-        ScaleConfig(**{k: v for k, v in cfg.scale.items() if k not in ("storage_path", "name")})
-    except (TypeError, ConfigError) as err:
-        raise ConfigError(f"scale: {err}") from None
-    check(not ({"storage_path", "name"} & set(cfg.scale)), "scale: storage_path and name are set by the search; remove them")
-
-    # The space itself.
-    sp = cfg.space.params
-    img = cfg.shape.img_size
-    for p in sp["patch_size"].values():
-        check(p >= 1 and img % p == 0,
-              f"space.patch_size={p} does not divide the image size {img}; valid patch sizes: "
-              f"{[q for q in range(1, img + 1) if img % q == 0 and q <= 16]}")
-    for k in ("num_stages", "blocks_per_stage", "T", "embed_dim", "batch_size"):
-        lo = min(sp[k].values())
-        check(lo >= 1, f"space.{k} has {lo}; every value must be >= 1")
-    check(max(sp["T"].values()) <= 64, f"space.T goes up to {max(sp['T'].values())}; use T <= 64")
-    widths = sp["embed_dim"].values()
-    if True in sp["spe"].values():
-        check(any(w % 3 == 0 for w in widths),
-              f"space.embed_dim={sp['embed_dim'].to_yaml()} holds no multiple of 3, but spe can be true: "
-              f"spiking patch encoding needs a width that is a multiple of 3 (e.g. 12, 24, 48); widen the range or set spe: false")
-    for r in sp["mlp_ratio"].values():
-        check(r > 0, f"space.mlp_ratio={r} must be > 0")
-        for w in widths:
-            for st in range(max(sp["num_stages"].values())):
-                hidden = r * w * 2**st
-                check(abs(hidden - round(hidden)) < 1e-9,
-                      f"space.mlp_ratio={r} with width {w * 2**st} gives a non-integer hidden width {hidden:g}; "
-                      f"use integer ratios (2, 3, 4) or widths for which the product is whole")
-    for k in ("lr",):
-        check(min(sp[k].values()) > 0, f"space.lr={sp[k].to_yaml()} must be > 0")
-    check(min(sp["weight_decay"].values()) >= 0, f"space.weight_decay={sp['weight_decay'].to_yaml()} must be >= 0")
-    ls = sp["label_smoothing"].values()
-    check(min(ls) >= 0 and max(ls) < 1, f"space.label_smoothing={sp['label_smoothing'].to_yaml()} must lie in [0, 1)")
-
-    # Baselines: a registered model that builds at the data's size and a valid TrainConfig.
-    for i, bl in enumerate(cfg.baselines):
-        at = f"baselines[{i}] ({bl.label})"
-        check(bl.model in list_models(), f"{at}: model={bl.model!r} is not registered; choose one of {list_models()}")
-        owned = sorted(set(bl.model_overrides) & {"img_size", "in_chans", "num_classes"})
-        check(not owned, f"{at}: model_overrides {owned} are set by the data ({cfg.data}); remove them")
-        bad = sorted(set(bl.train) - set(_TRAIN_KEYS))
-        check(not bad, f"{at}: train keys {bad} cannot be set per baseline; baselines share the search's train: "
-                       f"section and may set only {list(_TRAIN_KEYS)}")
-        try:
-            r = baseline_resolved(cfg, bl)
-            TrainConfig.from_dict({**cfg.train, **r["train"], "model": bl.model, "data": cfg.data,
-                                   "model_overrides": {"img_size": cfg.shape.img_size, "in_chans": cfg.shape.in_chans,
-                                                       "num_classes": cfg.shape.num_classes, **bl.model_overrides}})
-        except (ConfigError, TypeError, ValueError) as err:
-            raise ConfigError(f"{at}: {err}") from None
-
-    # The smallest model of the space must meet the constraints, or nothing can ever train.
-    smallest = {"spe": False if False in sp["spe"].values() else True}
-    w_ok = [w for w in widths if (not smallest["spe"]) or w % 3 == 0]
-    arch = dict(embed_dim=min(w_ok), depths=[min(sp["blocks_per_stage"].values())] * min(sp["num_stages"].values()),
-                T=min(sp["T"].values()), patch_size=max(sp["patch_size"].values()),
-                mlp_ratio=min(sp["mlp_ratio"].values()), spe=smallest["spe"])
-    est = estimate(cfg, arch)
-    check(est["reason"] is None,
-          f"constraints cannot be met by the smallest model in the space ({arch}): {est['reason']}; "
-          f"raise the limit or shrink the space")
-
-
-def load_search_config(path: Union[str, Path, None] = None, **overrides: Any) -> SearchConfig:
-    """Read and validate a search file; ``None`` gives the defaults for Fashion-MNIST.
-
-    Args:
-        path: YAML file.
-        **overrides: top-level keys replacing the file's (e.g. ``storage_path``, ``tracking_uri``).
-
-    Raises:
-        ConfigError: a value is out of range; the message names it, the range and the fix.
-        FileNotFoundError: the file does not exist.
-    """
-    import yaml
-
-    raw: dict[str, Any] = {}
-    where = "search config"
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"search config {p} does not exist (try configs/search_fashion_mnist.yaml)")
-        raw = yaml.safe_load(p.read_text()) or {}
-        where = str(p)
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{where} must hold a mapping, got {type(raw).__name__}")
-    raw.update({k: v for k, v in overrides.items() if v is not None})
-    top = {"name", "experiment", "data", "tracking_uri", "storage_path", "base_model", "seed", "space",
-           "objective", "budget", "asha", "constraints", "select", "train", "scale", "baselines"}
-    unknown = sorted(set(raw) - top)
-    if unknown:
-        raise ConfigError(f"{where}: unknown top-level keys {unknown}; valid: {sorted(top)}")
-    data = str(raw.get("data", "fashion-mnist"))
-    shape = data_shape(data)
-    space_raw = raw.get("space") or {}
-    if not isinstance(space_raw, dict):
-        raise ConfigError(f"{where}: 'space:' must be a mapping of parameter -> value/choices/range")
-    bad = sorted(set(space_raw) - set(_ARCH_KEYS + _TRAIN_KEYS))
-    if bad:
-        raise ConfigError(f"{where}: unknown space parameters {bad}; searchable: {list(_ARCH_KEYS + _TRAIN_KEYS)}")
-    params = default_space(shape.img_size)
-    params.update({k: ParamSpec.parse(k, v) for k, v in space_raw.items()})
-    budget = _section(raw, "budget", Budget, where)
-    if budget.time_budget_s is not None:
-        from dataclasses import replace
-
-        budget = replace(budget, time_budget_s=float(_num(budget.time_budget_s, "budget.time_budget_s")))
-    if isinstance(budget.autoscale_wait_s, str):
-        from dataclasses import replace
-
-        budget = replace(budget, autoscale_wait_s=_num(budget.autoscale_wait_s, "budget.autoscale_wait_s"))
-    constraints = _section(raw, "constraints", Constraints, where)
-    if constraints.max_energy_uj is not None:
-        from dataclasses import replace
-
-        constraints = replace(constraints, max_energy_uj=float(_num(constraints.max_energy_uj, "constraints.max_energy_uj")))
-    train = dict(raw.get("train") or {})
-    scale = dict(raw.get("scale") or {})
-    cfg = SearchConfig(
-        name=str(raw.get("name", "search")),
-        experiment=str(raw.get("experiment", "mixersnn-search")),
-        data=data,
-        tracking_uri=raw.get("tracking_uri"),
-        storage_path=str(raw.get("storage_path", "runs/search")),
-        base_model=str(raw.get("base_model", "mlp_spe_t")),
-        seed=int(raw.get("seed", 0)),
-        space=SearchSpace(params),
-        objective=_section(raw, "objective", Objective, where),
-        budget=budget,
-        asha=_section(raw, "asha", Asha, where),
-        constraints=constraints,
-        select=_section(raw, "select", Select, where),
-        train=train,
-        scale=scale,
-        shape=shape,
-        baselines=_baselines(raw.get("baselines"), where),
-    )
-    _validate(cfg)
-    return cfg
-
-
-_BASELINE_KEYS = ("model", "label", "model_overrides", "train")
-
-
-def _baselines(raw: Any, where: str) -> tuple[Baseline, ...]:
-    """Parse ``baselines:`` (a list of mappings); the full checks are in :func:`_validate`."""
-    import re
-
-    if raw is None:
-        return ()
-    if not isinstance(raw, list):
-        raise ConfigError(f"{where}: 'baselines:' must be a list of {{model, label, model_overrides, train}} "
-                          f"mappings, got {raw!r}")
-    out = []
-    for i, b in enumerate(raw):
-        at = f"baselines[{i}]"
-        if isinstance(b, str):
-            b = {"model": b}
-        if not isinstance(b, dict) or "model" not in b:
-            raise ConfigError(f"{at}={b!r} must be a mapping with at least 'model' (a registry name, e.g. mlp_spe_t)")
-        extra = sorted(set(b) - set(_BASELINE_KEYS))
-        if extra:
-            raise ConfigError(f"{at}: unknown keys {extra}; valid: {list(_BASELINE_KEYS)}")
-        label = str(b.get("label") or b["model"])
-        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,60}", label):
-            raise ConfigError(f"{at}.label={label!r} must be 1-60 letters, digits, '.', '_' or '-' "
-                              f"(it names the MLflow run), e.g. mlp_spe_t-28px")
-        for key in ("model_overrides", "train"):
-            if not isinstance(b.get(key) or {}, dict):
-                raise ConfigError(f"{at}.{key}={b[key]!r} must be a mapping")
-        out.append(Baseline(str(b["model"]), label, dict(b.get("model_overrides") or {}), dict(b.get("train") or {})))
-    labels = [b.label for b in out]
-    dup = sorted({x for x in labels if labels.count(x) > 1})
-    if dup:
-        raise ConfigError(f"baselines: labels {dup} appear more than once; give each baseline its own label")
-    return tuple(out)
-
-
-def baseline_resolved(cfg: SearchConfig, b: Baseline) -> dict[str, Any]:
-    """A baseline as the driver's trial function takes it: the same shape as
-    :func:`suggest`'s result plus ``kind``, ``label``, ``model`` and ``run_name``."""
-    sp = cfg.space.params
-    train: dict[str, Any] = {}
+def baseline_spec(cfg: SearchConfig, b: Baseline) -> TrialSpec:
+    """A baseline as a trial: its model and overrides, and each sampled hyperparameter from
+    the baseline's ``train:``, else the space's constant, else the TrainConfig default."""
     from trainers.config import TrainConfig
 
+    sp = cfg.space.params
     defaults = TrainConfig.from_dict({"model": b.model}).to_dict()
-    for k in _TRAIN_KEYS:
+    train: dict[str, Any] = {}
+    for k in TRAIN_KEYS:
         if k in b.train:
             train[k] = b.train[k]
         elif sp[k].choices is not None and len(sp[k].choices) == 1:
@@ -715,19 +103,9 @@ def baseline_resolved(cfg: SearchConfig, b: Baseline) -> dict[str, Any]:
         else:
             train[k] = defaults[k]
     est = estimate(cfg, dict(b.model_overrides), model=b.model)
-    return {
-        "kind": "baseline",
-        "label": b.label,
-        "model": b.model,
-        "run_name": f"{cfg.name}-baseline-{b.label}",
-        "arch": dict(b.model_overrides),
-        "train": train,
-        "num_params": est["num_params"],
-        "energy_uj_dense": est["energy_uj_dense"],
-        "energy_uj_est": est["energy_uj_est"],
-        "infeasible": None,
-        "distributions": {},
-    }
+    return TrialSpec(arch=dict(b.model_overrides), train=train, num_params=est["num_params"],
+                     energy_uj_dense=est["energy_uj_dense"], energy_uj_est=est["energy_uj_est"], kind="baseline",
+                     label=b.label, model=b.model, run_name=f"{cfg.name}-baseline-{b.label}")
 
 
 # ---------------------------------------------------------------------------- estimates
@@ -771,7 +149,7 @@ def _width_range(spec: ParamSpec, spe: bool) -> list[int]:
     return [w for w in ws if w % 3 == 0] if spe else ws
 
 
-def suggest(trial: Any, cfg: SearchConfig) -> dict[str, Any]:
+def suggest(trial: Any, cfg: SearchConfig) -> TrialSpec:
     """Define-by-run sampler: ask ``trial`` for one configuration of the space.
 
     Architecture first (SPE, stages, blocks per stage, T, patch size, channel ratio), then the
@@ -783,8 +161,7 @@ def suggest(trial: Any, cfg: SearchConfig) -> dict[str, Any]:
         cfg: the search.
 
     Returns:
-        ``{"arch": model overrides, "train": TrainConfig overrides, "num_params",
-        "energy_uj_dense", "energy_uj_est", "infeasible": reason or None}``: constants only.
+        The proposal; ``infeasible`` holds the constraint it breaks, if any.
     """
     sp = cfg.space.params
     spe = bool(sp["spe"].sample(trial))
@@ -824,7 +201,7 @@ def suggest(trial: Any, cfg: SearchConfig) -> dict[str, Any]:
         infeasible = estimate(cfg, {**arch, "embed_dim": width})["reason"]
     arch["embed_dim"] = width
 
-    train = {k: sp[k].sample(trial) for k in _TRAIN_KEYS}
+    train = {k: sp[k].sample(trial) for k in TRAIN_KEYS}
     train["batch_size"] = int(train["batch_size"])
     est = estimate(cfg, arch)
     if infeasible is None:
@@ -837,14 +214,8 @@ def suggest(trial: Any, cfg: SearchConfig) -> dict[str, Any]:
                                                        "num_classes": cfg.shape.num_classes, **arch}})
         except ConfigError as err:
             infeasible = f"invalid configuration: {err}"
-    return {
-        "arch": arch,
-        "train": train,
-        "num_params": est["num_params"],
-        "energy_uj_dense": est["energy_uj_dense"],
-        "energy_uj_est": est["energy_uj_est"],
-        "infeasible": infeasible,
-    }
+    return TrialSpec(arch=arch, train=train, num_params=est["num_params"], energy_uj_dense=est["energy_uj_dense"],
+                     energy_uj_est=est["energy_uj_est"], infeasible=infeasible)
 
 
 class Sampler:
@@ -858,22 +229,21 @@ class Sampler:
         self.cfg = cfg
 
     def __call__(self, trial: Any) -> dict[str, Any]:
+        """Tune's config of the trial: ``{"resolved": TrialSpec.to_dict()}``."""
         import optuna
 
-        resolved = suggest(trial, self.cfg)
+        spec = suggest(trial, self.cfg)
         # The distributions travel with the trial so the report can rebuild an Optuna study
         # from MLflow alone (for Optuna's plots), whichever driver process ran the trial.
-        resolved["distributions"] = {k: optuna.distributions.distribution_to_json(d)
-                                     for k, d in trial.distributions.items()}
+        spec.distributions = {k: optuna.distributions.distribution_to_json(d) for k, d in trial.distributions.items()}
         # Which Optuna sampler proposed it (and, for a genetic sampler such as NSGA-II, in
         # which generation): the record shows the sampler in use, not only the one configured.
         study = getattr(trial, "study", None)
         if study is not None:
             sampler = study.sampler
-            resolved["sampler"] = type(sampler).__name__
-            gen_key = getattr(sampler, "_get_generation_key", None)
-            if gen_key is not None:
-                attrs = study._storage.get_trial_system_attrs(trial._trial_id)
-                resolved["sampler_generation"] = attrs.get(gen_key())
-        return {"resolved": resolved}
+            spec.sampler = type(sampler).__name__
+            if hasattr(sampler, "get_trial_generation"):  # NSGA-II and the other genetic samplers
+                frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
+                spec.sampler_generation = sampler.get_trial_generation(study, frozen)
+        return {"resolved": spec.to_dict()}
 

@@ -33,9 +33,11 @@ __all__ = [
     "compare_baselines",
     "format_comparison",
     "STATUS_TAG",
+    "settle_run",
+    "stop_reason",
 ]
 
-STATUS_TAG = "mixersnn.trial_status"  # ok | failed | infeasible | stopped | running
+STATUS_TAG = "mixersnn.trial_status"  # ok | failed | infeasible | stopped | running | estimate
 REASON_TAG = "mixersnn.reason"
 SEARCH_TAG = "mixersnn.search"
 BASELINE_TAG = "mixersnn.baseline"  # the label of a baseline run (tag mixersnn.kind=baseline)
@@ -124,7 +126,10 @@ def collect_trials(uri: str, parent_run_id: str) -> list[TrialRow]:
     for r in runs:
         m, t, p = r.data.metrics, r.data.tags, r.data.params
         status = t.get(STATUS_TAG, "running")
-        energy = m.get("energy_per_image_uj", m.get("search.energy_uj_est"))
+        # Measured energy; before training, the estimate (an estimate-only baseline: the
+        # dense bound, every spike-layer input firing).
+        energy = m.get("energy_per_image_uj", m.get("search.energy_uj_dense" if status == "estimate"
+                                                    else "search.energy_uj_est"))
         n = m.get("num_params")
         rows.append(TrialRow(
             run_id=r.info.run_id,
@@ -141,6 +146,48 @@ def collect_trials(uri: str, parent_run_id: str) -> list[TrialRow]:
             label=t.get(BASELINE_TAG, ""),
         ))
     return sorted(rows, key=lambda r: r.trial_id)
+
+
+#: The MLflow run status that goes with each final trial status.
+RUN_STATUS = {"ok": "FINISHED", "estimate": "FINISHED", "stopped": "KILLED", "infeasible": "KILLED", "failed": "FAILED"}
+
+
+def settle_run(uri: str, run_id: str, status: str, reason: Optional[str] = None, *,
+               epochs: Optional[int] = None, tags: Optional[dict[str, Any]] = None) -> str:
+    """Record a trial run's outcome: the one place a run's status is decided.
+
+    Sets ``mixersnn.trial_status`` to ``status`` (``ok``, ``stopped``, ``failed``,
+    ``infeasible``), the reason when given, ``epochs_completed`` when given (the epochs its
+    record holds, :func:`epochs_logged`, if more), extra ``tags``, and closes the MLflow run
+    with the matching status (:data:`RUN_STATUS`). Safe to call again: a second settlement
+    updates the count and the run's closing status.
+
+    One rule spans the callers: a failure never overwrites a stop. A stopped trial can reach
+    the trial function's error path after the stop was recorded (Ray Train's ``fit()`` sees
+    the stop as an error; Tune reports the teardown as one), and a stop is not a failure.
+
+    Returns:
+        The status on record afterwards.
+    """
+    from trainers.tracking import MLflowTracker, end_run
+
+    tr = MLflowTracker(uri, run_id)
+    if status == "failed" and tr.client.get_run(run_id).data.tags.get(STATUS_TAG) == "stopped":
+        status = "stopped"
+        reason = None
+    new_tags: dict[str, Any] = {STATUS_TAG: status, **(tags or {})}
+    if reason is not None:
+        new_tags[REASON_TAG] = reason
+    tr.set_tags(new_tags)
+    if epochs is not None:
+        tr.log_metrics({"epochs_completed": max(epochs, epochs_logged(uri, run_id))}, step=0)
+    end_run(uri, run_id, RUN_STATUS[status])
+    return status
+
+
+def stop_reason(epochs: int, why: str = "successive halving or the search time budget") -> str:
+    """The recorded reason of a trial stopped from outside after ``epochs`` epochs."""
+    return f"stopped after {epochs} epoch(s) ({why})"
 
 
 def epochs_logged(uri: str, run_id: str) -> int:
@@ -218,6 +265,11 @@ def format_comparison(comps: Sequence[dict[str, Any]]) -> str:
     lines = ["baselines vs the Pareto front (same data, same training config and per-trial budget; "
              "constraints not applied to baselines):"]
     for c in comps:
+        if c["status"] == "estimate":
+            n = c["num_params"]
+            lines.append(f"  {c['label']:<22} not trained (estimate only): {n / 1e6:.2f}M params, "
+                         f"{c['energy_uj']:.3f} uJ/img dense bound (every spike-layer input firing)")
+            continue
         if c["test_acc"] is None or c["energy_uj"] is None:
             lines.append(f"  {c['label']:<22} no score ({c['status']})")
             continue

@@ -50,7 +50,8 @@ TINY_TRAIN = {"epochs": 1, "max_steps_per_epoch": 3, "max_eval_batches": 1, "eva
 
 
 def _tiny_config(tmp: Path, shards: Path, uri: str, name: str, **extra) -> dict:
-    from search.space import estimate, load_search_config
+    from search.config import load_search_config
+    from search.space import estimate
 
     probe = load_search_config(None)
     base = dict(embed_dim=6, depths=[1, 1], patch_size=7, mlp_ratio=3, spe=False)
@@ -80,7 +81,8 @@ def local_ray():  # type: ignore[no-untyped-def]
 def _outcomes(cfg_path: Path, n: int) -> list[str]:
     """What the first ``n`` random-phase proposals of this config will be (the sampler is
     seeded and Tune asks in trial order): ok, infeasible or failed."""
-    from search.space import Sampler, load_search_config
+    from search.config import load_search_config
+    from search.space import Sampler
 
     cfg = load_search_config(cfg_path)
     if cfg.objective.sampler == "nsga2":  # the first generation is random
@@ -102,6 +104,10 @@ def _outcomes(cfg_path: Path, n: int) -> list[str]:
 TINY_BASELINE = {"model": "mlp_spe_t", "label": "tiny-ref",
                  "model_overrides": {"embed_dim": 3, "depths": [1], "T": 1, "patch_size": 14, "mlp_ratio": 2,
                                      "spe": False}}
+
+
+# The paper's MLP-SPE-T, far too costly to train here: an estimate-only reference.
+PAPER_REFERENCE = {"model": "mlp_spe_t", "label": "paper", "estimate_only": True}
 
 
 def _dominates(a, b) -> bool:  # type: ignore[no-untyped-def]
@@ -146,32 +152,35 @@ def _session(sid: int) -> set[int]:
 # timing of the kill; each attempt gets its own search name, since the MLflow server (and
 # what a failed attempt left in it) is shared by the session.
 @pytest.mark.flaky(reruns=1)
-def test_killed_driver_resumes_without_duplicates(shards: Path, tmp_path: Path, mlflow_server: str, capsys) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.slow
+def test_killed_driver_resumes_a_halving_search_without_duplicates(shards: Path, tmp_path: Path, mlflow_server: str, capsys) -> None:  # type: ignore[no-untyped-def]
+    """SIGKILL the driver of a successive-halving search while trials wait paused at the rung,
+    then --resume: the same child runs (no duplicates), every epoch trained and logged once,
+    restored trials continue from their checkpoints, the rung's share is promoted and
+    finishes, the rest stop."""
     from mlflow.tracking import MlflowClient
 
     name = f"resumable-{uuid.uuid4().hex[:8]}"
 
     space = {**TINY_SPACE, "T": 1, "batch_size": 32}
     path = _yaml(tmp_path / "search.yaml", _tiny_config(
-        tmp_path, shards, mlflow_server, name, space=space,
+        tmp_path, shards, mlflow_server, name, space=space, train={**TINY_TRAIN, "epochs": 3},
+        asha={"grace_period": 1, "reduction_factor": 3},
         budget={"num_trials": 3, "max_concurrent_trials": 2}, constraints={}))
     cmd = [sys.executable, "-m", "mixersnn.cli", "search", "--config", str(path), "--quiet"]
     env = {**os.environ, **WORKER_ENV, "PYTHONPATH": str(REPO)}
     client = MlflowClient(mlflow_server)
+    rungs = tmp_path / "runs" / name / "mo_asha.json"
 
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 240
-        while True:
-            exp = client.get_experiment_by_name(f"exp-{name}")
-            done = [] if exp is None else client.search_runs(
-                [exp.experiment_id], filter_string="tags.`mixersnn.trial_status` = 'ok'")
-            if done:
-                break
+        # Kill once two trials wait at the rung (it promotes nothing before it holds three).
+        while not (rungs.exists() and len(json.loads(rungs.read_text())["rungs"]["1"]) >= 2):
             assert proc.poll() is None, "the search ended before it could be killed"
-            assert time.time() < deadline, "no trial finished in time"
-            time.sleep(0.5)
+            assert time.time() < deadline, "no trial reached the rung in time"
+            time.sleep(0.2)
         # SIGKILL the driver; its Ray runtime is orphaned, so end those processes by pid.
         doomed = _descendants(proc.pid) | _session(proc.pid)
         proc.kill()
@@ -196,7 +205,7 @@ def test_killed_driver_resumes_without_duplicates(shards: Path, tmp_path: Path, 
 
     capsys.readouterr()
     assert main(["search", "--config", str(path), "--quiet"]) == 2
-    assert "--resume" in capsys.readouterr().out
+    assert "--resume" in capsys.readouterr().err
 
     done = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -208,14 +217,31 @@ def test_killed_driver_resumes_without_duplicates(shards: Path, tmp_path: Path, 
     assert parents[0].data.tags.get("mixersnn.resumed") == "True"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     names = [c.info.run_name for c in children]
-    assert len(names) == 3 and len(set(names)) == 3, names  # no duplicate child runs
-    assert all(c.data.tags["mixersnn.trial_status"] == "ok" and c.info.status == "FINISHED" for c in children)
-    # Each trained epoch was logged once, even for the trial that was cut off and resumed.
+    assert len(set(names)) == len(names), names  # no duplicate child runs
+    # Tune's trials (its saved state) each have exactly one run. A trial the killed driver
+    # started after its last saved state is not resumed: its run is closed as stopped.
+    state = json.loads(max((tmp_path / "runs" / name).glob("experiment_state-*.json")).read_text())
+    tune_ids = {json.loads(t[0])["trial_id"] for t in state["trial_data"]}
+    assert len(tune_ids) == 3 and {f"trial-{t}" for t in tune_ids} <= set(names)
+    lost = [c for c in children if c.info.run_name[len("trial-"):] not in tune_ids]
+    assert all(c.data.tags["mixersnn.trial_status"] == "stopped" and c.info.status == "KILLED" for c in lost)
+    children = [c for c in children if c.info.run_name[len("trial-"):] in tune_ids]
+    status = sorted(c.data.tags["mixersnn.trial_status"] for c in children)
+    assert status == ["ok", "stopped", "stopped"], status  # the rung promotes floor(3 / 3)
     for c in children:
-        assert [h.step for h in client.get_metric_history(c.info.run_id, "test_acc")] == [0]
+        steps = [h.step for h in client.get_metric_history(c.info.run_id, "test_acc")]
+        # Each trained epoch logged once, in order, whoever trained it (killed or resumed driver).
+        assert steps == list(range(len(steps))), steps
+        if c.data.tags["mixersnn.trial_status"] == "ok":
+            assert steps == [0, 1, 2] and c.info.status == "FINISHED"
+        else:
+            assert c.info.status == "KILLED" and 1 <= len(steps) <= 2
+    # The trials the kill interrupted continued from their checkpoints instead of starting again.
+    assert any(c.data.metrics.get("resumed_from_epoch") is not None for c in children)
     assert len(client.search_model_versions(f"name='{name}-best'")) == 1
 
 
+@pytest.mark.slow
 def test_search_end_to_end_on_mlflow_server(shards: Path, tmp_path: Path, mlflow_server: str, local_ray, capsys) -> None:  # type: ignore[no-untyped-def]
     """The whole multi-objective search with NSGA-II and one baseline: every trial outcome
     (trained, infeasible, failed), the front, the registry, the baseline kept off both and
@@ -224,13 +250,13 @@ def test_search_end_to_end_on_mlflow_server(shards: Path, tmp_path: Path, mlflow
 
     from mixersnn.cli import main
     from search.driver import run_search
-    from search.space import load_search_config
+    from search.config import load_search_config
 
     # A seed whose four proposals (NSGA-II's first, random generation) cover every outcome:
     # two that train, one over the energy cap, one that crashes in the trainer.
     for seed in range(200):
         path = _yaml(tmp_path / "search.yaml", _tiny_config(
-            tmp_path, shards, mlflow_server, "e2e", seed=seed, baselines=[TINY_BASELINE],
+            tmp_path, shards, mlflow_server, "e2e", seed=seed, baselines=[TINY_BASELINE, PAPER_REFERENCE],
             objective={"mode": "multi", "sampler": "nsga2", "population_size": 4}))
         expected = _outcomes(path, 4)
         if sorted(expected) == ["failed", "infeasible", "ok", "ok"]:
@@ -242,12 +268,12 @@ def test_search_end_to_end_on_mlflow_server(shards: Path, tmp_path: Path, mlflow
     lines: list[str] = []
     res = run_search(cfg, quiet=True, log=lines.append)
 
-    # The local runtime's environment (search.driver.LOCAL_WORKER_ENV, which the fixture's
-    # runtime has too) kept Ray Train from starting a preemption watcher for each fit.
+    # One-worker CPU trials trained inside their Tune trial processes: no Ray Train fit, so
+    # none of its actors (controller, synchronisation, placement-group cleaner) ever started.
     from ray.util.state import list_actors
 
     classes = {a.class_name for a in list_actors(limit=1000, raise_on_missing_output=False)}
-    assert "TrainController" in classes and "PreemptionWatcher" not in classes, classes
+    assert not classes & {"TrainController", "SynchronizationActor", "PlacementGroupCleaner"}, classes
 
     client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name("exp-e2e")
@@ -256,7 +282,8 @@ def test_search_end_to_end_on_mlflow_server(shards: Path, tmp_path: Path, mlflow
     assert len(parents) == 1 and parents[0].info.run_name == "e2e" and parents[0].info.status == "FINISHED"
     parent = parents[0]
     kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    (base,) = [c for c in kids if c.data.tags["mixersnn.kind"] == "baseline"]
+    (base,) = [c for c in kids if c.data.tags.get("mixersnn.baseline") == "tiny-ref"]
+    (paper,) = [c for c in kids if c.data.tags.get("mixersnn.baseline") == "paper"]
     children = [c for c in kids if c.data.tags["mixersnn.kind"] == "trial"]
     assert len(children) == 4 and len({c.info.run_name for c in children}) == 4
     assert all(c.info.run_name.startswith("trial-") for c in children)
@@ -271,7 +298,7 @@ def test_search_end_to_end_on_mlflow_server(shards: Path, tmp_path: Path, mlflow
     # Trials that trained: params, per-epoch metrics, checkpoint, MFI report.
     for c in by_status["ok"]:
         rid = c.info.run_id
-        assert c.info.status == "FINISHED"
+        assert c.info.status == "FINISHED" and c.data.tags["mixersnn.trial_path"] == "in-process"
         p = c.data.params
         assert p["model.T"] == "1" and p["search.arch.T"] == "1" and p["train.batch_size"] == "32"
         assert p["model.embed_dim"] == p["search.arch.embed_dim"] in ("6", "12")
@@ -316,12 +343,16 @@ def test_search_end_to_end_on_mlflow_server(shards: Path, tmp_path: Path, mlflow
     assert base.data.params["model.embed_dim"] == "3" and base.data.params["model.patch_size"] == "14"
     assert base.data.params["model.spe"] == "False" and base.data.params["train.max_steps_per_epoch"] == "3"
     assert base.data.metrics["energy_per_image_uj"] < min(e for _, e in point.values())
-    assert base.info.run_id not in on_front and parent.data.metrics["baselines_total"] == 1
+    assert base.info.run_id not in on_front and parent.data.metrics["baselines_total"] == 2
+    # The estimate-only reference: a run with its size and dense-bound energy, nothing trained.
+    assert paper.data.tags["mixersnn.trial_status"] == "estimate" and "test_acc" not in paper.data.metrics
+    assert paper.data.metrics["num_params"] > 20e6 and not client.list_artifacts(paper.info.run_id)
     text = "\n".join(lines)
     assert "baselines vs the Pareto front" in text and "tiny-ref" in text and "not dominated" in text
+    assert "paper" in text and "not trained (estimate only): 24.51M params" in text
     assert "B baseline:tiny-ref" in text
-    assert [b["label"] for b in json.loads(Path(client.download_artifacts(
-        parent.info.run_id, "search/baselines.json", str(tmp_path))).read_text())] == ["tiny-ref"]
+    assert sorted(b["label"] for b in json.loads(Path(client.download_artifacts(
+        parent.info.run_id, "search/baselines.json", str(tmp_path))).read_text())) == ["paper", "tiny-ref"]
 
     # The registry holds the most accurate trial as an MLflow PyTorch model.
     # Tiny one-epoch models can tie exactly (same accuracy; no spikes, so the same MAC-only
@@ -346,7 +377,8 @@ def test_search_end_to_end_on_mlflow_server(shards: Path, tmp_path: Path, mlflow
     assert main(["report", "exp-e2e", "--tracking-uri", mlflow_server, "--out", str(out)]) == 0
     assert out.stat().st_size > 0
     printed = capsys.readouterr().out
-    assert "4 trials" in printed and "1 baseline(s)" in printed and "tiny-ref" in printed and "not dominated" in printed
+    assert "4 trials" in printed and "2 baseline(s)" in printed and "tiny-ref" in printed and "not dominated" in printed
+    assert "not trained (estimate only)" in printed
 
 
 def _children(client, experiment: str) -> tuple:  # type: ignore[no-untyped-def]
@@ -364,6 +396,7 @@ ASHA_SPACE = {"spe": False, "num_stages": 1, "blocks_per_stage": 1, "embed_dim":
 GOOD_LR = 0.02
 
 
+@pytest.mark.slow
 def test_asha_stops_a_weak_trial_early(shards: Path, tmp_path: Path, mlflow_server: str, local_ray) -> None:  # type: ignore[no-untyped-def]
     """Single-objective mode with ASHA over epochs: a trial that learns nothing is stopped at
     the first rung, with its true epoch count; the others run every epoch; the best is
@@ -371,7 +404,8 @@ def test_asha_stops_a_weak_trial_early(shards: Path, tmp_path: Path, mlflow_serv
     from mlflow.tracking import MlflowClient
 
     from search.driver import run_search
-    from search.space import Sampler, load_search_config
+    from search.config import load_search_config
+    from search.space import Sampler
 
     # Two good trials first (they fill the first rung), then a weak one: it reaches the first
     # rung below the cutoff (the median of the good ones) whatever the timing of the others.
@@ -418,13 +452,92 @@ def test_asha_stops_a_weak_trial_early(shards: Path, tmp_path: Path, mlflow_serv
     assert versions[0].run_id == res.best.run_id
 
 
+# MO-ASHA over 3 epochs of 8 steps with one rung (epoch 1, factor 3). lr 0.02 learns, 1e-6 does
+# not, 1e30 makes the loss NaN at the second step (measured: 2.33, then nan).
+HALVING_SPACE = {**ASHA_SPACE, "lr": [0.02, 1.0e-6, 1.0e30]}
+
+
+@pytest.mark.slow
+def test_halving_search_pauses_at_the_rung_promotes_the_best_and_fails_nan(shards: Path, tmp_path: Path, local_ray) -> None:  # type: ignore[no-untyped-def]
+    """Multi-objective successive halving in a real Tune search: every trial that reaches the
+    rung pauses there unless it ranks in the rung's top third; the best paused ones are
+    promoted and continue from their checkpoint (each epoch trained and logged once); the
+    rest stop after one epoch; a trial whose loss goes NaN fails with its reason and is never
+    ranked or promoted."""
+    from mlflow.tracking import MlflowClient
+
+    from search.driver import run_search
+    from search.config import load_search_config
+    from search.space import Sampler
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # A seed whose first proposals are good, good, weak, NaN: the rung holds three results
+    # before the third trial's report, so its promotion goes to a trial that paused.
+    for seed in range(300):
+        path = _yaml(tmp_path / "search.yaml", _tiny_config(
+            tmp_path, shards, uri, "halving", seed=seed, space=dict(HALVING_SPACE), constraints={},
+            train={**TINY_TRAIN, "epochs": 3, "max_steps_per_epoch": 8, "max_eval_batches": 2},
+            objective={"mode": "multi", "sampler": "tpe", "startup_trials": 6},
+            budget={"num_trials": 6, "max_concurrent_trials": 2}, asha={"grace_period": 1, "reduction_factor": 3}))
+        cfg = load_search_config(path)
+        study = optuna.create_study(directions=["maximize", "minimize"],
+                                    sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=6))
+        lrs = [Sampler(cfg)(study.ask())["resolved"]["train"]["lr"] for _ in range(6)]
+        if lrs[:4] == [0.02, 0.02, 1.0e-6, 1.0e30]:
+            break
+    else:
+        pytest.fail("no seed proposes good, good, weak, NaN first")
+
+    lines: list[str] = []
+    res = run_search(cfg, quiet=True, register=False, log=lines.append)
+
+    client = MlflowClient(uri)
+    _, children = _children(client, "exp-halving")
+    assert len(children) == 6
+    lr = {c.info.run_name[len("trial-"):]: float(c.data.params["search.hp.lr"]) for c in children}
+    status = {c.info.run_name[len("trial-"):]: c.data.tags["mixersnn.trial_status"] for c in children}
+    state = json.loads((cfg.search_dir() / "mo_asha.json").read_text())
+    rung = state["rungs"]["1"]
+    # NaN trials failed with the loop's message, were never ranked, never promoted.
+    nan = {t for t, v in lr.items() if v > 1}
+    assert nan and all(status[t] == "failed" for t in nan) and not nan & set(rung)
+    for c in children:
+        if c.info.run_name[len("trial-"):] in nan:
+            assert c.info.status == "FAILED" and "loss is nan" in c.data.tags["mixersnn.reason"]
+    # Every other trial reached the rung; floor(n / 3) of them were promoted and finished.
+    assert set(rung) == set(lr) - nan
+    promoted = {p.split("@")[0] for p in state["promoted"]}
+    assert len(promoted) == len(rung) // 3 >= 1 and status_of(status, promoted) == {"ok"}
+    top = min(v[0] for v in rung.values())  # objectives are stored negated for maximisation
+    assert promoted & {t for t, v in rung.items() if v[0] == top} and all(lr[t] == 0.02 for t in promoted)
+    for c in children:
+        tid = c.info.run_name[len("trial-"):]
+        steps = [h.step for h in client.get_metric_history(c.info.run_id, "test_acc")]
+        if tid in promoted:
+            assert steps == [0, 1, 2] and c.info.status == "FINISHED"
+        elif tid not in nan:
+            assert status[tid] == "stopped" and c.info.status == "KILLED" and steps == [0]
+            assert c.data.metrics["epochs_completed"] == 1
+    # The promotion that waited for the rung's third result resumed a paused trial from its
+    # checkpoint: it logged where it resumed, and trained no epoch twice (steps above).
+    resumed = [c for c in children if "resumed_from_epoch" in c.data.metrics]
+    assert resumed and all(c.data.metrics["resumed_from_epoch"] == 0 for c in resumed)
+    assert {c.info.run_name[len("trial-"):] for c in resumed} <= promoted
+    assert any("MO-ASHA rungs at epochs [1] of 3" in ln for ln in lines)
+    assert {r.status for r in res.rows} <= {"ok", "stopped", "failed"}
+
+
+def status_of(status: dict, ids: set) -> set:  # type: ignore[type-arg]
+    return {status[t] for t in ids}
+
+
 def test_finalize_counts_the_epochs_of_a_trial_cut_off_by_the_time_budget(tmp_path: Path) -> None:
     """Tune's time budget stops running trials without a callback: their child runs are still
     RUNNING when the search ends. finalize() settles them with the epochs their record holds."""
     from mlflow.tracking import MlflowClient
 
     from search.driver import finalize
-    from search.space import load_search_config
+    from search.config import load_search_config
     from search.tracking import STATUS_TAG
     from trainers.tracking import MLflowTracker, start_run
 
@@ -460,7 +573,7 @@ def test_two_searches_of_one_name_in_one_experiment_keep_their_own_runs(shards: 
     from mixersnn.cli import main
 
     from search.driver import SearchExistsError, _open_parent
-    from search.space import load_search_config
+    from search.config import load_search_config
     from trainers.tracking import end_run, find_run, start_run
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -545,12 +658,13 @@ def test_a_trial_trained_before_a_driver_kill_reports_its_record_instead_of_trai
     energy, the epochs it trained) and does not train again. Unfinished runs train."""
     from mlflow.tracking import MlflowClient
 
-    from search.driver import _trained_before
+    from search.space import TrialSpec
     from search.tracking import STATUS_TAG
+    from search.trial import trained_before
     from trainers.tracking import MLflowTracker, start_run
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    resolved = {"num_params": 1234, "energy_uj_est": 9.0}
+    resolved = TrialSpec(arch={}, train={}, num_params=1234, energy_uj_dense=9.0, energy_uj_est=9.0)
     done = start_run(uri, "exp-kill", "trial-done", tags={STATUS_TAG: "running"})
     tr = MLflowTracker(uri, done)
     for epoch, (acc, energy) in enumerate([(0.3, 0.52), (0.4, 0.48)]):  # rank 0, per finished epoch
@@ -558,16 +672,16 @@ def test_a_trial_trained_before_a_driver_kill_reports_its_record_instead_of_trai
     busy = start_run(uri, "exp-kill", "trial-busy", tags={STATUS_TAG: "running"})
     MLflowTracker(uri, busy).log_metrics({"test_acc": 0.2, "energy_per_image_uj": 0.5}, step=0)
 
-    assert _trained_before(tr, resolved) is None  # still training when the driver died
-    assert _trained_before(MLflowTracker(uri, busy), resolved) is None
+    assert trained_before(tr, resolved) is None  # still training when the driver died
+    assert trained_before(MLflowTracker(uri, busy), resolved) is None
     tr.set_tags({STATUS_TAG: "ok"})  # the kill came after this, before epochs_completed
-    final = _trained_before(tr, resolved)
+    final = trained_before(tr, resolved)
     assert final == {"test_acc": 0.4, "energy_per_image_uj": 0.48, "num_params": 1234.0, "infeasible": 0,
                      "search_final": 1}
     client = MlflowClient(uri)
     assert [(h.step, h.value) for h in client.get_metric_history(done, "epochs_completed")] == [(0, 2.0)]
     # Asked again (a second restart), nothing is logged twice.
-    assert _trained_before(tr, resolved) == final
+    assert trained_before(tr, resolved) == final
     assert len(client.get_metric_history(done, "epochs_completed")) == 1
 
 
@@ -577,7 +691,7 @@ def test_a_late_error_from_a_stopped_trial_keeps_the_stop_on_record(tmp_path: Pa
     stopped/KILLED. A real failure is still recorded as one."""
     from mlflow.tracking import MlflowClient
 
-    from search.driver import record_failure
+    from search.trial import record_failure
     from search.tracking import REASON_TAG, STATUS_TAG
     from trainers.tracking import MLflowTracker, end_run, start_run
 
@@ -622,7 +736,8 @@ def test_a_tune_error_for_a_stopped_trial_keeps_the_stop_and_a_dead_trial_is_fai
     end_run(uri, other)
 
     progress = _tune_callback_cls()(total=2, uri=uri, experiment="exp-err", parent_run_id=parent)
-    config = {"resolved": {"kind": "trial", "arch": {"embed_dim": 6}}}
+    config = {"resolved": {"kind": "trial", "arch": {"embed_dim": 6}, "train": {}, "num_params": 100,
+                           "energy_uj_dense": 1.0, "energy_uj_est": 1.0}}
     a = Trial("__fake", config=config, trial_id="stop_00001", stub=True)
     b = Trial("__fake", config=config, trial_id="died_00002", stub=True)
     capsys.readouterr()

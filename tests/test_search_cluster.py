@@ -26,6 +26,9 @@ pytest.importorskip("optuna")
 
 GPU_SCALE = {"num_workers": 1, "use_gpu": True, "gpus_per_worker": 0.25, "cpus_per_worker": 0.45}
 
+# Ray runtimes and clusters: the fast subset (-m 'not slow') leaves these out.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Any]:
@@ -56,7 +59,7 @@ def nodes(cluster: Any, *specs: dict) -> Iterator[list]:
 
 
 def _search_cfg(**top: Any) -> Any:
-    from search.space import load_search_config
+    from search.config import load_search_config
 
     return load_search_config(None, **top)
 
@@ -181,7 +184,9 @@ def test_concurrent_trials_run_on_different_nodes(cluster: Any, fmnist_shards: P
                "label_smoothing": 0.0},
         train={"epochs": 1, "max_steps_per_epoch": 3, "max_eval_batches": 1, "eval_batch_size": 64,
                "warmup_epochs": 0.0, "log_model": False},
-        scale={"num_workers": 1, "cpus_per_worker": 0.9},
+        # Through Ray Train (in_process: false), the path trials with several workers or GPUs
+        # take: each trial's TorchTrainer places its worker on a node of its own.
+        scale={"num_workers": 1, "cpus_per_worker": 0.9, "in_process": False},
         objective={"mode": "multi", "sampler": "tpe", "startup_trials": 2},
         budget={"num_trials": 2, "max_concurrent_trials": "auto"},
     )
@@ -197,7 +202,7 @@ def test_concurrent_trials_run_on_different_nodes(cluster: Any, fmnist_shards: P
     assert len(children) == 2
     for c in children:
         assert c.info.status == "FINISHED" and c.data.tags["mixersnn.trial_status"] == "ok", c.data.tags
-        assert c.data.tags["mixersnn.num_nodes"] == "1"
+        assert c.data.tags["mixersnn.num_nodes"] == "1" and c.data.tags["mixersnn.trial_path"] == "ray-train"
     where = {c.info.run_name: set(c.data.tags["mixersnn.node_ids"].split(",")) for c in children}
     assert set().union(*where.values()) == worker_ids, "each trial's worker ran on one of the two worker nodes"
     # The two child runs (opened when the trial starts, closed when its training ends) overlap

@@ -12,7 +12,8 @@ import pytest
 optuna = pytest.importorskip("optuna")
 
 from mixersnn.models import ConfigError, model_config  # noqa: E402
-from search.space import Sampler, estimate, load_search_config, suggest  # noqa: E402
+from search.config import load_search_config  # noqa: E402
+from search.space import Sampler, TrialSpec, estimate, suggest  # noqa: E402
 from search.tracking import TrialRow, pareto_front, select_best  # noqa: E402
 from trainers.config import TrainConfig  # noqa: E402
 
@@ -43,7 +44,7 @@ def test_shipped_config_loads_and_samples_only_valid_models() -> None:
     assert cfg.shape.img_size == 28 and cfg.budget.num_trials >= 1
     for r in _sample(cfg, 60):
         a = r["arch"]
-        assert len(a["depths"]) in (2, 3)
+        assert len(a["depths"]) in cfg.space["num_stages"].values()
         assert 28 % a["patch_size"] == 0
         if a["spe"]:
             assert a["embed_dim"] % 3 == 0, a
@@ -172,7 +173,7 @@ def test_pareto_front_and_selection() -> None:
 
 
 def test_baselines_are_off_the_front_and_the_registry_but_compared() -> None:
-    from search.space import baseline_resolved
+    from search.space import baseline_spec
     from search.tracking import compare_baselines, format_comparison
 
     rows = [_row(0, 0.80, 1.0), _row(1, 0.85, 2.0), _row(2, 0.70, 0.5)]
@@ -191,11 +192,12 @@ def test_baselines_are_off_the_front_and_the_registry_but_compared() -> None:
     assert "paper" in text and "dominated by trial t1" in text and "oracle" in text and "not dominated" in text
     # The shipped baselines: the paper's MLP-SPE-T at 28 px and the scaled-down one.
     cfg = load_search_config(REPO / "configs" / "search_fashion_mnist.yaml")
-    res = {b.label: baseline_resolved(cfg, b) for b in cfg.baselines}
-    assert res["mlp_spe_t-28px"]["num_params"] == model_config("mlp_spe_t", img_size=28, in_chans=1,
-                                                              num_classes=10).closed_form_num_params()
-    assert res["mlp_spe_t-C24"]["num_params"] == 845222 and res["mlp_spe_t-C24"]["train"]["lr"] == 0.003
-    assert all(r["kind"] == "baseline" and r["infeasible"] is None for r in res.values())  # no constraints
+    res = {b.label: baseline_spec(cfg, b) for b in cfg.baselines}
+    assert res["mlp_spe_t-28px"].num_params == model_config("mlp_spe_t", img_size=28, in_chans=1,
+                                                           num_classes=10).closed_form_num_params()
+    assert res["mlp_spe_t-C24"].num_params == 845222 and res["mlp_spe_t-C24"].train["lr"] == 0.003
+    assert all(r.is_baseline and r.infeasible is None for r in res.values())  # no constraints
+    assert [b.estimate_only for b in cfg.baselines] == [True, False]
 
 
 def test_suggest_is_a_plain_define_by_run_function() -> None:
@@ -203,7 +205,10 @@ def test_suggest_is_a_plain_define_by_run_function() -> None:
     study = optuna.create_study()
     t = study.ask()
     r = suggest(t, cfg)
-    assert set(r) >= {"arch", "train", "num_params", "energy_uj_dense", "energy_uj_est", "infeasible"}
+    assert isinstance(r, TrialSpec) and r.kind == "trial" and r.infeasible is None and r.num_params > 0
+    assert set(r.arch) == {"spe", "depths", "T", "patch_size", "mlp_ratio", "embed_dim"}
+    assert set(r.train) == {"lr", "weight_decay", "batch_size", "label_smoothing"}
+    assert TrialSpec.from_dict(r.to_dict()) == r
     assert set(t.params) >= {"spe", "T", "lr", "weight_decay"}
 
 
@@ -262,3 +267,21 @@ def test_gpu_cluster_config_fits_the_cluster_yaml_gpu_nodes(fmnist_shards: Path)
     assert concurrency(cfg.scale, largest) == cfg.budget.max_concurrent_trials == 32
     for a in (r["arch"] for r in _sample(cfg, 20)):
         assert 28 % a["patch_size"] == 0
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--num-trials", "0"], r"budget.num_trials=0 must be an integer >= 1 \(--num-trials\)"),
+    (["--max-concurrent-trials", "0"], r"budget.max_concurrent_trials=0 must be 'auto' or an integer >= 1"),
+    (["--time-budget-s", "-5"], r"budget.time_budget_s=-5.0 must be a number of seconds > 0"),
+])
+def test_bad_command_line_budgets_are_refused_before_ray_starts(flags: list, match: str, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    import re
+    import sys
+
+    from mixersnn.cli import main
+
+    assert main(["search", "--storage-path", str(tmp_path / "runs"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert re.search(match, err), err
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+    assert not (tmp_path / "runs").exists()  # nothing created

@@ -1,0 +1,256 @@
+"""One search trial: its child run in MLflow, then training on one of two paths.
+
+- **In the trial's own process** (one CPU worker, ``scale.num_workers: 1`` without GPUs): the
+  training loop runs inside the Tune trial, which reports each epoch and its checkpoint through
+  ``ray.tune.report`` and resumes from ``ray.tune.get_checkpoint()``. Tune reuses the trial's
+  actor for the next trial, so what a trial loaded stays loaded (imports, compiled kernels, the
+  decoded data set in :mod:`mixersnn.data.memory`): a trial starts training within seconds.
+- **Through Ray Train** (several workers or GPUs): the trial launches a ``TorchTrainer``
+  (:func:`trainers.ray_train.fit`) with Tune's report callback; multi-node DDP, worker restarts.
+
+Both run :func:`trainers.loop.run_training`, log to the same child run from rank 0 and report
+the same metrics, so the scheduler, the searcher and the record cannot tell them apart.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from search.space import TrialSpec
+from search.tracking import BASELINE_TAG, SEARCH_TAG, STATUS_TAG
+
+__all__ = ["run_trial", "SearchContext", "TrialOutcome", "trial_resources", "in_process", "record_failure",
+           "final_report", "trained_before"]
+
+
+def in_process(scale: dict[str, Any]) -> bool:
+    """Whether trials of this ``scale:`` train in their own Tune process: ``in_process`` when
+    set (false: always Ray Train), else when there is one worker and no GPU."""
+    where = scale.get("in_process", "auto")
+    if where != "auto":
+        return bool(where)
+    return int(scale.get("num_workers", 1)) == 1 and not scale.get("use_gpu", False)
+
+
+def trial_resources(scale: dict[str, Any]) -> dict[str, float]:
+    """What the Tune trial itself holds: the worker's resources when it trains in process,
+    else a token 0.01 CPU (its Ray Train workers hold their own; Tune refuses ``{"CPU": 0}``).
+    The first of :func:`search.resources.trial_bundles`."""
+    from search.resources import trial_bundles
+
+    return trial_bundles(scale)[0]
+
+
+def _failure_reason(err: BaseException) -> str:
+    """The root cause in one line (Ray wraps worker errors in several layers)."""
+    text = str(err).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "Error" in ln or "error" in ln or "loss is" in ln:
+            return ln[:500]
+    return (lines[-1] if lines else type(err).__name__)[:500]
+
+
+def record_failure(uri: str, run_id: str, err: BaseException) -> bool:
+    """Mark a trial's run failed with the root cause of ``err``, unless it was already
+    recorded as stopped (:func:`search.tracking.settle_run` keeps a stop).
+
+    Returns:
+        Whether the run was marked failed.
+    """
+    from search.tracking import settle_run
+
+    return settle_run(uri, run_id, "failed", _failure_reason(err)) == "failed"
+
+
+@dataclass(frozen=True)
+class SearchContext:
+    """What every trial of a search shares (handed to the trial function by Tune).
+
+    Attributes:
+        tracking_uri: the MLflow store.
+        experiment: the MLflow experiment.
+        parent_run_id: the search's parent run.
+        search: the search's name.
+        base_model: the registry variant trials start from.
+        data: the data the trials train on.
+        train: fixed TrainConfig fields for every trial.
+        scale: the search's ``scale:`` section.
+        train_storage: where Ray Train trials keep their runs.
+        max_energy_uj: the user's energy limit (measured energy is checked again), or None.
+        resume: whether this driver resumed a killed one.
+    """
+
+    tracking_uri: str
+    experiment: str
+    parent_run_id: str
+    search: str
+    base_model: str
+    data: str
+    train: dict[str, Any]
+    scale: dict[str, Any]
+    train_storage: str
+    max_energy_uj: Optional[float] = None
+    resume: bool = False
+
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    """A trial's last Tune report: every objective (parameters are not in the epoch reports)
+    and ``search_final``, which tells the progress callback and the scheduler that the trial
+    ended on its own (trained, or never trained because it is infeasible)."""
+
+    test_acc: float
+    energy_per_image_uj: float
+    num_params: float
+    infeasible: bool = False
+
+    def report(self) -> dict[str, Any]:
+        return {"test_acc": self.test_acc, "energy_per_image_uj": self.energy_per_image_uj,
+                "num_params": self.num_params, "infeasible": int(self.infeasible), "search_final": 1}
+
+
+def final_report(spec: TrialSpec, test_acc: Optional[float], energy: Optional[float]) -> dict[str, Any]:
+    """A trained trial's :class:`TrialOutcome` report (its estimate stands in for energy it
+    never measured)."""
+    return TrialOutcome(float(test_acc if test_acc is not None else 0.0),
+                        float(energy if energy is not None else spec.energy_uj_est), float(spec.num_params)).report()
+
+
+def trained_before(tr: Any, spec: TrialSpec) -> Optional[dict[str, Any]]:
+    """The final report of a trial whose run (``tr``, an ``MLflowTracker``) already finished
+    training (tagged ``ok``, which the trial function does only after training returned, the
+    final model logged), or None. Logs ``epochs_completed`` from the run's epoch record if the
+    kill came before it."""
+    from search.tracking import epochs_logged
+
+    data = tr.client.get_run(tr.run_id).data
+    if data.tags.get(STATUS_TAG) != "ok":
+        return None
+    if "epochs_completed" not in data.metrics:
+        tr.log_metrics({"epochs_completed": epochs_logged(tr.uri, tr.run_id)}, step=0)
+    return final_report(spec, data.metrics.get("test_acc"), data.metrics.get("energy_per_image_uj"))
+
+
+def _train_here(cfg: Any, tracker: Any, threads: int) -> dict[str, Any]:
+    """The training loop in this Tune trial's process: each epoch's metrics and checkpoint go
+    to ``ray.tune.report``; a restored trial resumes from Tune's last checkpoint."""
+    import ray
+    import ray.tune
+    import torch
+
+    from trainers.loop import WorkerContext, run_training
+
+    torch.set_num_threads(max(1, threads))
+    resume_dir = None
+    ckpt = ray.tune.get_checkpoint()
+    if ckpt is not None:
+        resume_dir = Path(tempfile.mkdtemp(prefix="mixersnn-resume-"))
+        ckpt.to_directory(str(resume_dir))
+    node_id = ray.get_runtime_context().get_node_id()
+    tracker.set_tags({"mixersnn.node_ids": node_id, "mixersnn.num_nodes": 1})
+
+    def report(metrics: dict[str, Any], ckpt_dir: Optional[Path]) -> None:
+        checkpoint = ray.tune.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir is not None else None
+        ray.tune.report({**metrics, "num_nodes": 1, "worker_node_ids": node_id}, checkpoint=checkpoint)
+
+    try:
+        return run_training(cfg, WorkerContext(report=report, resume_dir=resume_dir, tracker=tracker,
+                                               log=lambda s: print(s, flush=True)))
+    finally:
+        if resume_dir is not None:
+            shutil.rmtree(resume_dir, ignore_errors=True)
+
+
+def run_trial(config: dict[str, Any], ctx: SearchContext) -> None:
+    """One Tune trial: record the child run, then train (or skip if infeasible).
+
+    Args:
+        config: Tune's config for the trial: the sampled Optuna values and ``resolved`` (a
+            :class:`~search.space.TrialSpec` as a dict).
+        ctx: what the search's trials share.
+    """
+    import ray.tune
+
+    from search.resources import scale_config
+    from search.tracking import settle_run
+    from trainers.config import TrainConfig
+    from trainers.tracking import MLflowTracker, start_run
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    spec = TrialSpec.from_dict(config["resolved"])
+    name = spec.name(trial_id)
+    uri = ctx.tracking_uri
+    # Created here (before training) so infeasible and crashed trials have a run too; training
+    # finds it by name and logs into it. Reuse by name also makes a restarted or promoted
+    # trial write here.
+    tags = {SEARCH_TAG: ctx.search, "mixersnn.trial_id": trial_id, "mixersnn.kind": spec.kind}
+    if spec.is_baseline:
+        tags[BASELINE_TAG] = spec.label
+    run_id = start_run(uri, ctx.experiment, name, parent_run_id=ctx.parent_run_id, tags=tags)
+    tr = MLflowTracker(uri, run_id)
+    # Only on --resume: only a resumed search has runs of its own that may have trained.
+    final = trained_before(tr, spec) if ctx.resume else None
+    if final is not None:
+        # Trained by the killed driver, which died before Tune recorded the trial's end (the
+        # run is "ok" once training returned): report the run's record instead of training
+        # again, which would restore the final checkpoint, train nothing and upload the same
+        # model again.
+        settle_run(uri, run_id, "ok")
+        ray.tune.report(final)
+        return
+
+    if "num_params" not in tr.client.get_run(run_id).data.metrics:  # not when a paused trial resumes
+        sampled = {f"optuna.{k}": json.dumps(v) for k, v in config.items() if k != "resolved"}
+        searched = {
+            **sampled,
+            **{f"arch.{k}": v for k, v in spec.arch.items()},
+            **{f"hp.{k}": v for k, v in spec.train.items()},
+            "trial_id": trial_id,
+            "distributions": json.dumps(spec.distributions),
+            **{k: getattr(spec, k) for k in ("sampler", "sampler_generation", "model", "label") if getattr(spec, k)
+               not in (None, "")},
+        }
+        tr.log_params({f"search.{k}": v for k, v in searched.items()})
+        tr.log_metrics({"num_params": spec.num_params, "search.energy_uj_dense": spec.energy_uj_dense,
+                        "search.energy_uj_est": spec.energy_uj_est}, step=0)
+
+    if spec.infeasible:
+        settle_run(uri, run_id, "infeasible", spec.infeasible)
+        ray.tune.report(TrialOutcome(0.0, float(spec.energy_uj_est), float(spec.num_params), infeasible=True).report())
+        return
+
+    here = in_process(ctx.scale)
+    tr.set_tags({STATUS_TAG: "running", "mixersnn.trial_path": "in-process" if here else "ray-train"})
+    cfg = TrainConfig.from_dict({
+        **ctx.train, **spec.train, "model": spec.model or ctx.base_model, "data": ctx.data,
+        "model_overrides": dict(spec.arch), "tracking_uri": uri, "experiment": ctx.experiment,
+        "run_name": name, "parent_run_id": ctx.parent_run_id,
+    })
+    try:
+        if here:
+            m = _train_here(cfg, tr, int(float(ctx.scale.get("cpus_per_worker", 1.0))))
+        else:
+            from ray.tune.integration.ray_train import TuneReportCallback
+
+            from trainers.ray_train import fit
+
+            scale = scale_config(ctx.scale, storage_path=ctx.train_storage, name=name)
+            m = fit(cfg, scale, callbacks=[TuneReportCallback()]).metrics
+    except Exception as err:
+        record_failure(uri, run_id, err)
+        raise
+    energy = m.get("energy_per_image_uj")
+    reason, over = None, {}
+    if ctx.max_energy_uj is not None and energy is not None and energy > ctx.max_energy_uj and not spec.is_baseline:
+        # Passed the pre-training estimate (an assumed firing rate below 1) but not the
+        # measurement: keep the result, never register it.
+        reason = f"measured energy {energy:.4g} uJ > constraints.max_energy_uj={ctx.max_energy_uj:g}"
+        over = {"mixersnn.over_energy_limit": True}
+    settle_run(uri, run_id, "ok", reason, epochs=int(m.get("epoch", -1)) + 1, tags=over)
+    ray.tune.report(final_report(spec, m.get("test_acc"), energy))
