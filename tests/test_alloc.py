@@ -121,6 +121,7 @@ def test_bad_pool_size_in_the_environment_names_the_value() -> None:
     assert proc.returncode != 0 and "MIXERSNN_CPU_POOL_MB='lots' must be a number of MiB >= 0" in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["lif.py", "train_step.py"])
 def test_benchmark_smoke_runs_measure_the_pool_side_by_side(script: str, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"

@@ -20,6 +20,8 @@ from _helpers import free_port
 
 pytest.importorskip("s3fs", reason="needs the s3 extra: pip install -e '.[dev]'")
 moto_server = pytest.importorskip("moto.server", reason="needs moto[server] (the dev extra)")
+# A server on loopback: the fast subset (-m 'not slow') leaves these out.
+pytestmark = pytest.mark.slow
 
 from mixersnn.cli import main as cli_main  # noqa: E402
 from mixersnn.data import (  # noqa: E402

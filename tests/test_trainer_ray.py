@@ -18,6 +18,9 @@ from _helpers import WORKER_ENV, free_port, tiny_train_config
 
 ray = pytest.importorskip("ray")
 
+# Ray runtimes and clusters: the fast subset (-m 'not slow') leaves these out.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
