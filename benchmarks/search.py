@@ -37,6 +37,7 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 REPO = Path(__file__).resolve().parents[1]
+CONCURRENT = 2  # trials at once in part 1: what the 2-core machines hold
 TINY_SPACE = {"spe": False, "num_stages": 2, "blocks_per_stage": 1, "embed_dim": 12, "mlp_ratio": 2, "T": 1,
               "patch_size": 7, "batch_size": 64, "lr": 0.005, "weight_decay": 0.01, "label_smoothing": 0.0}
 
@@ -95,6 +96,14 @@ def _step_seconds(uri: str, run_ids: list[str]) -> tuple[float, float]:
     return secs, images
 
 
+def _metric_sum(uri: str, run_ids: list[str], key: str) -> float:
+    """A metric summed over every step of the runs."""
+    from trainers.tracking import mlflow_client
+
+    client = mlflow_client(uri)
+    return float(sum(m.value for rid in run_ids for m in client.get_metric_history(rid, key)))
+
+
 def overhead(path: str, n: int, root: Path, uri: str) -> dict[str, Any]:
     """``n`` tiny trials on one path; the per-trial start-up and CPU figures."""
     from search.driver import run_search
@@ -103,7 +112,7 @@ def overhead(path: str, n: int, root: Path, uri: str) -> dict[str, Any]:
                       train={"epochs": 1, "max_steps_per_epoch": 5, "max_eval_batches": 1, "eval_batch_size": 250,
                              "warmup_epochs": 0.0, "log_model": False},
                       scale={"num_workers": 1, "cpus_per_worker": 0.9, "in_process": path == "in-process"},
-                      budget={"num_trials": n, "max_concurrent_trials": 2})
+                      budget={"num_trials": n, "max_concurrent_trials": CONCURRENT})
     clock = _clock_cls()()
     cpu0, t0 = busy_cpu_s(), time.time()
     res = run_search(cfg, quiet=True, register=False, log=lambda s: None, callbacks=[clock])
@@ -113,7 +122,12 @@ def overhead(path: str, n: int, root: Path, uri: str) -> dict[str, Any]:
         if tid in clock.started:
             startup.append(arrived - result["epoch_time_s"] - result.get("eval_time_s", 0.0) - clock.started[tid])
     steps, _ = _step_seconds(uri, [r.run_id for r in res.rows])
+    evals = _metric_sum(uri, [r.run_id for r in res.rows], "eval_time_s")
+    trials = max(1, len(res.rows))
     return {"path": path, "trials": len(res.rows), "wall_s": wall, "startup_s_median": statistics.median(startup),
+            # Trial slots the search held (wall x trials at once), less the training and
+            # evaluation done in them: everything else a trial cost, per trial.
+            "slot_overhead_s": wall * CONCURRENT / trials - (steps + evals) / trials,
             "startup_s_max": max(startup), "startup_s_first": startup[0] if startup else None,
             "cpu_s_per_trial": cpu / max(1, len(res.rows)), "step_s_per_trial": steps / max(1, len(res.rows))}
 
@@ -164,14 +178,18 @@ def main(argv: list[str] | None = None) -> int:
         long = search_minutes(args.minutes, root, uri, args.smoke)
     ray.shutdown()
 
-    print(f"\nper-trial overhead, {args.trials} tiny trials per path (2 at a time, 2 cores):")
-    print(f"  {'path':<11} {'start->1st step (median / max / first)':>40} {'CPU s/trial':>12} {'step s/trial':>13} {'wall s':>7}")
+    print(f"\nper-trial overhead, {args.trials} tiny trials per path ({CONCURRENT} at a time, 2 cores):")
+    print(f"  {'path':<11} {'start->1st step (median / max / first)':>40} {'slot s/trial':>13} {'CPU s/trial':>12} "
+          f"{'step s/trial':>13} {'wall s':>7}")
     for r in rows:
         first = f"{r['startup_s_first']:.1f}" if r["startup_s_first"] is not None else "-"
         print(f"  {r['path']:<11} {r['startup_s_median']:>21.2f} / {r['startup_s_max']:5.2f} / {first:>5} s "
-              f"{r['cpu_s_per_trial']:>12.2f} {r['step_s_per_trial']:>13.2f} {r['wall_s']:>7.1f}")
+              f"{r['slot_overhead_s']:>13.2f} {r['cpu_s_per_trial']:>12.2f} {r['step_s_per_trial']:>13.2f} "
+              f"{r['wall_s']:>7.1f}")
     ip, rt = rows
+    print("  (slot s/trial: the trial slots' time, wall x trials at once, less training and evaluation, per trial)")
     print(f"  Ray Train path / in-process: start-up {rt['startup_s_median'] / ip['startup_s_median']:.1f}x, "
+          f"slot overhead {rt['slot_overhead_s'] / ip['slot_overhead_s']:.1f}x, "
           f"CPU per trial {rt['cpu_s_per_trial'] / ip['cpu_s_per_trial']:.1f}x")
     print(f"\nsearch of {long['minutes']:g} min (demo space, in process): {long['trials']} trials "
           f"({long['trials_per_min']:.1f}/min), {long['images_per_min']:,.0f} training images/min, "

@@ -179,10 +179,10 @@ def _max_concurrent(cfg: SearchConfig, log: Callable[[str], None] = print) -> in
     return max_concurrent_auto(cfg.scale, float(cfg.budget.autoscale_wait_s), log=log)
 
 
-def _searcher(cfg: SearchConfig, baselines: list[dict[str, Any]]) -> Any:
+def _searcher(cfg: SearchConfig, baselines: list[dict[str, Any]], first_rung: Optional[int] = None) -> Any:
     """Optuna through Tune's ``OptunaSearch`` (define-by-run :class:`search.space.Sampler`),
-    behind :class:`BaselinesFirst` so the trained baselines come first and stay out of the
-    study."""
+    behind :class:`Proposals`: the trained baselines come first and stay out of the study,
+    and with MO-ASHA (``first_rung``) the study learns each trial's result at the first rung."""
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
@@ -202,22 +202,30 @@ def _searcher(cfg: SearchConfig, baselines: list[dict[str, Any]]) -> Any:
         # param_space, and OptunaSearch ignores it once it has a space (ours, define-by-run):
         # without them here the first suggestion raises. TuneConfig keeps them as well, for ASHA.
         inner = OptunaSearch(space=Sampler(cfg), metric=names[0], mode=modes[0], sampler=sampler)
-    return _baselines_first_cls()(inner, baselines)
+    return _proposals_cls()(inner, baselines, first_rung)
 
 
-def _baselines_first_cls() -> type:
+def _proposals_cls() -> type:
     from ray.tune.search import Searcher
 
-    class BaselinesFirst(Searcher):
-        """A searcher that hands out the search's trained baselines first, then the inner
-        searcher's proposals. Baseline trials' results never reach the inner searcher: they
-        are references, not samples of the space."""
+    class Proposals(Searcher):
+        """The search's searcher: the trained baselines first, then the inner searcher's
+        proposals. Baseline trials' results never reach the inner searcher: they are
+        references, not samples of the space.
 
-        def __init__(self, inner: Any, baselines: list[dict[str, Any]]) -> None:
+        With ``first_rung`` (MO-ASHA pauses trials at rungs), each trial's result at that
+        epoch completes its Optuna trial: most trials wait paused there, and Optuna, which
+        takes no intermediate values with several objectives, would otherwise learn nothing
+        from them until the search ends. The sampler so models every trial at one fidelity.
+        """
+
+        def __init__(self, inner: Any, baselines: list[dict[str, Any]], first_rung: Optional[int] = None) -> None:
             super().__init__(metric=inner.metric, mode=inner.mode)
             self.inner = inner
             self.pending = list(baselines)
             self.baseline_ids: set[str] = set()
+            self.first_rung = first_rung
+            self.told: set[str] = set()
 
         def set_search_properties(self, metric: Optional[str], mode: Optional[str], config: dict, **spec: Any) -> bool:
             return self.inner.set_search_properties(metric, mode, config, **spec)
@@ -229,11 +237,16 @@ def _baselines_first_cls() -> type:
             return self.inner.suggest(trial_id)
 
         def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
-            if trial_id not in self.baseline_ids:
-                self.inner.on_trial_result(trial_id, result)
+            if trial_id in self.baseline_ids or trial_id in self.told:
+                return
+            if self.first_rung is not None and int(result.get("epoch", -1)) + 1 == self.first_rung:
+                self.told.add(trial_id)
+                self.inner.on_trial_complete(trial_id, result=result)
+                return
+            self.inner.on_trial_result(trial_id, result)
 
         def on_trial_complete(self, trial_id: str, result: Optional[dict[str, Any]] = None, error: bool = False) -> None:
-            if trial_id not in self.baseline_ids:
+            if trial_id not in self.baseline_ids and trial_id not in self.told:
                 self.inner.on_trial_complete(trial_id, result=result, error=error)
 
         def save(self, checkpoint_path: str) -> None:
@@ -248,7 +261,7 @@ def _baselines_first_cls() -> type:
             with open(checkpoint_path, "rb") as f:
                 self.__dict__.update(pickle.load(f))
 
-    return BaselinesFirst
+    return Proposals
 
 
 def _scheduler(cfg: SearchConfig, num_trials: int, log: Optional[Callable[[str], None]] = None) -> Any:
@@ -445,7 +458,7 @@ def run_search(
             single = cfg.objective.mode == "single"
             tuner = _new_tuner(
                 sdir, trainable, [callback, *(callbacks or [])], reuse_actors=in_process(cfg.scale),
-                search_alg=_searcher(cfg, baselines),
+                search_alg=_searcher(cfg, baselines, cfg.asha.grace_period if pausing else None),
                 scheduler=scheduler,
                 metric="test_acc" if single else None,
                 mode="max" if single else None,

@@ -26,6 +26,7 @@ def test_search_benchmark_smoke_measures_both_paths(tmp_path: Path) -> None:
     assert set(paths) == {"in-process", "ray-train"}
     for r in paths.values():
         assert r["trials"] == 2 and r["startup_s_median"] > 0 and r["cpu_s_per_trial"] > 0 and r["step_s_per_trial"] > 0
+        assert r["slot_overhead_s"] > 0
     s = figures["search"]
     assert s["trials"] >= 1 and s["images_per_min"] > 0 and 0 < s["step_cpu_share"] < 1
     assert "per-trial overhead" in proc.stdout and "Ray Train path / in-process" in proc.stdout
