@@ -42,6 +42,19 @@ def make_fmnist_shards(out, *, train: int, test: int, per_shard: int):
 
 
 @pytest.fixture(scope="session")
+def uneven_shards(tmp_path_factory: pytest.TempPathFactory):
+    """Real Fashion-MNIST slices (500 train / 200 test) in uneven shards of 128 (128, 128,
+    128, 116): the loaders' tests read every split and rank rule off them."""
+    from mixersnn.data import make_shards
+    from mixersnn.data.synthetic import small_fashion_mnist
+
+    base = tmp_path_factory.mktemp("fm-uneven")
+    root, _ = small_fashion_mnist(base / "idx")
+    make_shards(root, base / "shards", samples_per_shard=128, workers=1, progress=False)
+    return base / "shards"
+
+
+@pytest.fixture(scope="session")
 def fmnist_shards(tmp_path_factory: pytest.TempPathFactory):
     """Real Fashion-MNIST, first 1024 train / 256 test images in shards of 128 (8 + 2)."""
     return make_fmnist_shards(tmp_path_factory.mktemp("fmnist"), train=1024, test=256, per_shard=128)

@@ -19,22 +19,18 @@ from mixersnn.data import (
     TransformConfig,
     build_loader,
     eval_preset,
-    make_shards,
     read_manifest,
     train_preset,
 )
-from mixersnn.data.synthetic import collect, row_hashes, small_fashion_mnist
+from mixersnn.data.synthetic import collect, row_hashes
 
 RAW = TransformConfig(mean=(0.0,), std=(1.0,))
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Real Fashion-MNIST slices (500 train / 200 test) in uneven shards of 128 (128, 128, 128, 116)."""
-    base = tmp_path_factory.mktemp("fm")
-    root, _ = small_fashion_mnist(base / "idx")
-    make_shards(root, base / "shards", samples_per_shard=128, workers=1, progress=False)
-    return base / "shards"
+def shards(uneven_shards: Path) -> Path:
+    """conftest's uneven Fashion-MNIST shards (500 train / 200 test, shards of 128)."""
+    return uneven_shards
 
 
 @pytest.mark.parametrize("world_size,num_workers", [(3, 0), (2, 2)])

@@ -11,20 +11,17 @@ import numpy as np
 import pytest
 import torch
 
-from mixersnn.data import TransformConfig, build_loader, make_shards, train_preset
+from mixersnn.data import TransformConfig, build_loader, train_preset
 from mixersnn.data.memory import MemoryLoader, clear_cache, decoded_nbytes, decoded_split
-from mixersnn.data.synthetic import collect, row_hashes, small_fashion_mnist
+from mixersnn.data.synthetic import collect, row_hashes
 
 RAW = TransformConfig(mean=(0.0,), std=(1.0,))
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Real Fashion-MNIST slices (500 train / 200 test) in uneven shards of 128."""
-    base = tmp_path_factory.mktemp("fm-mem")
-    root, _ = small_fashion_mnist(base / "idx")
-    make_shards(root, base / "shards", samples_per_shard=128, workers=1, progress=False)
-    return base / "shards"
+def shards(uneven_shards: Path) -> Path:
+    """conftest's uneven Fashion-MNIST shards (500 train / 200 test, shards of 128)."""
+    return uneven_shards
 
 
 def test_eval_matches_the_streaming_loader_sample_for_sample(shards: Path) -> None:
