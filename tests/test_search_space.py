@@ -39,8 +39,9 @@ def _sample(cfg, n: int, seed: int = 0) -> list[dict]:
     return out
 
 
-def test_shipped_config_loads_and_samples_only_valid_models() -> None:
-    cfg = load_search_config(REPO / "configs" / "search_fashion_mnist.yaml")
+@pytest.mark.parametrize("name", ["search_fashion_mnist.yaml", "search_fashion_mnist_60min.yaml"])
+def test_shipped_config_loads_and_samples_only_valid_models(name: str) -> None:
+    cfg = load_search_config(REPO / "configs" / name)
     assert cfg.shape.img_size == 28 and cfg.budget.num_trials >= 1
     for r in _sample(cfg, 60):
         a = r["arch"]
