@@ -14,6 +14,8 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
+from mixersnn.errors import UserError
+
 __all__ = ["main", "COMMANDS"]
 
 COMMANDS: dict[str, str] = {
@@ -27,11 +29,23 @@ COMMANDS: dict[str, str] = {
 }
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from mixersnn.data.manifest import ManifestError, SampleError
+    from mixersnn.models.config import ConfigError
+
+    return (UserError, ConfigError, ManifestError, SampleError, FileNotFoundError)
+
+
 def _build_parser() -> argparse.ArgumentParser:
+    from mixersnn import __version__
+
     parser = argparse.ArgumentParser(
         prog="mixersnn",
         description="Search, train and account for efficient spiking MLPs (Mixer-SNN).",
     )
+    parser.add_argument("--version", action="version", version=f"mixersnn {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error instead of its one-line message")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, modname in COMMANDS.items():
@@ -44,7 +58,13 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _build_parser().parse_args(argv)
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except _user_errors() as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

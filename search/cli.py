@@ -45,14 +45,19 @@ def _config(args: argparse.Namespace):  # -> SearchConfig
 def run(args: argparse.Namespace) -> int:
     import sys
 
+    from mixersnn.errors import UserError
     from mixersnn.models.config import ConfigError
     from search.driver import SearchExistsError, run_search
     from trainers.tracking import mlflow_ui_hint, resolve_tracking_uri
 
+    from trainers.tracking import check_tracking_server
+
     try:
-        # Every value, the command line's overrides included, is checked before Ray starts.
+        # Every value, the command line's overrides included, the data and the tracking
+        # server are checked before Ray starts.
         cfg = _config(args)
-    except (ConfigError, FileNotFoundError) as err:
+        check_tracking_server(resolve_tracking_uri(cfg.tracking_uri))
+    except (ConfigError, FileNotFoundError, UserError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     kw = {"address": args.address} if args.address else {}

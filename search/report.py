@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 HELP = "Print a search's leaderboard and Pareto front from MLflow and write the Pareto plot."
@@ -26,19 +27,26 @@ def run(args: argparse.Namespace) -> int:
 
     from search.tracking import (collect_trials, compare_baselines, find_search_runs, format_comparison,
                                  format_table, pareto_figure, pareto_front)
-    from trainers.tracking import resolve_tracking_uri
+    from mixersnn.errors import UserError
+    from trainers.tracking import check_tracking_server, resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        # MLflow would create an empty store there and report that it holds no search.
+        raise UserError(f"no MLflow store at {uri[len('sqlite:///'):]}; give the store the search logged to with "
+                        f"--tracking-uri (or run mixersnn report from the folder that holds its mlflow.db)")
+    check_tracking_server(uri)
     if args.run_id:
         parent, error = _search_run_by_id(uri, args.experiment, args.run_id)
         if parent is None:
-            print(f"error: {error}")
+            print(f"error: {error}", file=sys.stderr)
             return 2
     else:
         parents = find_search_runs(uri, args.experiment, args.search)
         if not parents:
             what = f"search {args.search!r}" if args.search else "any search"
-            print(f"error: no {what} in experiment {args.experiment!r} at {uri}; check the name and --tracking-uri")
+            print(f"error: no {what} in experiment {args.experiment!r} at {uri}; check the name and --tracking-uri",
+                  file=sys.stderr)
             return 2
         parent = parents[0]
         if args.search and len(parents) > 1:

@@ -606,7 +606,8 @@ def test_two_searches_of_one_name_in_one_experiment_keep_their_own_runs(shards: 
     def report(*args: str, experiment: str = a.experiment) -> tuple[int, str]:
         capsys.readouterr()
         rc = main(["report", experiment, "--tracking-uri", uri, "--out", str(tmp_path / "p.png"), *args])
-        return rc, capsys.readouterr().out
+        printed = capsys.readouterr()
+        return rc, printed.out + printed.err
 
     rc, out = report("--search", "twin")
     assert rc == 0 and "2 searches named 'twin'" in out and f"run {pb}" in out and pa in out

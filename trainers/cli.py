@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 HELP = "Train a Mixer-SNN model with Ray Train, logging to MLflow."
@@ -84,14 +85,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t = p.add_argument_group("tracking")
     t.add_argument("--tracking-uri", help="MLflow URI (default $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
     t.add_argument("--experiment")
-    t.add_argument("--run-name", help="a run with the same name resumes")
+    t.add_argument("--run-name", help="a run with the same name and config resumes from its last checkpoint "
+                   "(default: the model and a hash of the config)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run of this name even though its recorded config differs")
     t.add_argument("--no-mlflow", action="store_true")
     t.add_argument("--json", action="store_true", help="print the final metrics as JSON")
 
 
 def build_configs(args: argparse.Namespace) -> tuple[Any, Any]:
     """Merge dataclass defaults <- YAML file <- flags into (TrainConfig, ScaleConfig)."""
-    from trainers.config import ScaleConfig, TrainConfig, load_yaml_config
+    from trainers.config import ConfigError, ScaleConfig, TrainConfig, load_yaml_config
 
     train_d: dict[str, Any] = {}
     scale_d: dict[str, Any] = {}
@@ -117,19 +121,92 @@ def build_configs(args: argparse.Namespace) -> tuple[Any, Any]:
             scale_d[key] = v
     if args.gpus_per_worker:
         scale_d["use_gpu"] = True
+    known = set(ScaleConfig.__dataclass_fields__)
+    unknown = sorted(set(scale_d) - known)
+    if unknown:
+        raise ConfigError(f"scale: unknown keys {unknown}; valid keys: {sorted(known)}")
     return TrainConfig.from_dict(train_d), ScaleConfig(**scale_d)
 
 
+def preflight(cfg: Any, *, track: bool) -> None:
+    """What can be checked before Ray, MLflow or any folder is touched: the data (folders,
+    manifests; the embedded Fashion-MNIST is built here if missing) and the tracking server.
+    Each problem raises with a one-line message that names it and the fix."""
+    from trainers.loop import resolve_data
+    from trainers.tracking import check_tracking_server, resolve_tracking_uri
+
+    resolve_data(cfg.data)
+    if track:
+        check_tracking_server(resolve_tracking_uri(cfg.tracking_uri))
+
+
+#: Training fields that name or file a run without changing what it trains.
+_BOOKKEEPING = ("tracking_uri", "experiment", "run_name", "parent_run_id", "log_model")
+#: The record of what a run trains, in its folder: a later start of the same name compares with it.
+RUN_RECORD = "mixersnn_run.json"
+
+
+def _what_trains(cfg: Any, scale: Any) -> dict[str, Any]:
+    d = {k: v for k, v in cfg.to_dict().items() if k not in _BOOKKEEPING}
+    d["num_workers"] = scale.num_workers  # the global batch
+    return d
+
+
+def claim_run(run_dir: Path, cfg: Any, scale: Any, *, resume: bool) -> None:
+    """Make sure a start named like an earlier run trains what that run trained.
+
+    A run resumes from its last checkpoint when started again under its name. That is right
+    for the same job, and wrong for another config under the same name: it would report the
+    old run's result as the new one's. So a run folder holds a record of what it trains
+    (:data:`RUN_RECORD`); a start whose config differs is refused unless ``resume``. Folders
+    outside this machine (``s3://``) are not checked.
+
+    Raises:
+        UserError: the recorded config differs and ``resume`` is False, naming the run, the
+            fields that differ and the two fixes.
+    """
+    import json as _json
+
+    from mixersnn._atomic import atomic_path
+    from mixersnn.errors import UserError
+
+    if "://" in str(run_dir):
+        return
+    record = run_dir / RUN_RECORD
+    new = _what_trains(cfg, scale)
+    if record.exists() and not resume:
+        old = _json.loads(record.read_text())
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if diff:
+            shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:6])
+            more = f", and {len(diff) - 6} more" if len(diff) > 6 else ""
+            raise UserError(f"run {run_dir.name!r} ({run_dir}) trained another config ({shown}{more}): give this "
+                            f"one a new name (--run-name NEW), or --resume to continue that run with this config")
+    if not record.exists() or resume:
+        with atomic_path(record, suffix=".json") as tmp:
+            Path(tmp).write_text(_json.dumps(new, indent=1, sort_keys=True))
+
+
 def run(args: argparse.Namespace) -> int:
+    from trainers.ray_train import run_name_for
+
     train_cfg, scale_cfg = build_configs(args)
+    preflight(train_cfg, track=not args.no_mlflow)
+    # A default name is the model and a hash of the config: two configs never share a run.
+    name = train_cfg.run_name or run_name_for(train_cfg, scale_cfg)
+    if args.no_ray:
+        run_dir = Path("runs/local") / name
+    else:
+        storage = scale_cfg.storage_path
+        run_dir = Path(storage if "://" in storage else Path(storage).resolve()) / name
+    claim_run(run_dir, train_cfg, scale_cfg, resume=args.resume)
     t0 = time.time()
     if args.no_ray:
-        metrics, ckpt = _run_local(train_cfg, track=not args.no_mlflow)
-        name = train_cfg.run_name or "local"
+        metrics, ckpt = _run_local(train_cfg, name, track=not args.no_mlflow)
     else:
         from trainers.ray_train import fit
 
-        res = fit(train_cfg, scale_cfg, track=not args.no_mlflow)
+        res = fit(train_cfg, scale_cfg, track=not args.no_mlflow, name=name)
         metrics, ckpt, name = res.metrics, res.checkpoint_path, res.run_name
     wall = time.time() - t0
     if args.json:
@@ -139,15 +216,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_local(cfg: Any, *, track: bool) -> tuple[dict[str, Any], str]:
+def _run_local(cfg: Any, name: str, *, track: bool) -> tuple[dict[str, Any], str]:
     """The loop in this process: no Ray, checkpoints under runs/local/<run name>/."""
     import shutil
-    from pathlib import Path
 
     from trainers.loop import CHECKPOINT_FILE, WorkerContext, run_training
     from trainers.tracking import MLflowTracker, end_run, resolve_tracking_uri, start_run
 
-    name = cfg.run_name or f"{cfg.model}-local"
     out = Path("runs/local") / name
     out.mkdir(parents=True, exist_ok=True)
     resume = out if (out / CHECKPOINT_FILE).exists() else None

@@ -164,6 +164,7 @@ def fit(
     track: bool = True,
     ray_init_kwargs: Optional[dict[str, Any]] = None,
     callbacks: Optional[list[Any]] = None,
+    name: Optional[str] = None,
 ) -> FitResult:
     """Train with Ray Train and return the final metrics and checkpoint.
 
@@ -174,6 +175,7 @@ def fit(
         ray_init_kwargs: passed to ``ray.init`` when no Ray runtime is up yet (local runs).
         callbacks: Ray Train ``RunConfig`` callbacks, e.g. Tune's ``TuneReportCallback`` when
             this runs inside a Tune trial (the search does that).
+        name: the run's name; None: ``scale.name``, else :func:`run_name_for`.
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
@@ -189,7 +191,7 @@ def fit(
         kw.update(ray_init_kwargs or {})
         ray.init(**kw)
 
-    name = scale.name or run_name_for(cfg, scale)
+    name = name or scale.name or run_name_for(cfg, scale)
     # Local paths are made absolute (workers may run elsewhere); URIs (s3://, gs://) pass as-is.
     storage = scale.storage_path if "://" in scale.storage_path else str(Path(scale.storage_path).resolve())
     uri = resolve_tracking_uri(cfg.tracking_uri)

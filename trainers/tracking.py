@@ -14,7 +14,8 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-__all__ = ["default_tracking_uri", "mlflow_client", "MLflowTracker", "start_run", "end_run", "find_run", "reopen_run"]
+__all__ = ["default_tracking_uri", "check_tracking_server", "mlflow_client", "MLflowTracker", "start_run", "end_run",
+           "find_run", "reopen_run"]
 
 _MAX_PARAM_LEN = 6000
 
@@ -43,6 +44,34 @@ def resolve_tracking_uri(uri: Optional[str]) -> str:
     if uri is None:
         return default_tracking_uri()
     return _pin_relative_sqlite(uri)
+
+
+def check_tracking_server(uri: str, timeout_s: float = 3.0) -> None:
+    """For an http(s) tracking URI, one request to the server's ``/health`` with a short
+    timeout and no retries (MLflow's client retries for minutes before it gives up).
+
+    Raises:
+        UserError: the server does not answer, naming the URI and the fixes.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    from mixersnn.errors import UserError
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as resp:
+            if resp.status == 200:
+                return
+            why = f"HTTP {resp.status}"
+    except urllib.error.HTTPError as err:
+        why = f"HTTP {err.code}"
+    except (urllib.error.URLError, OSError) as err:
+        why = str(getattr(err, "reason", err))
+    raise UserError(f"tracking URI {uri} does not answer ({why}) within {timeout_s:g} s: start the MLflow "
+                    f"server (mlflow server --host 127.0.0.1 --port P), fix --tracking-uri, or leave it out to "
+                    f"log to the local store sqlite:///./mlflow.db")
 
 
 def mlflow_ui_hint(uri: str) -> str:

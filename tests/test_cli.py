@@ -1,0 +1,87 @@
+"""The ``mixersnn`` command's edges: one-line errors on stderr with exit 2 before anything
+starts, ``--debug`` for the traceback, ``--version``."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from _helpers import free_port
+from mixersnn.cli import main
+
+
+def test_version(capsys: pytest.CaptureFixture) -> None:
+    from mixersnn import __version__
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"mixersnn {__version__}"
+
+
+def test_a_bad_config_is_one_line_on_stderr_and_debug_shows_the_traceback(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from mixersnn.models.config import ConfigError
+
+    cfg = tmp_path / "a.yaml"
+    cfg.write_text("train: {model: mlp_spe_t}\nscale: {num_worker: 2}\n")
+    assert main(["train", "--config", str(cfg), "--no-ray", "--no-mlflow"]) == 2
+    printed = capsys.readouterr()
+    lines = printed.err.strip().splitlines()
+    assert len(lines) == 1 and "num_worker" in lines[0] and "num_workers" in lines[0] and not printed.out
+    with pytest.raises(ConfigError, match="num_worker"):
+        main(["--debug", "train", "--config", str(cfg), "--no-ray", "--no-mlflow"])
+
+
+def test_train_checks_the_data_before_anything_is_created(tmp_path: Path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.chdir(tmp_path)
+    missing = tmp_path / "no-such-data"
+    assert main(["train", "--data", str(missing), "--no-ray", "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and "make-shards" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no runs/ folder, no mlflow.db
+
+
+def test_an_unreachable_tracking_server_fails_in_seconds(tmp_path: Path, monkeypatch, fmnist_shards: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.chdir(tmp_path)
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    t0 = time.time()
+    assert main(["train", "--data", str(fmnist_shards), "--no-ray", "--tracking-uri", uri]) == 2
+    assert time.time() - t0 < 20  # MLflow's own client retries for minutes
+    err = capsys.readouterr().err
+    assert uri in err and "does not answer" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
+    assert main(["search", "--tracking-uri", uri, "--storage-path", str(tmp_path / "s")]) == 2
+    assert "does not answer" in capsys.readouterr().err and not (tmp_path / "s").exists()
+
+
+def test_report_on_a_missing_store_creates_nothing(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    db = tmp_path / "nothing.db"
+    assert main(["report", "some-experiment", "--tracking-uri", f"sqlite:///{db}"]) == 2
+    assert str(db) in capsys.readouterr().err and not db.exists()
+
+
+def test_a_run_is_never_silently_reused_for_another_config(tmp_path: Path, monkeypatch, fmnist_shards: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """The same name and config resumes; another config under that name is refused with what
+    differs and the fixes, and runs only with --resume; default names differ by config."""
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    base = ["train", "--data", str(fmnist_shards), "--no-ray", "--no-mlflow", "--epochs", "1",
+            "--embed-dim", "12", "--depths", "1,1", "--T", "1", "--max-steps-per-epoch", "2",
+            "--max-eval-batches", "1", "--json"]
+    assert main([*base, "--run-name", "mine"]) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main([*base, "--run-name", "mine", "--label-smoothing", "0.0"]) == 2
+    err = capsys.readouterr().err
+    assert "'mine'" in err and "label_smoothing: 0.1 -> 0.0" in err and "--run-name NEW" in err and "--resume" in err
+    # The same config again resumes (nothing left to train: the recorded result comes back).
+    assert main([*base, "--run-name", "mine"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["test_acc"] == first["test_acc"]
+    assert main([*base, "--run-name", "mine", "--label-smoothing", "0.0", "--resume"]) == 0
+    capsys.readouterr()
+    # No name: the model and a hash of the config, so two configs get two runs.
+    assert main(base) == 0 and main([*base, "--label-smoothing", "0.0"]) == 0
+    names = {json.loads(ln)["run_name"] for ln in capsys.readouterr().out.strip().splitlines() if ln.startswith("{")}
+    assert len(names) == 2 and all(n.startswith("mlp_spe_t-") for n in names)
+    assert {p.name for p in (tmp_path / "runs" / "local").iterdir()} == names | {"mine"}
