@@ -111,7 +111,11 @@ constraints: {{max_energy_uj: {cap}, assumed_firing_rate: {rate}}}
 @pytest.mark.parametrize(
     "text, match",
     [
-        ("space: {patch_size: [4, 5]}", r"patch_size=5 does not divide the image size 28"),
+        ("space: {patch_size: [4, 5]}", r"space.patch_size=5: img_size=28 is not divisible by patch_size=5"),
+        ("space: {T: [1, 65]}", r"space.T=65: T=65 is out of range: use 1 <= T <= 64"),
+        ("space: {num_stages: [0, 2]}", r"space.num_stages=0: depths=\(\) is empty"),
+        ("space: {batch_size: [0, 64]}", r"space.batch_size=0: batch_size=0 must be an integer >= 1"),
+        ("space: {label_smoothing: {low: 0.0, high: 1.0}}", r"space.label_smoothing=1.0: label_smoothing=1.0 must be in"),
         ("space: {spe: true, embed_dim: {low: 10, high: 11}}", r"multiple of 3"),
         ("space: {lr: {low: 0, high: 0.1, log: true}}", r"log scale needs low > 0"),
         ("space: {lr: {low: 0.1, high: 0.01}}", r"low=0.1 > high=0.01"),
