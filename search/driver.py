@@ -434,40 +434,7 @@ def run_search(
             log(f"resuming search {cfg.name!r} from {sdir}")
             tuner = _restore(sdir, trainable)
         else:
-            from search.space import baseline_spec
-
-            baselines = [baseline_spec(cfg, b).to_dict() for b in cfg.baselines if not b.estimate_only]
-            names, modes = cfg.objective.metrics()
-            callback = _tune_callback_cls()(total=cfg.budget.num_trials + len(baselines), uri=uri,
-                                            experiment=cfg.experiment, parent_run_id=parent, quiet=quiet)
-            scheduler = _scheduler(cfg, cfg.budget.num_trials + len(baselines), callback.note)
-            n_conc = _max_concurrent(cfg, log)
-            pausing = scheduler is not None and cfg.objective.mode == "multi"
-            halving = ""
-            if scheduler is not None:
-                from search.scheduler import rung_milestones
-
-                rungs = rung_milestones(cfg.asha.grace_period, cfg.asha.reduction_factor, int(cfg.train.get("epochs", 10)))
-                halving = (f", {'ASHA' if cfg.objective.mode == 'single' else 'MO-ASHA'} rungs at epochs "
-                           f"{rungs} of {cfg.train.get('epochs', 10)}")
-            log(f"search {cfg.name!r}: {cfg.budget.num_trials} trials"
-                + (f" after {len(baselines)} baseline(s)" if baselines else "") + f", {n_conc} at a time"
-                + (f", time budget {cfg.budget.time_budget_s:.0f} s" if cfg.budget.time_budget_s else "")
-                + f", objectives {list(zip(names, modes))}{halving}; trials train "
-                + ("in their own reused Tune processes" if in_process(cfg.scale) else "through Ray Train"))
-            single = cfg.objective.mode == "single"
-            tuner = _new_tuner(
-                sdir, trainable, [callback, *(callbacks or [])], reuse_actors=in_process(cfg.scale),
-                search_alg=_searcher(cfg, baselines, cfg.asha.grace_period if pausing else None),
-                scheduler=scheduler,
-                metric="test_acc" if single else None,
-                mode="max" if single else None,
-                num_samples=cfg.budget.num_trials + len(baselines),
-                # MO-ASHA pauses trials at rungs; Tune's concurrency limit would count them as
-                # running and stop starting new ones. The trials' resources bound how many run.
-                max_concurrent_trials=None if pausing else n_conc,
-                time_budget_s=cfg.budget.time_budget_s,
-            )  # fmt: skip
+            tuner = _new_search(cfg, trainable, uri, parent, quiet=quiet, log=log, callbacks=callbacks)
         tuner.fit()
         result = finalize(cfg, uri, parent, register=register, log=log)
         status = "FINISHED"
@@ -476,6 +443,47 @@ def run_search(
     result.wall_s = time.time() - t0
     MLflowTracker(uri, parent).log_metrics({"search_wall_s": result.wall_s}, step=0)
     return result
+
+
+def _new_search(cfg: SearchConfig, trainable: Any, uri: str, parent: str, *, quiet: bool,
+                log: Callable[[str], None], callbacks: Optional[list[Any]]) -> Any:
+    """The Tune experiment of a new search: its trained baselines first, then the sampler's
+    trials, under successive halving when ``asha`` is on; one line says what will run."""
+    from search.space import baseline_spec
+
+    baselines = [baseline_spec(cfg, b).to_dict() for b in cfg.baselines if not b.estimate_only]
+    total = cfg.budget.num_trials + len(baselines)
+    names, modes = cfg.objective.metrics()
+    single = cfg.objective.mode == "single"
+    progress = _tune_callback_cls()(total=total, uri=uri, experiment=cfg.experiment, parent_run_id=parent,
+                                    quiet=quiet)
+    scheduler = _scheduler(cfg, total, progress.note)
+    n_conc = _max_concurrent(cfg, log)
+    # MO-ASHA pauses trials at rungs; Tune's concurrency limit would count them as running and
+    # stop starting new ones. The trials' resources bound how many run.
+    pausing = scheduler is not None and not single
+    halving = ""
+    if scheduler is not None:
+        from search.scheduler import rung_milestones
+
+        epochs = int(cfg.train.get("epochs", 10))
+        rungs = rung_milestones(cfg.asha.grace_period, cfg.asha.reduction_factor, epochs)
+        halving = f", {'ASHA' if single else 'MO-ASHA'} rungs at epochs {rungs} of {epochs}"
+    log(f"search {cfg.name!r}: {cfg.budget.num_trials} trials"
+        + (f" after {len(baselines)} baseline(s)" if baselines else "") + f", {n_conc} at a time"
+        + (f", time budget {cfg.budget.time_budget_s:.0f} s" if cfg.budget.time_budget_s else "")
+        + f", objectives {list(zip(names, modes))}{halving}; trials train "
+        + ("in their own reused Tune processes" if in_process(cfg.scale) else "through Ray Train"))
+    return _new_tuner(
+        cfg.search_dir(), trainable, [progress, *(callbacks or [])], reuse_actors=in_process(cfg.scale),
+        search_alg=_searcher(cfg, baselines, cfg.asha.grace_period if pausing else None),
+        scheduler=scheduler,
+        metric="test_acc" if single else None,
+        mode="max" if single else None,
+        num_samples=total,
+        max_concurrent_trials=None if pausing else n_conc,
+        time_budget_s=cfg.budget.time_budget_s,
+    )  # fmt: skip
 
 
 def _new_tuner(directory: Path, trainable: Any, callbacks: list[Any], *, reuse_actors: bool,

@@ -167,6 +167,24 @@ def _train_here(cfg: Any, tracker: Any, threads: int) -> dict[str, Any]:
             shutil.rmtree(resume_dir, ignore_errors=True)
 
 
+def _record_spec(tr: Any, spec: TrialSpec, config: dict[str, Any], trial_id: str) -> None:
+    """The trial's proposal on its run: what Optuna sampled, the architecture and
+    hyperparameters, and what is known before training (parameters, energy estimates)."""
+    sampled = {f"optuna.{k}": json.dumps(v) for k, v in config.items() if k != "resolved"}
+    searched = {
+        **sampled,
+        **{f"arch.{k}": v for k, v in spec.arch.items()},
+        **{f"hp.{k}": v for k, v in spec.train.items()},
+        "trial_id": trial_id,
+        "distributions": json.dumps(spec.distributions),
+        **{k: getattr(spec, k) for k in ("sampler", "sampler_generation", "model", "label")
+           if getattr(spec, k) not in (None, "")},
+    }
+    tr.log_params({f"search.{k}": v for k, v in searched.items()})
+    tr.log_metrics({"num_params": spec.num_params, "search.energy_uj_dense": spec.energy_uj_dense,
+                    "search.energy_uj_est": spec.energy_uj_est}, step=0)
+
+
 def run_trial(config: dict[str, Any], ctx: SearchContext) -> None:
     """One Tune trial: record the child run, then train (or skip if infeasible).
 
@@ -206,19 +224,7 @@ def run_trial(config: dict[str, Any], ctx: SearchContext) -> None:
         return
 
     if "num_params" not in tr.client.get_run(run_id).data.metrics:  # not when a paused trial resumes
-        sampled = {f"optuna.{k}": json.dumps(v) for k, v in config.items() if k != "resolved"}
-        searched = {
-            **sampled,
-            **{f"arch.{k}": v for k, v in spec.arch.items()},
-            **{f"hp.{k}": v for k, v in spec.train.items()},
-            "trial_id": trial_id,
-            "distributions": json.dumps(spec.distributions),
-            **{k: getattr(spec, k) for k in ("sampler", "sampler_generation", "model", "label") if getattr(spec, k)
-               not in (None, "")},
-        }
-        tr.log_params({f"search.{k}": v for k, v in searched.items()})
-        tr.log_metrics({"num_params": spec.num_params, "search.energy_uj_dense": spec.energy_uj_dense,
-                        "search.energy_uj_est": spec.energy_uj_est}, step=0)
+        _record_spec(tr, spec, config, trial_id)
 
     if spec.infeasible:
         settle_run(uri, run_id, "infeasible", spec.infeasible)
