@@ -256,3 +256,46 @@ def test_scaling_config_carries_the_fractional_gpu_per_worker():
     cpu = scaling_config(ScaleConfig(num_workers=2, cpus_per_worker=0.5, gpus_per_worker=0.25))
     assert (cpu.use_gpu, cpu.resources_per_worker) == (False, {"CPU": 0.5})  # no GPU asked without use_gpu
     assert worker_resources(ScaleConfig(num_workers=4, use_gpu=True, gpus_per_worker=1)) == {"CPU": 1.0, "GPU": 1.0}
+
+
+# --------------------------------------------------------------------------- TrainConfig.augment
+@pytest.mark.parametrize(
+    "value, mode",
+    [("auto", "auto"), ("none", "none"), ("crop", "crop"), ("crop-flip", "crop-flip"), (True, "auto"), (False, "none")],
+)
+def test_augment_takes_the_modes_and_the_old_booleans(value, mode):
+    from trainers.config import TrainConfig
+
+    cfg = TrainConfig(augment=value)
+    assert cfg.augment == mode
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).augment == mode
+    assert TrainConfig().augment == "auto"
+
+
+@pytest.mark.parametrize("value", ["flip", "Crop", "", 1, None])
+def test_bad_augment_names_the_value_the_modes_and_the_fix(value):
+    from trainers.config import TrainConfig
+
+    with pytest.raises(ConfigError, match=rf"augment={re.escape(repr(value))} must be one of 'auto', 'none', 'crop', "
+                                          rf"'crop-flip'.*true.*false.*--augment"):  # fmt: skip
+        TrainConfig(augment=value)
+
+
+def test_augment_from_yaml_booleans_and_modes_and_the_cli_flag(tmp_path):
+    import argparse
+
+    from trainers.cli import add_arguments, build_configs
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    for text, mode in (("false", "none"), ("true", "auto"), ("crop", "crop"), ("crop-flip", "crop-flip")):
+        (tmp_path / "c.yaml").write_text(f"train:\n  augment: {text}\n")
+        train, _ = build_configs(p.parse_args(["--config", str(tmp_path / "c.yaml")]))
+        assert train.augment == mode, text
+    # The flag overrides the file; without it the file's value stays.
+    train, _ = build_configs(p.parse_args(["--config", str(tmp_path / "c.yaml"), "--augment", "none"]))
+    assert train.augment == "none"
+    assert build_configs(p.parse_args(["--augment", "crop"]))[0].augment == "crop"
+    assert build_configs(p.parse_args([]))[0].augment == "auto"
+    with pytest.raises(SystemExit):
+        p.parse_args(["--augment", "flip"])

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from mixersnn.cli import main as cli_main
 from mixersnn.data import (
@@ -248,3 +249,137 @@ def test_corrupt_image_bytes_are_skipped_and_counted(tmp_path: Path) -> None:
     with pytest.warns(RuntimeWarning, match="00000002"):
         x, y = collect(loader)
     assert len(y) == 3 and loader.stats.corrupt_samples == 1 and loader.stats.corrupt_sample_keys[0].endswith("#00000002")
+
+
+# ----------------------------------------------------------------------------- flip safety, channels
+
+
+def _split_source(name: str, n: int = 8, **kw) -> SplitSource:  # type: ignore[no-untyped-def]
+    x = np.random.default_rng(0).integers(0, 256, (n, 8, 8), dtype=np.uint8)
+    return SplitSource(name, "train", ["a", "b"], np.arange(n) % 2, images=x, **kw)
+
+
+@pytest.mark.parametrize("flip_safe", [True, False, None])
+def test_manifest_flip_safe_round_trips(tmp_path: Path, flip_safe) -> None:  # type: ignore[no-untyped-def]
+    m = write_split(_split_source("d", flip_safe=flip_safe), tmp_path / "s", workers=1, progress=False)
+    assert m.flip_safe is flip_safe
+    assert json.loads((tmp_path / "s/manifest.json").read_text())["flip_safe"] is flip_safe
+    assert read_manifest(tmp_path / "s").flip_safe is flip_safe
+
+
+def test_old_manifest_without_flip_safe_reads_as_unknown_and_bad_values_are_refused(tmp_path: Path) -> None:
+    write_split(_split_source("d", flip_safe=True), tmp_path / "s", workers=1, progress=False)
+    path = tmp_path / "s/manifest.json"
+    raw = json.loads(path.read_text())
+    del raw["flip_safe"]  # a manifest from a mixersnn that did not write the key
+    path.write_text(json.dumps(raw))
+    assert read_manifest(tmp_path / "s", verify=True).flip_safe is None
+    raw["flip_safe"] = "yes"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ManifestError, match=r"flip_safe='yes'.*true, false or null"):
+        read_manifest(tmp_path / "s")
+
+
+def test_fashion_mnist_and_cifar_shards_are_flip_safe_other_idx_data_unknown(fmnist, tmp_path: Path) -> None:
+    root, _ = fmnist
+    kw = dict(workers=1, progress=False, limit=50)
+    ms = make_shards(root, tmp_path / "fm", dataset="fashion-mnist", **kw)
+    assert ms["train"].flip_safe is True and read_manifest(tmp_path / "fm/test").flip_safe is True
+    # The same idx layout under another name (MNIST digits, say): nobody knows, so unknown.
+    assert make_shards(root, tmp_path / "digits", dataset="digits", **kw)["train"].flip_safe is None
+    assert make_shards(root, tmp_path / "no", dataset="fashion-mnist", flip_safe=False, **kw)["train"].flip_safe is False
+    croot, _ = cifar10_folder(tmp_path / "cifar-10-batches-py")
+    assert {m.flip_safe for m in make_shards(croot, tmp_path / "c", **kw).values()} == {True}
+    # Image folders: unknown unless the caller says.
+    image_folder(tmp_path / "imgs", fmt="png", n_per_class=2, splits=("train",))
+    assert make_shards(tmp_path / "imgs", tmp_path / "i0", **kw)["train"].flip_safe is None
+    assert make_shards(tmp_path / "imgs", tmp_path / "i1", flip_safe=True, **kw)["train"].flip_safe is True
+
+
+def test_default_fashion_mnist_shards_are_flip_safe_also_when_built_before(fmnist, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root, _ = fmnist
+    monkeypatch.setenv("MIXERSNN_DATA", str(tmp_path / "cache"))
+    out = default_shards(source_dir=root, workers=1)
+    assert read_manifest(out / "train").flip_safe is True and read_manifest(out / "test").flip_safe is True
+    # Cached shards whose manifest lacks flip_safe are kept, and their manifest gets the key.
+    path = out / "train/manifest.json"
+    raw = json.loads(path.read_text())
+    del raw["flip_safe"]
+    path.write_text(json.dumps(raw))
+    stamp = (out / "train/shard-000000.tar").stat().st_mtime_ns
+    default_shards(source_dir=root, workers=1)
+    assert read_manifest(out / "train", verify=True).flip_safe is True
+    assert (out / "train/shard-000000.tar").stat().st_mtime_ns == stamp
+
+
+def _grey_folder(root: Path, modes=("L", "1", "I;16"), splits=("train",)) -> dict[str, np.ndarray]:  # type: ignore[no-untyped-def]
+    """``root/<split>/<class>/*.png`` in the given PIL modes; returns path -> pixels as 8-bit grey."""
+    rng = np.random.default_rng(1)
+    truth = {}
+    for split in splits:
+        for ci, c in enumerate(("a", "b")):
+            d = root / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i, mode in enumerate(modes):
+                px = rng.integers(0, 256, (10, 12), dtype=np.uint8)
+                if mode == "1":
+                    im = Image.fromarray(px).convert("1")
+                elif mode == "I;16":
+                    im = Image.fromarray(px.astype(np.uint16))  # 16-bit grey, values within 0-255
+                else:
+                    im = Image.fromarray(px).convert(mode)
+                p = d / f"img{i}.png"
+                im.save(p)
+                truth[str(p)] = np.asarray(Image.open(p).convert("L"))
+    return truth
+
+
+def test_grayscale_image_folder_keeps_one_channel_rgb_stays_three(tmp_path: Path) -> None:
+    truth = _grey_folder(tmp_path / "grey")
+    assert {Image.open(p).mode for p in truth} == {"L", "1", "I;16"}
+    m = make_shards(tmp_path / "grey", tmp_path / "out", workers=1, progress=False)["train"]
+    assert m.channels == 1 and len(m.mean) == 1 and m.image_size == (10, 12)
+    x, _ = _pixels(build_loader(tmp_path / "out/train", batch_size=6, train=False, transform=RAW))
+    assert x.shape == (6, 1, 10, 12)
+    assert sorted(map(bytes, x[:, 0])) == sorted(map(bytes, truth.values()))
+    image_folder(tmp_path / "rgb", fmt="png", n_per_class=2, splits=("train",))
+    assert make_shards(tmp_path / "rgb", tmp_path / "out_rgb", workers=1, progress=False)["train"].channels == 3
+    # Splits share one channel count (the model is built for one): one colour image in val
+    # makes both splits RGB; an all-grey tree stays grey in both.
+    _grey_folder(tmp_path / "tree", modes=("L", "L"), splits=("train", "val"))
+    ms = make_shards(tmp_path / "tree", tmp_path / "out_tree", workers=1, progress=False)
+    assert {s: m.channels for s, m in ms.items()} == {"train": 1, "val": 1}
+    Image.fromarray(np.zeros((10, 12, 3), np.uint8)).save(tmp_path / "tree/val/b/colour.png")
+    ms = make_shards(tmp_path / "tree", tmp_path / "out_tree", workers=1, progress=False)
+    assert {s: m.channels for s, m in ms.items()} == {"train": 3, "val": 3}
+
+
+def test_channels_can_be_forced_for_folders_only(tmp_path: Path) -> None:
+    _grey_folder(tmp_path / "grey", modes=("L",))
+    image_folder(tmp_path / "rgb", fmt="png", n_per_class=2, splits=("train",))
+    assert make_shards(tmp_path / "grey", tmp_path / "g3", channels=3, workers=1, progress=False)["train"].channels == 3
+    m = make_shards(tmp_path / "rgb", tmp_path / "r1", channels=1, workers=1, progress=False)["train"]
+    assert m.channels == 1 and len(m.std) == 1
+    croot, _ = cifar10_folder(tmp_path / "cifar-10-batches-py")
+    with pytest.raises(ValueError, match=r"channels=1.*cifar.*3"):
+        make_shards(croot, tmp_path / "c", channels=1, workers=1, progress=False)
+
+
+def test_cli_make_shards_flip_safe_and_channels(fmnist, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _grey_folder(tmp_path / "grey", modes=("L",))
+    common = ["--workers", "1", "--no-progress"]
+    assert cli_main(["data", "make-shards", str(tmp_path / "grey"), "--out", str(tmp_path / "a"), *common]) == 0
+    a = read_manifest(tmp_path / "a/train")
+    assert (a.channels, a.flip_safe) == (1, None)
+    assert "flips unknown" in capsys.readouterr().out
+    assert cli_main(["data", "make-shards", str(tmp_path / "grey"), "--out", str(tmp_path / "b"),
+                     "--flip-safe", "--channels", "3", *common]) == 0  # fmt: skip
+    b = read_manifest(tmp_path / "b/train")
+    assert (b.channels, b.flip_safe) == (3, True)
+    assert "flips label-safe" in capsys.readouterr().out
+    root, _ = fmnist
+    assert cli_main(["data", "make-shards", str(root), "--out", str(tmp_path / "c"), "--name", "fashion-mnist",
+                     "--limit", "50", "--no-flip-safe", *common]) == 0  # fmt: skip
+    assert read_manifest(tmp_path / "c/train").flip_safe is False
+    with pytest.raises(SystemExit):
+        cli_main(["data", "make-shards", str(root), "--out", str(tmp_path / "d"), "--channels", "2"])

@@ -237,3 +237,52 @@ def test_train_preset_runs_through_the_loader(shards: Path) -> None:
     x, y = next(iter(build_loader(shards / "train", batch_size=8, train=True)))
     assert x.shape == (8, 1, 28, 28) and x.dtype == torch.float32 and y.dtype == torch.int64
     assert torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("img_size", [28, 224])
+def test_augment_modes_choose_the_train_transform(img_size: int) -> None:
+    from mixersnn.data import augment_preset
+
+    crop, flip = augment_preset("crop", img_size), augment_preset("crop-flip", img_size)
+    assert (crop.hflip, flip.hflip) == (0.0, 0.5)
+    if img_size <= 64:
+        assert crop.pad_crop == flip.pad_crop == img_size // 8 and not crop.random_resized_crop
+    else:
+        assert crop.random_resized_crop and flip.random_resized_crop and crop.pad_crop == 0
+    none = augment_preset("none", img_size, source_size=img_size)
+    assert none == eval_preset(img_size, source_size=img_size)
+    assert (none.pad_crop, none.hflip, none.random_resized_crop) == (0, 0.0, False)
+    assert augment_preset("auto", img_size, flip_safe=True) == flip
+    assert augment_preset("auto", img_size, flip_safe=False) == augment_preset("auto", img_size) == crop
+    assert train_preset(img_size) == flip and train_preset(img_size, flip=False) == crop
+    with pytest.raises(ValueError, match=r"augment='flip'.*'auto', 'none', 'crop', 'crop-flip'"):
+        augment_preset("flip", img_size)
+
+
+def _tiny_shards(root: Path, flip_safe) -> Path:  # type: ignore[no-untyped-def]
+    from mixersnn.data import SplitSource, write_split
+
+    x = np.random.default_rng(0).integers(0, 256, (40, 28, 28), dtype=np.uint8)
+    for split in ("train", "test"):
+        src = SplitSource("d", split, [str(i) for i in range(10)], np.arange(40) % 10, images=x, flip_safe=flip_safe)
+        write_split(src, root / split, workers=1, progress=False)
+    return root
+
+
+@pytest.mark.parametrize("flip_safe", [True, False, None])
+def test_auto_augment_flips_only_data_whose_manifest_says_flips_are_safe(tmp_path: Path, flip_safe) -> None:  # type: ignore[no-untyped-def]
+    from trainers.config import TrainConfig
+    from trainers.loop import WorkerContext, build_loaders, resolve_data
+
+    root = _tiny_shards(tmp_path, flip_safe)
+    spec = resolve_data(str(root))
+    auto_flip = 0.5 if flip_safe else 0.0
+
+    def train_tf(mode: str) -> TransformConfig:
+        cfg = TrainConfig(data=str(root), augment=mode, batch_size=8, cache_data=False,
+                          model_overrides={"img_size": 28, "in_chans": 1, "num_classes": 10})  # fmt: skip
+        return build_loaders(cfg, spec, 28, WorkerContext())[0].transform.config
+
+    assert train_tf("auto").hflip == auto_flip and train_tf("auto").pad_crop == 3
+    assert train_tf("crop").hflip == 0.0 and train_tf("crop-flip").hflip == 0.5
+    assert train_tf("none") == eval_preset(28, source_size=28)

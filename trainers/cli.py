@@ -17,7 +17,7 @@ _TRAIN_FLAGS = {
     "eval_batch_size": "eval_batch_size", "optimizer": "optimizer", "lr": "lr",
     "momentum": "momentum", "weight_decay": "weight_decay", "warmup_epochs": "warmup_epochs",
     "label_smoothing": "label_smoothing", "mixup": "mixup", "cutmix": "cutmix", "amp": "amp",
-    "grad_clip": "grad_clip", "seed": "seed", "data_workers": "data_workers",
+    "grad_clip": "grad_clip", "augment": "augment", "seed": "seed", "data_workers": "data_workers",
     "max_steps_per_epoch": "max_steps_per_epoch", "max_eval_batches": "max_eval_batches",
     "time_budget": "time_budget_s", "tracking_uri": "tracking_uri", "experiment": "experiment",
     "run_name": "run_name",
@@ -70,6 +70,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--cutmix", type=float)
     o.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], help="mixed precision on CUDA")
     o.add_argument("--grad-clip", type=float)
+    o.add_argument("--augment", choices=["auto", "none", "crop", "crop-flip"],
+                   help="training augmentation: random crops, plus horizontal flips with crop-flip; auto (default) "
+                   "flips only data whose manifest says flips keep the labels (make-shards --flip-safe)")
     o.add_argument("--seed", type=int)
     o.add_argument("--data-workers", type=int)
     o.add_argument("--time-budget", type=float, help="stop after this many seconds of training")

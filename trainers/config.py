@@ -43,7 +43,12 @@ class TrainConfig:
         cutmix: cutmix alpha (0 = off); with both on, each batch picks one at random.
         amp: "auto" (bf16 on CUDA, off on CPU), "off", "bf16" or "fp16" (CUDA only).
         grad_clip: max global gradient norm, or None.
-        augment: random crop (pad 2 / 4 for small images) and horizontal flip in training.
+        augment: training augmentation: "crop" (pad-and-crop for images up to 64 px, else
+            random-resized-crop), "crop-flip" (plus a horizontal flip), "none" (the eval
+            transform), or "auto": "crop-flip" when the training split's manifest says flips
+            keep the labels (``flip_safe``: Fashion-MNIST, CIFAR), else "crop" (digits would
+            be mislabelled by mirroring). The booleans of older configs still read: true is
+            "auto", false "none".
         seed: global seed (each rank adds its rank).
         data_workers: DataLoader worker processes per training worker.
         max_steps_per_epoch: cap train batches per epoch (smoke runs), or None.
@@ -85,7 +90,7 @@ class TrainConfig:
     cutmix: float = 0.0
     amp: str = "auto"
     grad_clip: Optional[float] = 5.0
-    augment: bool = True
+    augment: Union[str, bool] = "auto"
     seed: int = 0
     data_workers: int = 0
     max_steps_per_epoch: Optional[int] = None
@@ -102,6 +107,11 @@ class TrainConfig:
     measure_energy: bool = True
 
     def __post_init__(self) -> None:
+        # YAML booleans stay valid: true is "auto" (crops, flips where the data allows), false "none".
+        if self.augment is True:
+            self.augment = "auto"
+        elif self.augment is False:
+            self.augment = "none"
         self.validate()
 
     def validate(self) -> None:
@@ -124,6 +134,12 @@ class TrainConfig:
         check(self.mixup >= 0 and self.cutmix >= 0, f"mixup={self.mixup}, cutmix={self.cutmix} must be >= 0 (0 turns them off)")
         check(self.amp in ("auto", "off", "bf16", "fp16"), f"amp={self.amp!r} must be one of 'auto', 'off', 'bf16', 'fp16'")
         check(self.grad_clip is None or self.grad_clip > 0, f"grad_clip={self.grad_clip} must be > 0 or None (off)")
+        from mixersnn.data.transforms import AUGMENT_MODES
+
+        check(isinstance(self.augment, str) and self.augment in AUGMENT_MODES,
+              f"augment={self.augment!r} must be one of {', '.join(repr(m) for m in AUGMENT_MODES)} (or true = "
+              f"'auto', false = 'none'); e.g. augment: crop in the YAML or --augment crop for data that mirroring "
+              f"mislabels, such as digits")  # fmt: skip
         check(self.data_workers >= 0, f"data_workers={self.data_workers} must be >= 0")
         check(self.cache_data in (True, False, "auto"), f"cache_data={self.cache_data!r} must be true, false or 'auto'")
         for name in ("max_steps_per_epoch", "samples_per_epoch", "max_eval_batches"):

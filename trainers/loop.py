@@ -73,6 +73,7 @@ class DataSpec:
     num_classes: int
     num_train: int
     num_eval: int
+    flip_safe: Optional[bool] = None
 
 
 def resolve_data(data: str) -> DataSpec:
@@ -118,6 +119,7 @@ def resolve_data(data: str) -> DataSpec:
         num_classes=len(mtrain.classes),
         num_train=int(mtrain.num_samples),
         num_eval=int(meval.num_samples),
+        flip_safe=mtrain.flip_safe,
     )
 
 
@@ -326,13 +328,14 @@ def build_loaders(cfg: TrainConfig, spec: DataSpec, img_size: int, ctx: WorkerCo
     than streaming. Transforms follow the model's input size, which may differ from the
     stored size.
     """
-    from mixersnn.data import build_loader, eval_preset, train_preset
+    from mixersnn.data import augment_preset, build_loader, eval_preset
     from mixersnn.data.memory import MemoryLoader, decoded_nbytes, is_cached
 
     eval_tf = eval_preset(img_size, source_size=spec.img_size)
     common = dict(num_workers=cfg.data_workers, rank=ctx.rank, world_size=ctx.world_size)
     train = build_loader(spec.train, batch_size=cfg.batch_size, train=True, seed=cfg.seed,
-                         transform=train_preset(img_size) if cfg.augment else eval_tf, **common)
+                         transform=augment_preset(cfg.augment, img_size, flip_safe=spec.flip_safe,
+                                                  source_size=spec.img_size), **common)
     evaluation = build_loader(spec.eval, batch_size=cfg.eval_batch_size, train=False, transform=eval_tf, **common)
     if cfg.cache_data != "auto":
         cache = bool(cfg.cache_data)

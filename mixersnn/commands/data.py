@@ -43,6 +43,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--encoding", default=None, choices=list(ENCODINGS), help="default: png (arrays), keep (folders)")
     m.add_argument("--jpeg-quality", type=int, default=95)
     m.add_argument("--img-size", type=int, default=None, help="folders: resize shorter side + centre-crop to N x N")
+    m.add_argument(
+        "--channels", type=int, default=None, choices=[1, 3],
+        help="folders: store 1 (grey) or 3 (RGB) channels (default: 1 when every image is grey, else 3)",
+    )
+    m.add_argument(
+        "--flip-safe", action=argparse.BooleanOptionalAction, default=None,
+        help="record that horizontal flips keep the labels (--no-flip-safe: they do not, e.g. digits); "
+        "training's --augment auto flips only such data (default: known for Fashion-MNIST and CIFAR, else unknown)",
+    )
     m.add_argument("--limit", default=None, help="first N samples per split, or per split: train=500,test=200")
     m.add_argument("--workers", type=int, default=None, help="parallel processes (default: all cores)")
     m.add_argument("--no-progress", action="store_true")
@@ -82,9 +91,10 @@ def _summary(m) -> str:  # type: ignore[no-untyped-def]
     size = "variable" if m.image_size is None else f"{m.image_size[0]}x{m.image_size[1]}"
     mean = ", ".join(f"{v:.4f}" for v in m.mean)
     std = ", ".join(f"{v:.4f}" for v in m.std)
+    flips = {True: "label-safe", False: "not label-safe", None: "unknown"}[m.flip_safe]
     return (
         f"{m.dataset}/{m.split}: {m.num_samples} samples in {len(m.shards)} shards, {m.num_classes} classes, "
-        f"{size} px x {m.channels} ch, {m.encoding}; mean ({mean}) std ({std})  -> {m.root}"
+        f"{size} px x {m.channels} ch, {m.encoding}; mean ({mean}) std ({std}); flips {flips}  -> {m.root}"
     )
 
 
@@ -107,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
             encoding=args.encoding,
             jpeg_quality=args.jpeg_quality,
             img_size=args.img_size,
+            channels=args.channels,
+            flip_safe=args.flip_safe,
             workers=args.workers,
             progress=not args.no_progress,
         )

@@ -5,7 +5,8 @@ The contract other packages code against:
 * :func:`make_shards` / ``mixersnn data make-shards``: idx, CIFAR or ImageFolder -> shards.
 * :func:`read_manifest`: a split's :class:`Manifest` (``verify=True`` checks sha256s).
 * :func:`build_loader`: ``(images float32 [B, C, H, W], labels int64 [B])`` batches per rank.
-* :class:`TransformConfig`, :func:`train_preset`, :func:`eval_preset`: augmentation in torch.
+* :class:`TransformConfig`, :func:`train_preset`, :func:`eval_preset`, :func:`augment_preset`:
+  augmentation in torch.
 * :func:`default_shards`: Fashion-MNIST shards, built on demand.
 """
 
@@ -24,9 +25,17 @@ from mixersnn.data.manifest import (
     ShardInfo,
     read_manifest,
 )
-from mixersnn.data.transforms import ImageTransform, TransformConfig, eval_preset, train_preset
+from mixersnn.data.transforms import (
+    AUGMENT_MODES,
+    ImageTransform,
+    TransformConfig,
+    augment_preset,
+    eval_preset,
+    train_preset,
+)
 
 __all__ = [
+    "AUGMENT_MODES",
     "ChecksumError",
     "DEFAULT_SAMPLES_PER_SHARD",
     "FASHION_MNIST_DIR",
@@ -41,6 +50,7 @@ __all__ = [
     "ShardLoader",
     "SplitSource",
     "TransformConfig",
+    "augment_preset",
     "build_loader",
     "data_root",
     "default_shards",

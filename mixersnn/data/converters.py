@@ -8,7 +8,11 @@ Three source layouts are read:
   ``batches.meta``, or ``train`` + ``test`` + ``meta`` (fine labels); splits ``train``/``test``.
 * **imagefolder**: one folder per class holding JPEG/PNG files. Either SOURCE itself is the
   split (``--split`` names it) or SOURCE holds split folders (``train/``, ``val/``, ``test/``)
-  each laid out that way, as ImageNet is.
+  each laid out that way, as ImageNet is. The shards get 1 channel when every image of every
+  split is stored grey (PIL modes ``L``, ``1``, ``I;16``, ...), else 3 (RGB).
+
+The manifest also records whether horizontal flips keep the labels (``flip_safe``): true for
+Fashion-MNIST and CIFAR, unknown for other data unless the caller says (``--flip-safe``).
 
 Every split is written by :func:`write_split`: a seeded permutation of the samples (so each
 shard mixes the classes), fixed-size shards written in parallel by worker processes, each
@@ -26,7 +30,7 @@ import tempfile
 from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
@@ -44,6 +48,7 @@ __all__ = [
     "idx_sources",
     "cifar_sources",
     "imagefolder_sources",
+    "image_channels",
     "write_split",
     "make_shards",
 ]
@@ -72,6 +77,8 @@ class SplitSource:
         files: image paths (folder sources), else None.
         channels: 1 or 3.
         origin: where the data came from, recorded in the manifest.
+        extra: more provenance for the manifest's ``extra``.
+        flip_safe: whether horizontal flips keep the labels; None when unknown.
     """
 
     dataset: str
@@ -83,6 +90,7 @@ class SplitSource:
     channels: int = 1
     origin: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    flip_safe: Optional[bool] = None
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64)
@@ -126,6 +134,7 @@ class SplitSource:
             channels=self.channels,
             origin=self.origin,
             extra={**self.extra, "limit": int(limit)},
+            flip_safe=self.flip_safe,
         )
 
 
@@ -151,15 +160,22 @@ def detect_format(source: Union[str, Path]) -> str:
 
 
 def idx_sources(root: Union[str, Path], *, dataset: Optional[str] = None) -> list[SplitSource]:
-    """Train and test splits of an MNIST-format folder (Fashion-MNIST class names when it is that)."""
+    """Train and test splits of an MNIST-format folder.
+
+    A data set named like Fashion-MNIST gets its class names and ``flip_safe=True`` (a
+    mirrored shirt is still a shirt); other idx data (MNIST digits, KMNIST) gets digit class
+    names and ``flip_safe=None``, since a mirrored character can be another or none.
+    """
     root = Path(root)
     out = []
     name = dataset or ("fashion-mnist" if root.resolve() == FASHION_MNIST_DIR.resolve() else root.name)
+    fashion = "fashion" in name.lower()
     for split in ("train", "test"):
         images, labels = load_idx_split(root, split)
         n_cls = int(labels.max()) + 1 if len(labels) else 10
-        classes = list(FASHION_MNIST_CLASSES) if "fashion" in name.lower() else [str(i) for i in range(max(n_cls, 10))]
-        out.append(SplitSource(name, split, classes, labels, images=images, origin=str(root)))
+        classes = list(FASHION_MNIST_CLASSES) if fashion else [str(i) for i in range(max(n_cls, 10))]
+        out.append(SplitSource(name, split, classes, labels, images=images, origin=str(root),
+                               flip_safe=True if fashion else None))  # fmt: skip
     return out
 
 
@@ -193,7 +209,10 @@ def _load_cifar_pickle(path: Path) -> dict[str, Any]:
 
 
 def cifar_sources(root: Union[str, Path], *, dataset: Optional[str] = None) -> list[SplitSource]:
-    """CIFAR-10 (``data_batch_*``) or CIFAR-100 (``train``/``test``, fine labels) python batches."""
+    """CIFAR-10 (``data_batch_*``) or CIFAR-100 (``train``/``test``, fine labels) python batches.
+
+    Both are natural-object photos whose labels survive a horizontal flip: ``flip_safe=True``.
+    """
     root = Path(root)
 
     def to_images(data: Any) -> np.ndarray:
@@ -217,7 +236,7 @@ def cifar_sources(root: Union[str, Path], *, dataset: Optional[str] = None) -> l
         batches = [_load_cifar_pickle(f) for f in files]
         images = np.concatenate([to_images(b["data"]) for b in batches])
         labels = np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches])
-        out.append(SplitSource(name, split, classes, labels, images=images, channels=3, origin=str(root)))
+        out.append(SplitSource(name, split, classes, labels, images=images, channels=3, origin=str(root), flip_safe=True))
     return out
 
 
@@ -240,10 +259,47 @@ def _folder_split(root: Path, dataset: str, split: str) -> SplitSource:
     return SplitSource(dataset, split, classes, np.asarray(labels), files=files, channels=3, origin=str(root))
 
 
+#: PIL modes of single-channel images: 1-bit, 8-bit, 16/32-bit integer and float grey, grey + alpha.
+GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
+
+
+def _is_grey(im: Image.Image) -> bool:
+    if im.mode in GREY_MODES:
+        return True
+    if im.mode in ("P", "PA"):  # a palette whose entries are all grey (r == g == b)
+        pal = im.getpalette() or []
+        return all(pal[i] == pal[i + 1] == pal[i + 2] for i in range(0, len(pal) - 2, 3))
+    return False
+
+
+def image_channels(files: Iterable[str]) -> int:
+    """1 when every image in ``files`` is stored grey (see :data:`GREY_MODES`), else 3.
+
+    Reads each file's header only (and a palette image's palette), stopping at the first
+    colour image, so a colour data set costs one open.
+    """
+    for path in files:
+        try:
+            with Image.open(path) as im:
+                grey = _is_grey(im)
+        except Exception as e:  # PIL raises many types for damaged files
+            raise ValueError(f"cannot read image {path} ({type(e).__name__}: {e}); remove or replace the file") from e
+        if not grey:
+            return 3
+    return 1
+
+
 def imagefolder_sources(
-    root: Union[str, Path], *, dataset: Optional[str] = None, split: str = "train"
+    root: Union[str, Path], *, dataset: Optional[str] = None, split: str = "train", channels: Optional[int] = None
 ) -> list[SplitSource]:
-    """Splits of an ImageFolder tree (``root/<class>/*.jpg`` or ``root/<split>/<class>/*.jpg``)."""
+    """Splits of an ImageFolder tree (``root/<class>/*.jpg`` or ``root/<split>/<class>/*.jpg``).
+
+    Args:
+        channels: 1 or 3 for every split; None: 1 when all images of all splits are grey
+            (:func:`image_channels`), else 3. One count for all splits, because one model reads them.
+    """
+    if channels not in (None, 1, 3):
+        raise ValueError(f"channels={channels!r}; allowed 1 (grey), 3 (RGB) or None (detect from the images)")
     root = Path(root)
     name = dataset or root.name
     split_dirs = [root / s for s in _SPLIT_DIRS if (root / s).is_dir()]
@@ -254,8 +310,12 @@ def imagefolder_sources(
             if s.classes != ref:
                 diff = sorted(set(ref) ^ set(s.classes))[:5]
                 raise ValueError(f"{root}: split {s.split} has different class folders than {srcs[0].split} ({diff} ...)")
-        return srcs
-    return [_folder_split(root, name, split)]
+    else:
+        srcs = [_folder_split(root, name, split)]
+    ch = channels if channels is not None else image_channels(f for s in srcs for f in s.files or [])
+    for s in srcs:
+        s.channels = ch
+    return srcs
 
 
 def load_sources(
@@ -264,16 +324,28 @@ def load_sources(
     format: str = "auto",
     dataset: Optional[str] = None,
     split: str = "train",
+    channels: Optional[int] = None,
 ) -> list[SplitSource]:
-    """All splits found in ``source`` (see the module docstring for the layouts)."""
+    """All splits found in ``source`` (see the module docstring for the layouts).
+
+    ``channels`` (1 or 3) overrides the grey/colour detection of image folders; idx and CIFAR
+    data have a fixed channel count, and asking for another is an error.
+    """
     fmt = detect_format(source) if format == "auto" else format
-    if fmt == "idx":
-        return idx_sources(source, dataset=dataset)
-    if fmt == "cifar":
-        return cifar_sources(source, dataset=dataset)
     if fmt == "imagefolder":
-        return imagefolder_sources(source, dataset=dataset, split=split)
-    raise ValueError(f"format={format!r}; allowed: auto, idx, cifar, imagefolder")
+        return imagefolder_sources(source, dataset=dataset, split=split, channels=channels)
+    if fmt == "idx":
+        srcs = idx_sources(source, dataset=dataset)
+    elif fmt == "cifar":
+        srcs = cifar_sources(source, dataset=dataset)
+    else:
+        raise ValueError(f"format={format!r}; allowed: auto, idx, cifar, imagefolder")
+    if channels is not None and any(s.channels != channels for s in srcs):
+        raise ValueError(
+            f"channels={channels}: the {fmt} data in {source} is stored with {srcs[0].channels} channel(s), and "
+            f"channels sets the count of image folders only; drop --channels for this source"
+        )
+    return srcs
 
 
 # ----------------------------------------------------------------------------- writing
@@ -454,6 +526,7 @@ def write_split(
         shards=tuple(ShardInfo(r.name, r.num_samples, r.sha256) for r in done_results),
         root=out_dir,
         extra=extra,
+        flip_safe=src.flip_safe,
     )
     write_manifest(manifest, out_dir)
     return manifest
@@ -479,6 +552,8 @@ def make_shards(
     split: str = "train",
     splits: Optional[Sequence[str]] = None,
     limit: Union[None, int, str, dict[str, int]] = None,
+    channels: Optional[int] = None,
+    flip_safe: Optional[bool] = None,
     **write_kwargs: Any,
 ) -> dict[str, Manifest]:
     """Convert every split of ``source`` to ``out/<split>/``.
@@ -495,12 +570,20 @@ def make_shards(
         splits: convert only these splits.
         limit: keep the first N samples of each split (int), or per split
             (``{"train": 500}`` or ``"train=500,test=200"``); for smoke tests.
+        channels: image folders: 1 or 3 channels; None detects them (1 when every image is grey).
+        flip_safe: record in every manifest whether horizontal flips keep the labels; None
+            keeps the converter's own (True for Fashion-MNIST and CIFAR, else unknown).
         **write_kwargs: passed to :func:`write_split`.
 
     Returns:
         ``{split: manifest}``.
     """
-    srcs = load_sources(source if source is not None else FASHION_MNIST_DIR, format=format, dataset=dataset, split=split)
+    srcs = load_sources(
+        source if source is not None else FASHION_MNIST_DIR, format=format, dataset=dataset, split=split, channels=channels
+    )
+    if flip_safe is not None:
+        for s in srcs:
+            s.flip_safe = flip_safe
     if splits:
         unknown = sorted(set(splits) - {s.split for s in srcs})
         if unknown:

@@ -69,7 +69,9 @@ def default_shards(
     """Fashion-MNIST as shards, built on first use; returns the folder holding ``train/`` and ``test/``.
 
     Idempotent: a split whose manifest verifies (every shard present with its sha256) is reused;
-    a missing, partial or damaged one is rebuilt from the idx files.
+    a missing, partial or damaged one is rebuilt from the idx files. The manifests say
+    ``flip_safe: true`` (a mirrored garment keeps its class); a reused split whose manifest
+    lacks the field gets it written, shards untouched.
 
     Args:
         root: data root (default ``$MIXERSNN_DATA`` or ``~/.cache/mixersnn/data``).
@@ -81,7 +83,10 @@ def default_shards(
         FileNotFoundError: the idx files are not there (install ``dataset-fashion-mnist`` or
             run :func:`download_fashion_mnist`).
     """
+    from dataclasses import replace
+
     from mixersnn.data.converters import idx_sources, write_split
+    from mixersnn.data.manifest import write_manifest
 
     out = data_root(root) / "fashion-mnist"
     src_dir = Path(source_dir) if source_dir is not None else FASHION_MNIST_DIR
@@ -89,9 +94,12 @@ def default_shards(
         todo = []
         for split in ("train", "test"):
             try:
-                read_manifest(out / split, verify=True)
+                m = read_manifest(out / split, verify=True)
             except ManifestError:
                 todo.append(split)
+                continue
+            if m.flip_safe is None:
+                write_manifest(replace(m, flip_safe=True), out / split)
         if todo:
             for src in idx_sources(src_dir, dataset="fashion-mnist"):
                 if src.split in todo:

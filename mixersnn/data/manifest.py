@@ -91,6 +91,9 @@ class Manifest:
         root: the split directory the manifest was read from (not serialised): a local
             ``Path``, or a ``str`` URL for splits in an object store (``s3://bucket/fmnist/train``).
         extra: free-form provenance (source path, seed, shuffle), kept as written.
+        flip_safe: whether a horizontally flipped image keeps its label (True for clothes,
+            CIFAR objects; False for digits, text); None when unknown, which training's
+            ``augment: auto`` treats as not safe. Manifests written without it read as None.
     """
 
     dataset: str
@@ -105,6 +108,7 @@ class Manifest:
     shards: tuple[ShardInfo, ...]
     root: Union[Path, str, None] = None
     extra: dict[str, Any] = field(default_factory=dict)
+    flip_safe: Optional[bool] = None
 
     @property
     def num_classes(self) -> int:
@@ -306,6 +310,12 @@ def _parse_manifest(data: bytes, path: str, root: Union[Path, str]) -> Manifest:
     if not classes:
         raise ManifestError(f"{path}: classes is empty; a classification split needs at least one class")
     image_size = raw.get("image_size")
+    flip_safe = raw.get("flip_safe")
+    if flip_safe is not None and not isinstance(flip_safe, bool):
+        raise ManifestError(
+            f"{path}: flip_safe={flip_safe!r}; allowed are true, false or null (unknown). Fix the value, or "
+            f"regenerate the split with `mixersnn data make-shards --flip-safe` / `--no-flip-safe`"
+        )
     return Manifest(
         dataset=str(raw["dataset"]),
         split=str(raw["split"]),
@@ -319,4 +329,5 @@ def _parse_manifest(data: bytes, path: str, root: Union[Path, str]) -> Manifest:
         shards=shards,
         root=root,
         extra=dict(raw.get("extra") or {}),
+        flip_safe=flip_safe,
     )

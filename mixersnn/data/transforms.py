@@ -19,7 +19,11 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["TransformConfig", "ImageTransform", "train_preset", "eval_preset"]
+__all__ = ["AUGMENT_MODES", "TransformConfig", "ImageTransform", "train_preset", "eval_preset", "augment_preset"]
+
+AUGMENT_MODES = ("auto", "none", "crop", "crop-flip")
+"""Training augmentation modes (``TrainConfig.augment``, ``mixersnn train --augment``): see
+:func:`augment_preset`."""
 
 
 @dataclass(frozen=True)
@@ -75,15 +79,42 @@ class TransformConfig:
             raise ValueError("set both mean and std, or neither (then the manifest's statistics are used)")
 
 
-def train_preset(img_size: int) -> TransformConfig:
+def train_preset(img_size: int, *, flip: bool = True) -> TransformConfig:
     """The usual training augmentation for an image of side ``img_size``.
 
-    Small images (<= 64 px: MNIST-like, CIFAR) get pad-and-crop by ``img_size // 8`` pixels
-    plus a flip; larger ones the ImageNet random-resized-crop plus a flip.
+    Small images (<= 64 px: MNIST-like, CIFAR) get pad-and-crop by ``img_size // 8`` pixels,
+    larger ones the ImageNet random-resized-crop; ``flip`` adds a horizontal flip with
+    probability 0.5 (only right for data whose labels survive mirroring).
     """
+    hflip = 0.5 if flip else 0.0
     if img_size <= 64:
-        return TransformConfig(img_size=img_size, pad_crop=max(1, img_size // 8), hflip=0.5)
-    return TransformConfig(img_size=img_size, random_resized_crop=True, hflip=0.5)
+        return TransformConfig(img_size=img_size, pad_crop=max(1, img_size // 8), hflip=hflip)
+    return TransformConfig(img_size=img_size, random_resized_crop=True, hflip=hflip)
+
+
+def augment_preset(
+    mode: str, img_size: int, *, flip_safe: Optional[bool] = None, source_size: Optional[int] = None
+) -> TransformConfig:
+    """The training transform for an augmentation mode (:data:`AUGMENT_MODES`).
+
+    Args:
+        mode: ``none``: the evaluation transform (:func:`eval_preset`); ``crop``: the random
+            crop of :func:`train_preset` without a flip; ``crop-flip``: with the flip;
+            ``auto``: ``crop-flip`` when ``flip_safe`` is True, else ``crop``.
+        img_size: the model's input side.
+        flip_safe: the training split manifest's ``flip_safe`` (None: unknown, so no flip).
+        source_size: the stored image side, for ``none`` (see :func:`eval_preset`).
+    """
+    if mode not in AUGMENT_MODES:
+        raise ValueError(
+            f"augment={mode!r}; allowed: {', '.join(repr(m) for m in AUGMENT_MODES)} ('auto' flips only data "
+            f"whose manifest says flips keep the labels)"
+        )
+    if mode == "none":
+        return eval_preset(img_size, source_size=source_size)
+    if mode == "auto":
+        mode = "crop-flip" if flip_safe is True else "crop"
+    return train_preset(img_size, flip=mode == "crop-flip")
 
 
 def eval_preset(img_size: int, *, source_size: Optional[int] = None) -> TransformConfig:
