@@ -65,6 +65,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        how = "with --resume" if args.command == "search" else "again"
+        print(f"interrupted: what was trained is kept; run the same command {how} to continue from the last "
+              f"checkpoint", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -35,8 +35,8 @@ from typing import Any, Callable, Optional
 from mixersnn._atomic import atomic_path
 from search.config import SearchConfig
 from search.space import Sampler, TrialSpec
-from search.tracking import (BASELINE_TAG, REASON_TAG, SEARCH_TAG, STATUS_TAG, TrialRow, epochs_logged, settle_run,
-                             stop_reason)
+from search.tracking import (BASELINE_TAG, REASON_TAG, SEARCH_TAG, STATUS_TAG, TrialRow, collect_trials,
+                             epochs_logged, settle_run, stop_reason)
 from search.trial import SearchContext, in_process, run_trial, trial_resources
 from trainers.ray_train import LOCAL_RUNTIME_ENV
 
@@ -388,6 +388,9 @@ def run_search(
         SearchExistsError: state exists and ``resume`` is False, or none exists and it is True.
     """
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", _CHECKPOINT_PERIOD_S)
+    # Ctrl-C raises KeyboardInterrupt here (settled below) instead of Tune's graceful stop,
+    # after which fit() returns as if the experiment had ended and the search would finalize.
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     # Every epoch's checkpoint forces a snapshot of the experiment (num_to_keep), which is what
     # makes --resume lose at most one epoch; Tune warns about each burst of them.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -438,6 +441,16 @@ def run_search(
         tuner.fit()
         result = finalize(cfg, uri, parent, register=register, log=log)
         status = "FINISHED"
+    except KeyboardInterrupt:
+        # Ctrl-C (Tune's own handler is off: it would end the experiment as if finished): the
+        # trials that were training stop as they are; --resume continues them from Tune's
+        # last saved state and their checkpoints.
+        status = "KILLED"
+        for r in collect_trials(uri, parent):
+            if r.status == "running":
+                settle_run(uri, r.run_id, "stopped", "interrupted by the user (SIGINT); --resume continues it",
+                           epochs=0)
+        raise
     finally:
         end_run(uri, parent, status)
     result.wall_s = time.time() - t0
@@ -514,8 +527,8 @@ def _restore(directory: Path, trainable: Any) -> Any:
 def finalize(cfg: SearchConfig, uri: str, parent: str, *, register: bool = True,
              log: Callable[[str], None] = print) -> SearchResult:
     """Settle leftover statuses, then log the Pareto front, plots and registry entry."""
-    from search.tracking import (collect_trials, compare_baselines, format_comparison, format_table, log_summary,
-                                 pareto_front, register_best, select_best)
+    from search.tracking import (compare_baselines, format_comparison, format_table, log_summary, pareto_front,
+                                 register_best, select_best)
     from trainers.tracking import MLflowTracker
 
     rows = collect_trials(uri, parent)

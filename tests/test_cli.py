@@ -85,3 +85,42 @@ def test_a_run_is_never_silently_reused_for_another_config(tmp_path: Path, monke
     names = {json.loads(ln)["run_name"] for ln in capsys.readouterr().out.strip().splitlines() if ln.startswith("{")}
     assert len(names) == 2 and all(n.startswith("mlp_spe_t-") for n in names)
     assert {p.name for p in (tmp_path / "runs" / "local").iterdir()} == names | {"mine"}
+
+
+@pytest.mark.slow
+def test_sigint_stops_a_training_run_killed_and_the_same_command_continues(tmp_path: Path, fmnist_shards: Path) -> None:
+    """Ctrl-C during `mixersnn train --no-ray`: exit 130 with how to continue, the MLflow run
+    KILLED (not FAILED); the same command resumes from the last finished epoch and logs
+    every epoch once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    repo = Path(__file__).resolve().parents[1]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = [sys.executable, "-m", "mixersnn.cli", "train", "--data", str(fmnist_shards), "--no-ray", "--epochs", "4",
+           "--embed-dim", "12", "--depths", "1,1", "--T", "1", "--max-steps-per-epoch", "20", "--max-eval-batches", "1",
+           "--tracking-uri", uri, "--experiment", "sigint", "--run-name", "ctrl-c"]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    ckpt = tmp_path / "runs" / "local" / "ctrl-c" / "checkpoint.pt"
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not ckpt.exists():  # the first epoch is on disk
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else ""
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err and "same command again" in err, err
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("sigint").experiment_id])
+    assert run.info.status == "KILLED"
+
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resumed from epoch" in done.stdout + done.stderr
+    (run,) = client.search_runs([client.get_experiment_by_name("sigint").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert [h.step for h in client.get_metric_history(run.info.run_id, "test_acc")] == [0, 1, 2, 3]

@@ -242,6 +242,53 @@ def test_killed_driver_resumes_a_halving_search_without_duplicates(shards: Path,
 
 
 @pytest.mark.slow
+def test_sigint_stops_a_search_killed_and_resume_finishes_it(shards: Path, tmp_path: Path) -> None:
+    """Ctrl-C of the driver: exit 130 naming --resume, the parent run and the trials that were
+    training closed KILLED (not FAILED, not finalised as done); --resume finishes the search
+    in the same runs."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    space = {**TINY_SPACE, "T": 1, "batch_size": 32}
+    path = _yaml(tmp_path / "search.yaml", _tiny_config(
+        tmp_path, shards, uri, "ctrl-c", space=space, train={**TINY_TRAIN, "epochs": 3},
+        asha={"grace_period": 1, "reduction_factor": 3},
+        budget={"num_trials": 3, "max_concurrent_trials": 2}, constraints={}))
+    cmd = [sys.executable, "-m", "mixersnn.cli", "search", "--config", str(path), "--quiet"]
+    env = {**os.environ, **WORKER_ENV, "PYTHONPATH": str(REPO)}
+    rungs = tmp_path / "runs" / "ctrl-c" / "mo_asha.json"
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not (rungs.exists() and json.loads(rungs.read_text())["rungs"]["1"]):
+            assert proc.poll() is None and time.time() < deadline, "no trial reached the rung in time"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in _session(proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert proc.returncode == 130 and "with --resume" in err, err[-2000:]
+    client = MlflowClient(uri)
+    parent, children = _children(client, "exp-ctrl-c")
+    assert parent.info.status == "KILLED" and "mixersnn.best_run_id" not in parent.data.tags
+    assert children and all(c.info.status != "FAILED" for c in children)
+    assert not any(c.data.tags.get("mixersnn.trial_status") == "running" for c in children)
+
+    done = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    parent, children = _children(client, "exp-ctrl-c")
+    assert parent.info.status == "FINISHED" and len({c.info.run_name for c in children}) == len(children)
+    assert sorted(c.data.tags["mixersnn.trial_status"] for c in children).count("ok") == 1
+
+
+@pytest.mark.slow
 def test_search_end_to_end_on_mlflow_server(shards: Path, tmp_path: Path, mlflow_server: str, local_ray, capsys) -> None:  # type: ignore[no-untyped-def]
     """The whole multi-objective search with NSGA-II and one baseline: every trial outcome
     (trained, infeasible, failed), the front, the registry, the baseline kept off both and

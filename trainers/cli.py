@@ -244,6 +244,9 @@ def _run_local(cfg: Any, name: str, *, track: bool) -> tuple[dict[str, Any], str
     try:
         metrics = run_training(cfg, WorkerContext(report=report, resume_dir=resume, tracker=tracker))
         status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"  # stopped by the user: the same command continues from the last epoch
+        raise
     finally:
         if run_id:
             end_run(uri, run_id, status)

@@ -222,6 +222,9 @@ def fit(
     try:
         result = trainer.fit()
         status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"  # stopped by the user: the same command continues from the last epoch
+        raise
     finally:
         if run_id is not None:
             end_run(uri, run_id, status)
