@@ -124,3 +124,17 @@ def test_sigint_stops_a_training_run_killed_and_the_same_command_continues(tmp_p
     (run,) = client.search_runs([client.get_experiment_by_name("sigint").experiment_id])
     assert run.info.status == "FINISHED"
     assert [h.step for h in client.get_metric_history(run.info.run_id, "test_acc")] == [0, 1, 2, 3]
+
+
+def test_an_unwritable_checkpoint_folder_is_refused_before_training(tmp_path: Path, monkeypatch, fmnist_shards: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    # A file where the run folder should go (tests run as root, so permissions would not stop it).
+    monkeypatch.chdir(tmp_path)
+    blocker = tmp_path / "storage"
+    blocker.write_text("not a folder")
+    base = ["train", "--data", str(fmnist_shards), "--no-mlflow", "--epochs", "1", "--run-name", "r"]
+    assert main([*base, "--storage-path", str(blocker)]) == 2
+    err = capsys.readouterr().err
+    assert str(blocker) in err and "writable --storage-path" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "runs").write_text("not a folder either")
+    assert main([*base, "--no-ray"]) == 2
+    assert "runs/local" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -196,3 +197,33 @@ def test_default_tracking_uri_follows_mlflow_env(monkeypatch: pytest.MonkeyPatch
     assert resolve_tracking_uri(None) == f"sqlite:///{tmp_path.resolve() / 'sub' / 'runs.db'}"
     # An explicit URI wins over the environment.
     assert resolve_tracking_uri("http://127.0.0.1:5001") == "http://127.0.0.1:5001"
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_a_shard_replaced_by_garbage_between_epochs(fmnist_shards: Path, tmp_path: Path, cache: bool) -> None:
+    """Streaming (cache_data false): the next epoch skips the damaged shard, keeps its batch
+    count and reports the damage. Cached (true): the split was decoded and checked once, so
+    the epoch trains on what was read; the shards are not read again in this process."""
+    import shutil
+
+    from mixersnn.data.memory import clear_cache
+
+    data = tmp_path / "data"
+    shutil.copytree(fmnist_shards, data)
+    clear_cache()
+    rec = Recorder(tmp_path / "keep")
+
+    def damage_after_first_epoch(metrics: dict, ckpt_dir) -> None:
+        rec(metrics, ckpt_dir)
+        if metrics["epoch"] == 0:
+            (data / "train" / "shard-000001.tar").write_bytes(b"\x00garbage" * 1000)
+
+    cfg = _cfg(data, epochs=2, cache_data=cache)
+    if not cache:
+        with pytest.warns(RuntimeWarning, match="shard-000001.tar"):
+            run_training(cfg, WorkerContext(report=damage_after_first_epoch, log=lambda s: None))
+    else:
+        run_training(cfg, WorkerContext(report=damage_after_first_epoch, log=lambda s: None))
+    first, second = rec.metrics
+    assert first["corrupt_shards_skipped"] == 0 and np.isfinite(second["train_loss"])
+    assert second["corrupt_shards_skipped"] == (0 if cache else 1)

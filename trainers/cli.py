@@ -186,8 +186,13 @@ def claim_run(run_dir: Path, cfg: Any, scale: Any, *, resume: bool) -> None:
             raise UserError(f"run {run_dir.name!r} ({run_dir}) trained another config ({shown}{more}): give this "
                             f"one a new name (--run-name NEW), or --resume to continue that run with this config")
     if not record.exists() or resume:
-        with atomic_path(record, suffix=".json") as tmp:
-            Path(tmp).write_text(_json.dumps(new, indent=1, sort_keys=True))
+        try:
+            with atomic_path(record, suffix=".json") as tmp:
+                Path(tmp).write_text(_json.dumps(new, indent=1, sort_keys=True))
+        except OSError as err:  # read-only, full, or a file where a folder should be
+            raise UserError(f"cannot write the run's folder {run_dir} ({type(err).__name__}: {err}); checkpoints go "
+                            f"there: give a writable --storage-path (for --no-ray: run from a writable folder, "
+                            f"runs/local/ is created here) or free some space") from None
 
 
 def run(args: argparse.Namespace) -> int:
