@@ -133,3 +133,64 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def start_mlflow_server(root: Path, port: int | None = None) -> tuple[Any, str]:
+    """A real ``mlflow server`` on 127.0.0.1 with its sqlite store and artefacts in ``root``
+    (the same root and port bring the same server back), healthy before this returns:
+    ``(process, url)``. One worker and no background job runners on CI's 2 cores."""
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    import pytest
+
+    port = port or free_port()
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("mlflow")), "server",
+         "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+         "--artifacts-destination", str(root / "artifacts"),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        start_new_session=True,  # its web workers are child processes: stop_process ends the group
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc, url
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"mlflow server on {url} did not become healthy")
+        time.sleep(0.5)
+
+
+def stop_process(proc: Any, timeout: float = 20, *, kill: bool = False) -> None:
+    """End ``proc`` and the process group it leads (a server and its workers): SIGTERM, then
+    SIGKILL if it has not ended within ``timeout`` seconds; ``kill``: SIGKILL at once."""
+    import os
+    import signal
+    import subprocess
+
+    def send(sig: int) -> None:
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    if not kill:
+        send(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+    send(signal.SIGKILL)
+    proc.wait()

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from _helpers import free_port
 
 
 @pytest.fixture(autouse=True)
@@ -64,39 +63,8 @@ def fmnist_shards(tmp_path_factory: pytest.TempPathFactory):
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     """A real ``mlflow server`` (sqlite backend, proxied artefacts) on 127.0.0.1, shared by the
     session: it takes 10-40 s to come up on 2 cores. Tests keep apart by experiment name."""
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-    from pathlib import Path
+    from _helpers import start_mlflow_server, stop_process
 
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).with_name("mlflow")), "server",
-         "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
-         "--artifacts-destination", str(root / "artifacts"),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        # No background job runners (about ten processes) on CI's 2 cores: tracking only.
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            pytest.fail(f"mlflow server on {url} did not become healthy")
-        time.sleep(0.5)
+    proc, url = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"))
     yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop_process(proc)

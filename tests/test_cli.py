@@ -138,3 +138,61 @@ def test_an_unwritable_checkpoint_folder_is_refused_before_training(tmp_path: Pa
     (tmp_path / "runs").write_text("not a folder either")
     assert main([*base, "--no-ray"]) == 2
     assert "runs/local" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_tracking_server_dying_mid_run_stops_it_in_one_line_and_the_rerun_continues(tmp_path: Path, fmnist_shards: Path) -> None:
+    """The MLflow server killed after the first epoch: the run stops with one line that says
+    what is kept and how to continue; with the server back, the same command resumes and
+    every epoch is logged once."""
+    import os
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    from _helpers import start_mlflow_server, stop_process
+
+    repo = Path(__file__).resolve().parents[1]
+    store = tmp_path / "server"
+    store.mkdir()
+    port = free_port()
+    server, uri = start_mlflow_server(store, port)
+    # A model slow enough (about 2 s an epoch here) for the kill to land mid-run.
+    cmd = [sys.executable, "-m", "mixersnn.cli", "train", "--data", str(fmnist_shards), "--no-ray", "--epochs", "4",
+           "--embed-dim", "48", "--depths", "2,2", "--T", "4", "--max-eval-batches", "1",
+           "--tracking-uri", uri, "--experiment", "server-dies", "--run-name", "r"]
+    # MLflow's client retries a dead server for minutes by default; the test gives it one try.
+    env = {**os.environ, "PYTHONPATH": str(repo), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+           "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    client = MlflowClient(uri)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            exp = client.get_experiment_by_name("server-dies")
+            runs = client.search_runs([exp.experiment_id]) if exp else []
+            if runs and client.get_metric_history(runs[0].info.run_id, "test_acc"):
+                break
+            assert proc.poll() is None and time.time() < deadline, "no epoch was logged in time"
+            time.sleep(0.2)
+        stop_process(server, kill=True)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        stop_process(server, kill=True)
+    lines = err.strip().splitlines()
+    assert proc.returncode == 2 and "stopped answering" in lines[-1] and "run the same command again" in lines[-1], err
+    assert "Traceback" not in err
+
+    server, uri = start_mlflow_server(store, port)
+    try:
+        done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        client = MlflowClient(uri)
+        (run,) = client.search_runs([client.get_experiment_by_name("server-dies").experiment_id])
+        assert run.info.status == "FINISHED"
+        assert [h.step for h in client.get_metric_history(run.info.run_id, "test_acc")] == [0, 1, 2, 3]
+    finally:
+        stop_process(server, kill=True)

@@ -229,7 +229,7 @@ def _run_local(cfg: Any, name: str, *, track: bool) -> tuple[dict[str, Any], str
     import shutil
 
     from trainers.loop import CHECKPOINT_FILE, WorkerContext, run_training
-    from trainers.tracking import MLflowTracker, end_run, resolve_tracking_uri, start_run
+    from trainers.tracking import MLflowTracker, close_run, resolve_tracking_uri, start_run
 
     out = Path("runs/local") / name
     out.mkdir(parents=True, exist_ok=True)
@@ -254,7 +254,7 @@ def _run_local(cfg: Any, name: str, *, track: bool) -> tuple[dict[str, Any], str
         raise
     finally:
         if run_id:
-            end_run(uri, run_id, status)
+            close_run(uri, run_id, status)
     return metrics, str(out / CHECKPOINT_FILE)
 
 

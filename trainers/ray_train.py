@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from trainers.config import ScaleConfig, TrainConfig
-from trainers.tracking import MLflowTracker, end_run, resolve_tracking_uri, start_run
+from trainers.tracking import MLflowTracker, close_run, resolve_tracking_uri, start_run
 
 # What a local runtime started here (or by the search) gives its Ray processes: Ray Train's
 # preemption watcher off. Ray Train starts that actor for every fit, to stop the workers of a
@@ -227,7 +227,7 @@ def fit(
         raise
     finally:
         if run_id is not None:
-            end_run(uri, run_id, status)
+            close_run(uri, run_id, status)
     ckpt_path = None
     if result.checkpoint is not None:
         ckpt_path = str(Path(result.checkpoint.path) / "checkpoint.pt")

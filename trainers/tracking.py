@@ -14,8 +14,10 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-__all__ = ["default_tracking_uri", "check_tracking_server", "mlflow_client", "MLflowTracker", "start_run", "end_run",
-           "find_run", "reopen_run"]
+from mixersnn.errors import UserError
+
+__all__ = ["default_tracking_uri", "check_tracking_server", "TrackingUnavailable", "mlflow_client", "MLflowTracker",
+           "start_run", "end_run", "close_run", "find_run", "reopen_run"]
 
 _MAX_PARAM_LEN = 6000
 
@@ -58,8 +60,6 @@ def check_tracking_server(uri: str, timeout_s: float = 3.0) -> None:
     import urllib.error
     import urllib.request
 
-    from mixersnn.errors import UserError
-
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as resp:
             if resp.status == 200:
@@ -86,11 +86,51 @@ def mlflow_ui_hint(uri: str) -> str:
 EPOCH_METRIC = "test_acc"
 
 
+class TrackingUnavailable(UserError):
+    """The tracking server stopped answering (after MLflow's own retries)."""
+
+
+def _unreachable(err: BaseException) -> bool:
+    """Whether ``err`` is MLflow's client giving up on a server that does not answer."""
+    text = str(err)
+    return any(s in text for s in ("Max retries exceeded", "Connection refused", "Failed to establish a new connection",
+                                   "Connection aborted", "RemoteDisconnected"))
+
+
+class _ReachableClient:
+    """An ``MlflowClient`` whose calls, when the server stops answering, raise
+    :class:`TrackingUnavailable`: one line that says what is kept and how to continue, instead
+    of MLflow's chained connection tracebacks."""
+
+    def __init__(self, client: Any, uri: str) -> None:
+        self._client, self._uri = client, uri
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return attr(*args, **kwargs)
+            except Exception as err:
+                if not _unreachable(err):
+                    raise
+                raise TrackingUnavailable(
+                    f"the MLflow tracking server {self._uri} stopped answering ({type(err).__name__} in {name}); what "
+                    f"was logged before stays. When it is back, run the same command again: training continues from "
+                    f"the last checkpoint and logs no epoch twice (a search: add --resume)") from None
+
+        return call
+
+
 def mlflow_client(uri: str):
-    """An ``MlflowClient`` for ``uri`` (mlflow imported only when one is needed)."""
+    """An ``MlflowClient`` for ``uri`` (mlflow imported only when one is needed); for a server
+    (http, https), one whose calls raise :class:`TrackingUnavailable` when it stops answering."""
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    client = MlflowClient(tracking_uri=uri)
+    return _ReachableClient(client, uri) if uri.startswith(("http://", "https://")) else client
 
 
 def _experiment_id(client: Any, uri: str, name: str) -> str:
@@ -162,6 +202,17 @@ def start_run(
 
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     mlflow_client(uri).set_terminated(run_id, status)
+
+
+def close_run(uri: str, run_id: str, status: str) -> None:
+    """:func:`end_run` at the end of a job: a job that did not finish (failed, interrupted)
+    because the server stopped answering cannot close its run either; its own error is the
+    one to report, so that second failure passes."""
+    try:
+        end_run(uri, run_id, status)
+    except TrackingUnavailable:
+        if status == "FINISHED":
+            raise
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
