@@ -196,3 +196,43 @@ def test_the_tracking_server_dying_mid_run_stops_it_in_one_line_and_the_rerun_co
         assert [h.step for h in client.get_metric_history(run.info.run_id, "test_acc")] == [0, 1, 2, 3]
     finally:
         stop_process(server, kill=True)
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_last_checkpoint(tmp_path: Path, fmnist_shards: Path) -> None:
+    """The run folder on a small tmpfs that fills up at the second checkpoint: one line naming
+    the epoch and the fix, the first checkpoint intact; with room again, the same command
+    continues from it."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=900k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()}): needs root")
+    try:
+        repo = Path(__file__).resolve().parents[1]
+        # About 0.6 MB a checkpoint (model and AdamW state) on 0.9 MB: the first fits, writing the second
+        # beside it (copy, then rename) does not.
+        cmd = [sys.executable, "-m", "mixersnn.cli", "train", "--data", str(fmnist_shards), "--no-ray",
+               "--no-mlflow", "--epochs", "3", "--embed-dim", "24", "--depths", "1,1", "--T", "1",
+               "--max-steps-per-epoch", "2", "--max-eval-batches", "1", "--run-name", "full"]
+        env = {**os.environ, "PYTHONPATH": str(repo)}
+        proc = subprocess.run(cmd, cwd=disk, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        line = proc.stderr.strip().splitlines()[-1]
+        assert "checkpoint of epoch 2" in line and "previous checkpoint there is intact" in line, line
+        ckpt = disk / "runs" / "local" / "full" / "checkpoint.pt"
+        assert torch.load(ckpt, weights_only=True)["epoch"] == 0
+        assert not (ckpt.parent / "checkpoint.pt.tmp").exists()
+
+        subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)
+        done = subprocess.run(cmd, cwd=disk, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0 and "resumed from epoch 0" in done.stdout + done.stderr, done.stderr[-2000:]
+        assert torch.load(ckpt, weights_only=True)["epoch"] == 2
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)

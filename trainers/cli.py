@@ -228,6 +228,7 @@ def _run_local(cfg: Any, name: str, *, track: bool) -> tuple[dict[str, Any], str
     """The loop in this process: no Ray, checkpoints under runs/local/<run name>/."""
     import shutil
 
+    from mixersnn.errors import UserError
     from trainers.loop import CHECKPOINT_FILE, WorkerContext, run_training
     from trainers.tracking import MLflowTracker, close_run, resolve_tracking_uri, start_run
 
@@ -242,8 +243,14 @@ def _run_local(cfg: Any, name: str, *, track: bool) -> tuple[dict[str, Any], str
     def report(metrics: dict[str, Any], ckpt_dir: Any) -> None:
         if ckpt_dir is not None:
             tmp = out / (CHECKPOINT_FILE + ".tmp")
-            shutil.copyfile(Path(ckpt_dir) / CHECKPOINT_FILE, tmp)
-            tmp.replace(out / CHECKPOINT_FILE)
+            try:
+                shutil.copyfile(Path(ckpt_dir) / CHECKPOINT_FILE, tmp)
+                tmp.replace(out / CHECKPOINT_FILE)
+            except OSError as err:  # a full or failing disk: the previous checkpoint is untouched
+                tmp.unlink(missing_ok=True)
+                raise UserError(f"cannot write the checkpoint of epoch {int(metrics['epoch']) + 1} to {out} "
+                                f"({err.strerror or err}); the previous checkpoint there is intact: free space and "
+                                f"run the same command again to continue from it") from None
 
     status = "FAILED"
     try:
