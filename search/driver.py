@@ -446,6 +446,7 @@ def run_search(
         # trials that were training stop as they are; --resume continues them from Tune's
         # last saved state and their checkpoints.
         status = "KILLED"
+        ray.shutdown()  # the trials' processes end with the driver: none writes to its run after this
         for r in collect_trials(uri, parent):
             if r.status == "running":
                 settle_run(uri, r.run_id, "stopped", "interrupted by the user (SIGINT); --resume continues it",

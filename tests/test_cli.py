@@ -101,8 +101,9 @@ def test_sigint_stops_a_training_run_killed_and_the_same_command_continues(tmp_p
 
     repo = Path(__file__).resolve().parents[1]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # A model slow enough (about 2 s an epoch here) for the signal to land mid-run.
     cmd = [sys.executable, "-m", "mixersnn.cli", "train", "--data", str(fmnist_shards), "--no-ray", "--epochs", "4",
-           "--embed-dim", "12", "--depths", "1,1", "--T", "1", "--max-steps-per-epoch", "20", "--max-eval-batches", "1",
+           "--embed-dim", "48", "--depths", "2,2", "--T", "4", "--max-eval-batches", "1",
            "--tracking-uri", uri, "--experiment", "sigint", "--run-name", "ctrl-c"]
     env = {**os.environ, "PYTHONPATH": str(repo)}
     ckpt = tmp_path / "runs" / "local" / "ctrl-c" / "checkpoint.pt"
