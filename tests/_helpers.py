@@ -194,3 +194,12 @@ def stop_process(proc: Any, timeout: float = 20, *, kill: bool = False) -> None:
             pass
     send(signal.SIGKILL)
     proc.wait()
+
+
+def default_sigint() -> None:
+    """A ``preexec_fn`` for processes a test interrupts: SIGINT back to its default. A process
+    started with SIGINT ignored (children of a non-interactive shell's background job, as in
+    CI) passes that on, and Python then never raises KeyboardInterrupt."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

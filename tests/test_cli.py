@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from _helpers import free_port
+from _helpers import default_sigint, free_port
 from mixersnn.cli import main
 
 
@@ -107,7 +107,8 @@ def test_sigint_stops_a_training_run_killed_and_the_same_command_continues(tmp_p
            "--tracking-uri", uri, "--experiment", "sigint", "--run-name", "ctrl-c"]
     env = {**os.environ, "PYTHONPATH": str(repo)}
     ckpt = tmp_path / "runs" / "local" / "ctrl-c" / "checkpoint.pt"
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint)
     deadline = time.time() + 120
     while not ckpt.exists():  # the first epoch is on disk
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else ""

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from _helpers import WORKER_ENV, start_local_ray
+from _helpers import WORKER_ENV, default_sigint, start_local_ray
 
 ray = pytest.importorskip("ray")
 optuna = pytest.importorskip("optuna")
@@ -260,7 +260,7 @@ def test_sigint_stops_a_search_killed_and_resume_finishes_it(shards: Path, tmp_p
     env = {**os.environ, **WORKER_ENV, "PYTHONPATH": str(REPO)}
     rungs = tmp_path / "runs" / "ctrl-c" / "mo_asha.json"
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     try:
         deadline = time.time() + 240
         while not (rungs.exists() and json.loads(rungs.read_text())["rungs"]["1"]):
