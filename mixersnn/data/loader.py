@@ -251,6 +251,25 @@ def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
 
 
+def eval_span(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """``(first position, samples)`` of rank ``rank`` in an eval pass over ``n`` samples: a
+    contiguous range, sizes differing by at most one across ranks."""
+    return rank * (n // world_size) + min(rank, n % world_size), n // world_size + (1 if rank < n % world_size else 0)
+
+
+def rank_samples(n: int, batch_size: int, train: bool, rank: int, world_size: int) -> int:
+    """Samples one rank yields per epoch of ``n``: whole batches of an equal share in
+    training, its :func:`eval_span` in evaluation."""
+    if train:
+        return (n // (world_size * batch_size)) * batch_size
+    return eval_span(n, rank, world_size)[1]
+
+
+def rank_batches(samples: int, batch_size: int, train: bool) -> int:
+    """Batches of ``samples``: full ones in training, the last one partial in evaluation."""
+    return samples // batch_size if train else -(-samples // batch_size)
+
+
 @dataclass
 class _Plan:
     """Where one (rank, worker) reads in one epoch, and how many samples it must deliver."""
@@ -296,8 +315,7 @@ class _ShardStream(torch.utils.data.IterableDataset):
             length = quotas[worker] * b
             return _Plan(_pieces(self.urls, self.counts, order, start, length), length, quotas[worker])
         order = list(range(len(self.counts)))
-        rank_start = r * (n // w) + min(r, n % w)
-        rank_len = n // w + (1 if r < n % w else 0)
+        rank_start, rank_len = eval_span(n, r, w)
         nb = -(-rank_len // b)
         quotas = _split_batches(nb, num_workers)
         start = sum(quotas[:worker]) * b
@@ -450,13 +468,10 @@ class ShardLoader:
     @property
     def num_samples(self) -> int:
         """Samples this rank yields per epoch."""
-        n = sum(self.counts)
-        if self.train:
-            return (n // (self.world_size * self.batch_size)) * self.batch_size
-        return n // self.world_size + (1 if self.rank < n % self.world_size else 0)
+        return rank_samples(int(sum(self.counts)), self.batch_size, self.train, self.rank, self.world_size)
 
     def __len__(self) -> int:
-        return self.num_samples // self.batch_size if self.train else -(-self.num_samples // self.batch_size)
+        return rank_batches(self.num_samples, self.batch_size, self.train)
 
     def set_epoch(self, epoch: int) -> None:
         """Use ``epoch`` for the next iteration (train order and augmentation seeds)."""

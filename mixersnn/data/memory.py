@@ -17,13 +17,15 @@ which does not fit in memory anyway) fall back to the per-image transform.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 
-from mixersnn.data.loader import LoaderStats, ShardLoader, _Counters, _read_pieces, _seed, _ShardStream
+from mixersnn.data.loader import (LoaderStats, ShardLoader, _Counters, _read_pieces, _seed, _ShardStream, eval_span,
+                                  rank_batches, rank_samples)
 from mixersnn.data.transforms import ImageTransform
 
 __all__ = ["MemoryLoader", "decoded_split", "decoded_nbytes", "is_cached", "clear_cache"]
@@ -114,10 +116,7 @@ class MemoryLoader:
         self.batch_size, self.train = source.batch_size, source.train
         self.transform = source.transform
         self.seed, self.rank, self.world_size, self.epoch = source.seed, source.rank, source.world_size, source.epoch
-        self.stats = LoaderStats()
-        self.stats.corrupt_samples = decode_stats.corrupt_samples
-        self.stats.corrupt_shard_urls.extend(decode_stats.corrupt_shard_urls)
-        self.stats.corrupt_sample_keys.extend(decode_stats.corrupt_sample_keys)
+        self.stats = copy.deepcopy(decode_stats)  # the damage met while decoding; nothing delivered yet
         self._batched = _batched_ok(self.transform, tuple(self.images.shape[-2:]))
         n, b, w = self.images.shape[0], self.batch_size, self.world_size
         if self.train and n < w * b:
@@ -127,13 +126,10 @@ class MemoryLoader:
     @property
     def num_samples(self) -> int:
         """Samples this rank yields per epoch."""
-        n, w = int(self.images.shape[0]), self.world_size
-        if self.train:
-            return (n // (w * self.batch_size)) * self.batch_size
-        return n // w + (1 if self.rank < n % w else 0)
+        return rank_samples(int(self.images.shape[0]), self.batch_size, self.train, self.rank, self.world_size)
 
     def __len__(self) -> int:
-        return self.num_samples // self.batch_size if self.train else -(-self.num_samples // self.batch_size)
+        return rank_batches(self.num_samples, self.batch_size, self.train)
 
     def set_epoch(self, epoch: int) -> None:
         """Use ``epoch`` for the next iteration (train order and augmentation draws)."""
@@ -145,8 +141,8 @@ class MemoryLoader:
             g = torch.Generator().manual_seed(_seed(self.seed, epoch, 3))
             per_rank = self.num_samples
             return torch.randperm(n, generator=g)[r * per_rank : (r + 1) * per_rank]
-        start = r * (n // w) + min(r, n % w)
-        return torch.arange(start, start + self.num_samples)
+        start, count = eval_span(n, r, w)
+        return torch.arange(start, start + count)
 
     def _augment(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         """Pad-and-crop and flip on ``float32 [B, C, H, W]`` (0-255), one draw per image."""
