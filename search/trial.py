@@ -15,8 +15,6 @@ the same metrics, so the scheduler, the searcher and the record cannot tell them
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -145,13 +143,9 @@ def _train_here(cfg: Any, tracker: Any, threads: int) -> dict[str, Any]:
     import torch
 
     from trainers.loop import WorkerContext, run_training
+    from trainers.ray_train import local_checkpoint
 
     torch.set_num_threads(max(1, threads))
-    resume_dir = None
-    ckpt = ray.tune.get_checkpoint()
-    if ckpt is not None:
-        resume_dir = Path(tempfile.mkdtemp(prefix="mixersnn-resume-"))
-        ckpt.to_directory(str(resume_dir))
     node_id = ray.get_runtime_context().get_node_id()
     tracker.set_tags({"mixersnn.node_ids": node_id, "mixersnn.num_nodes": 1})
 
@@ -159,12 +153,9 @@ def _train_here(cfg: Any, tracker: Any, threads: int) -> dict[str, Any]:
         checkpoint = ray.tune.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir is not None else None
         ray.tune.report({**metrics, "num_nodes": 1, "worker_node_ids": node_id}, checkpoint=checkpoint)
 
-    try:
+    with local_checkpoint(ray.tune.get_checkpoint()) as resume_dir:
         return run_training(cfg, WorkerContext(report=report, resume_dir=resume_dir, tracker=tracker,
                                                log=lambda s: print(s, flush=True)))
-    finally:
-        if resume_dir is not None:
-            shutil.rmtree(resume_dir, ignore_errors=True)
 
 
 def _record_spec(tr: Any, spec: TrialSpec, config: dict[str, Any], trial_id: str) -> None:

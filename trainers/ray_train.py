@@ -8,6 +8,7 @@ or when the same run is started again, and logs to MLflow from rank 0 only.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -15,7 +16,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from trainers.config import ScaleConfig, TrainConfig
 from trainers.tracking import MLflowTracker, close_run, resolve_tracking_uri, start_run
@@ -74,6 +75,21 @@ def scaling_config(scale: ScaleConfig) -> Any:
                          resources_per_worker=worker_resources(scale))
 
 
+@contextlib.contextmanager
+def local_checkpoint(ckpt: Any) -> Iterator[Optional[Path]]:
+    """A Ray ``Checkpoint`` (Train's or Tune's) copied into a temporary folder for the loop to
+    resume from, removed afterwards; None when there is nothing to resume."""
+    if ckpt is None:
+        yield None
+        return
+    local = tempfile.mkdtemp(prefix="mixersnn-resume-")
+    try:
+        ckpt.to_directory(local)
+        yield Path(local)
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
 def _worker_loop(config: dict[str, Any]) -> None:
     import signal
 
@@ -88,14 +104,6 @@ def _worker_loop(config: dict[str, Any]) -> None:
     rank, world = rctx.get_world_rank(), rctx.get_world_size()
     torch.set_num_threads(max(1, int(config["torch_threads"])))
     device = ray.train.torch.get_device()
-
-    resume_dir: Optional[Path] = None
-    local_copy: Optional[str] = None
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        local_copy = tempfile.mkdtemp(prefix="mixersnn-resume-")
-        ckpt.to_directory(local_copy)
-        resume_dir = Path(local_copy)
 
     tracker = None
     if rank == 0 and config.get("mlflow_run_id"):
@@ -140,21 +148,17 @@ def _worker_loop(config: dict[str, Any]) -> None:
     def wrap(model: torch.nn.Module) -> torch.nn.Module:
         return ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
 
-    ctx = WorkerContext(
-        rank=rank,
-        world_size=world,
-        device=device,
-        wrap_model=wrap,
-        report=report,
-        resume_dir=resume_dir,
-        tracker=tracker,
-        log=(lambda s: print(f"[rank {rank}] {s}", flush=True)) if rank == 0 else (lambda s: None),
-    )
-    try:
-        run_training(cfg, ctx)
-    finally:
-        if local_copy:
-            shutil.rmtree(local_copy, ignore_errors=True)
+    with local_checkpoint(ray.train.get_checkpoint()) as resume_dir:
+        run_training(cfg, WorkerContext(
+            rank=rank,
+            world_size=world,
+            device=device,
+            wrap_model=wrap,
+            report=report,
+            resume_dir=resume_dir,
+            tracker=tracker,
+            log=(lambda s: print(f"[rank {rank}] {s}", flush=True)) if rank == 0 else (lambda s: None),
+        ))
 
 
 def fit(
