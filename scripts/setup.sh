@@ -29,14 +29,14 @@ cat > "$SITE/_mixersnn_venv_bytecode.pth" <<'PTH'
 import sys, os; sys.dont_write_bytecode and not sys.pycache_prefix and (setattr(sys, "pycache_prefix", os.path.join(sys.prefix, "pycache")), setattr(sys, "dont_write_bytecode", False))
 PTH
 
-FMNIST=/usr/share/datasets/fashion-mnist
+FMNIST="${MIXERSNN_FASHION_MNIST:-/usr/share/datasets/fashion-mnist}"
 if [ ! -f "$FMNIST/train-images-idx3-ubyte.gz" ]; then
     if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
         apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null
     else
         echo "Fashion-MNIST is missing from $FMNIST. Install it with:" >&2
         echo "    sudo apt-get install dataset-fashion-mnist" >&2
-        echo "or put the four idx .gz files somewhere and pass --data-dir to mixersnn." >&2
+        echo "or put the four idx .gz files in a folder and set MIXERSNN_FASHION_MNIST=/that/folder." >&2
     fi
 fi
 echo "setup done: $(.venv/bin/python -c 'import torch, mixersnn; print("torch", torch.__version__, "mixersnn", mixersnn.__version__)')"
