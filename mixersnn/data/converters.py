@@ -452,6 +452,28 @@ def write_split(
     (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
     for stale in out_dir.glob(".shard-*.tmp"):
         stale.unlink()
+    jobs = _shard_jobs(src, out_dir, samples_per_shard=samples_per_shard, shuffle=shuffle, seed=seed,
+                       encoding=encoding, jpeg_quality=jpeg_quality, img_size=img_size)
+    results = _run_jobs(jobs, workers=min(len(jobs), workers or os.cpu_count() or 1),
+                        desc=f"{src.dataset}/{src.split}", progress=progress)
+    keep = {r.name for r in results}
+    for old in out_dir.glob("shard-*.tar"):
+        if old.name not in keep:  # left over from an earlier, larger conversion
+            old.unlink()
+    extra = {"origin": src.origin, "seed": seed, "shuffled": shuffle, "samples_per_shard": samples_per_shard, **src.extra}
+    if encoding == "jpeg":
+        extra["jpeg_quality"] = jpeg_quality
+    if img_size is not None:
+        extra["img_size"] = img_size
+    manifest = _manifest(src, results, out_dir, encoding=encoding, extra=extra)
+    write_manifest(manifest, out_dir)
+    return manifest
+
+
+def _shard_jobs(src: SplitSource, out_dir: Path, *, samples_per_shard: int, shuffle: bool, seed: int,
+                encoding: str, jpeg_quality: int, img_size: Optional[int]) -> list[_ShardJob]:
+    """One job per shard: which samples (permuted with ``seed`` when ``shuffle``) go where."""
+    n = len(src)
     order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
     width = max(8, len(str(n - 1)))
     jobs = []
@@ -470,11 +492,17 @@ def write_split(
                 img_size=img_size,
             )
         )
-    workers = min(len(jobs), workers or os.cpu_count() or 1)
-    results: list[Optional[ShardResult]] = [None] * len(jobs)
+    return jobs
+
+
+def _run_jobs(jobs: list[_ShardJob], *, workers: int, desc: str, progress: bool) -> list[ShardResult]:
+    """Write every shard (in ``workers`` processes, or here when 1), results in shard order.
+    On any failure, the shards already written are deleted before the error propagates:
+    without a manifest nobody reads them, and the folder must not pass for a usable split."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=n, unit="img", desc=f"{src.dataset}/{src.split}", disable=not progress, leave=False)
+    results: list[Optional[ShardResult]] = [None] * len(jobs)
+    bar = tqdm(total=sum(len(j.keys) for j in jobs), unit="img", desc=desc, disable=not progress, leave=False)
     try:
         if workers <= 1:
             for i, job in enumerate(jobs):
@@ -490,46 +518,39 @@ def write_split(
                         results[futs[f]] = f.result()  # re-raises a worker's error here
                         bar.update(len(jobs[futs[f]].keys))
     except BaseException:
-        # Finished shards are whole files, but without a manifest nobody reads them; drop them
-        # so the folder cannot be mistaken for a usable split.
         for job in jobs:
             Path(job.path).unlink(missing_ok=True)
         raise
     finally:
         bar.close()
-    done_results = [r for r in results if r is not None]
-    keep = {r.name for r in done_results}
-    for old in out_dir.glob("shard-*.tar"):
-        if old.name not in keep:  # left over from an earlier, larger conversion
-            old.unlink()
-    count = sum(r.pixel_count for r in done_results)
-    psum = np.sum([r.pixel_sum for r in done_results], axis=0)
-    psq = np.sum([r.pixel_sumsq for r in done_results], axis=0)
+    return [r for r in results if r is not None]
+
+
+def _manifest(src: SplitSource, results: list[ShardResult], out_dir: Path, *, encoding: str,
+              extra: dict) -> Manifest:
+    """The split's manifest: shards with their hashes, and per-channel pixel mean/std pooled
+    over every shard's sums."""
+    count = sum(r.pixel_count for r in results)
+    psum = np.sum([r.pixel_sum for r in results], axis=0)
+    psq = np.sum([r.pixel_sumsq for r in results], axis=0)
     mean = psum / count
     std = np.sqrt(np.maximum(psq / count - mean**2, 1e-12))
-    sizes = {s for r in done_results for s in r.sizes}
-    extra = {"origin": src.origin, "seed": seed, "shuffled": shuffle, "samples_per_shard": samples_per_shard, **src.extra}
-    if encoding == "jpeg":
-        extra["jpeg_quality"] = jpeg_quality
-    if img_size is not None:
-        extra["img_size"] = img_size
-    manifest = Manifest(
+    sizes = {s for r in results for s in r.sizes}
+    return Manifest(
         dataset=src.dataset,
         split=src.split,
         classes=tuple(src.classes),
-        num_samples=n,
+        num_samples=len(src),
         image_size=next(iter(sizes)) if len(sizes) == 1 else None,
         channels=src.channels,
         mean=tuple(round(float(v), 6) for v in mean),
         std=tuple(round(float(v), 6) for v in std),
         encoding=encoding,
-        shards=tuple(ShardInfo(r.name, r.num_samples, r.sha256) for r in done_results),
+        shards=tuple(ShardInfo(r.name, r.num_samples, r.sha256) for r in results),
         root=out_dir,
         extra=extra,
         flip_safe=src.flip_safe,
     )
-    write_manifest(manifest, out_dir)
-    return manifest
 
 
 def _parse_limit(limit: Union[None, int, str, dict[str, int]], split: str) -> Optional[int]:
