@@ -601,6 +601,42 @@ def _resolve_urls(source: Union[str, Sequence[str]], verify: bool) -> tuple[list
     return urls, [count_samples(u) for u in urls], None
 
 
+def _shards_of(source: Union[str, Path, Manifest, Sequence[str]],
+               verify: bool) -> tuple[list[str], list[int], Optional[Manifest]]:
+    """Shard URLs, their sample counts and the manifest (None for bare URLs without one) of
+    a ``build_loader`` source."""
+    if isinstance(source, Manifest):
+        manifest = read_manifest(source.root, verify=verify) if source.root is not None else source  # type: ignore[arg-type]
+        return manifest.shard_urls(), [s.num_samples for s in manifest.shards], manifest
+    if isinstance(source, Path) or (
+        isinstance(source, str)
+        and (
+            os.path.isdir(source)
+            or source.endswith(".json")
+            or (remote.is_remote(source) and not _is_shard_pattern(source))
+        )
+    ):
+        manifest = read_manifest(source, verify=verify)
+        return manifest.shard_urls(), [s.num_samples for s in manifest.shards], manifest
+    return _resolve_urls(source, verify)  # type: ignore[arg-type]
+
+
+def _build_transform(transform: Optional[TransformConfig], manifest: Optional[Manifest], train: bool) -> ImageTransform:
+    """The loader's transform: ``transform`` or the train/eval preset at the manifest's image
+    size (224 for variable-size data), normalised with the manifest's statistics."""
+    if transform is None:
+        side = manifest.image_size[0] if manifest is not None and manifest.image_size else None
+        if side is None and manifest is None:
+            transform = TransformConfig()
+        elif train:
+            transform = train_preset(side or 224)
+        else:
+            transform = eval_preset(side or 224, source_size=side)
+    mean = manifest.mean if manifest is not None else (0.0,)
+    std = manifest.std if manifest is not None else (1.0,)
+    return ImageTransform(transform, mean=mean, std=std)
+
+
 def build_loader(
     source: Union[str, Path, Manifest, Sequence[str]],
     *,
@@ -653,22 +689,7 @@ def build_loader(
     if num_workers < 0:
         raise ValueError(f"num_workers={num_workers}; allowed >= 0")
     r, w = resolve_rank(rank, world_size)
-    manifest: Optional[Manifest]
-    if isinstance(source, Manifest):
-        manifest = read_manifest(source.root, verify=verify) if source.root is not None else source  # type: ignore[arg-type]
-        urls, counts = manifest.shard_urls(), [s.num_samples for s in manifest.shards]
-    elif isinstance(source, Path) or (
-        isinstance(source, str)
-        and (
-            os.path.isdir(source)
-            or source.endswith(".json")
-            or (remote.is_remote(source) and not _is_shard_pattern(source))
-        )
-    ):
-        manifest = read_manifest(source, verify=verify)
-        urls, counts = manifest.shard_urls(), [s.num_samples for s in manifest.shards]
-    else:
-        urls, counts, manifest = _resolve_urls(source, verify)  # type: ignore[arg-type]
+    urls, counts, manifest = _shards_of(source, verify)
     n = sum(counts)
     if n == 0:
         raise ManifestError(f"the shards {urls[:3]} hold no samples; there is nothing to load")
@@ -677,22 +698,7 @@ def build_loader(
             f"batch_size={batch_size} x world_size={w} = {w * batch_size} exceeds the {n} samples, so a train "
             f"epoch would have no full batch; allowed batch_size <= {n // w}"
         )
-    if isinstance(transform, ImageTransform):
-        built = transform
-    else:
-        if transform is None:
-            side = manifest.image_size[0] if manifest is not None and manifest.image_size else None
-            if side is None and manifest is None:
-                cfg = TransformConfig()
-            elif train:
-                cfg = train_preset(side or 224)
-            else:
-                cfg = eval_preset(side or 224, source_size=side)
-        else:
-            cfg = transform
-        mean = manifest.mean if manifest is not None else (0.0,)
-        std = manifest.std if manifest is not None else (1.0,)
-        built = ImageTransform(cfg, mean=mean, std=std)
+    built = transform if isinstance(transform, ImageTransform) else _build_transform(transform, manifest, train)
     return ShardLoader(
         urls=urls,
         counts=counts,
