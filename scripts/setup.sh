@@ -3,10 +3,18 @@
 # `torch` requirement would pull a multi-GB CUDA build), the project with its dev extra, and
 # the real Fashion-MNIST data set (Debian package dataset-fashion-mnist).
 # Usage: bash scripts/setup.sh           (idempotent; re-running only fills what is missing)
+#        bash scripts/setup.sh --tests   also what only the tests need (chromium, as root)
 # GPU users: create the venv with their CUDA torch already installed, then
 #   pip install -e ".[gpu,dev]"
 set -euo pipefail
 cd "$(dirname "$0")/.."
+TESTS=0
+for arg in "$@"; do
+    case "$arg" in
+        --tests) TESTS=1 ;;
+        *) echo "scripts/setup.sh: unknown argument '$arg' (allowed: --tests)" >&2; exit 2 ;;
+    esac
+done
 
 PY="${PYTHON:-python3.11}"
 command -v "$PY" >/dev/null 2>&1 || PY=python3
@@ -37,6 +45,18 @@ if [ ! -f "$FMNIST/train-images-idx3-ubyte.gz" ]; then
         echo "Fashion-MNIST is missing from $FMNIST. Install it with:" >&2
         echo "    sudo apt-get install dataset-fashion-mnist" >&2
         echo "or put the four idx .gz files in a folder and set MIXERSNN_FASHION_MNIST=/that/folder." >&2
+    fi
+fi
+# Debian's chromium, for the browser test of the MLflow UI (tests/test_mlflow_review.py drives
+# it headless), with --tests only: the main job does not need it. Without recommends (desktop
+# extras the headless test does not use), one font.
+if [ "$TESTS" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+        apt-cache show chromium >/dev/null 2>&1 || apt-get update -qq
+        apt-get install -y -qq --no-install-recommends chromium fonts-liberation >/dev/null
+    else
+        echo "chromium is missing: the MLflow UI browser test will skip. Install it with:" >&2
+        echo "    sudo apt-get install chromium" >&2
     fi
 fi
 echo "setup done: $(.venv/bin/python -c 'import torch, mixersnn; print("torch", torch.__version__, "mixersnn", mixersnn.__version__)')"

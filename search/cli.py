@@ -26,6 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experiment", help="MLflow experiment")
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray runtime)")
     p.add_argument("--no-register", action="store_true", help="do not register the selected model")
+    p.add_argument("--system-metrics", action="store_true",
+                   help="log each trial's machine use (CPU, memory, disk, network; NVIDIA GPUs with nvidia-ml-py) to "
+                   "its MLflow run as system/* metrics, and the driver's to the parent run")
     p.add_argument("--quiet", action="store_true", help="no per-trial progress lines")
     p.add_argument("--verbose", action="store_true", help="show the training workers' logs")
 
@@ -64,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
     if args.verbose:
         kw["log_to_driver"] = True
     try:
-        res = run_search(cfg, resume=args.resume, ray_init_kwargs=kw, quiet=args.quiet, register=not args.no_register)
+        res = run_search(cfg, resume=args.resume, ray_init_kwargs=kw, quiet=args.quiet, register=not args.no_register,
+                         system_metrics=args.system_metrics)
     except SearchExistsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -77,5 +81,11 @@ def run(args: argparse.Namespace) -> int:
     uri = resolve_tracking_uri(cfg.tracking_uri)
     print(f"report again: mixersnn report {cfg.experiment} --search {cfg.name}"
           + (f" --tracking-uri {cfg.tracking_uri}" if cfg.tracking_uri else ""))
-    print(f"open the MLflow UI: {mlflow_ui_hint(uri)}")
+    from trainers.tracking import mlflow_client
+
+    experiment_id = mlflow_client(uri).get_run(res.parent_run_id).info.experiment_id
+    print(f"open the MLflow UI: {mlflow_ui_hint(uri, experiment_id)}")
+    study_db = cfg.optuna_storage()
+    if not study_db.startswith("sqlite:///") or Path(study_db[len("sqlite:///"):]).exists():
+        print(f"the Optuna study: optuna-dashboard {study_db}")
     return 0

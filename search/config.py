@@ -3,7 +3,8 @@
 A search file has these sections (every one optional; see ``configs/search_fashion_mnist.yaml``)::
 
     name, experiment, data, tracking_uri, storage_path, base_model, seed
-    objective:   mode (multi | single), include_params, sampler (nsga2 | tpe)
+    objective:   mode (multi | single), include_params, sampler (nsga2 | tpe), storage
+                 (the Optuna study's database URL)
     budget:      num_trials, time_budget_s, max_concurrent_trials (an int or "auto"),
                  autoscale_wait_s
     asha:        enabled, grace_period, reduction_factor   (successive halving over epochs:
@@ -258,6 +259,12 @@ class Objective:
         include_params: add the parameter count as a third objective (multi mode).
         sampler: "nsga2" (NSGA-II) or "tpe" (Optuna's TPE; multi-objective TPE in multi mode).
         population_size: NSGA-II generation size.
+        storage: the Optuna study's database (an SQLAlchemy URL: ``sqlite:////abs/optuna.db``,
+            ``postgresql://user:pass@host/db``, ...), where every trial the sampler proposes
+            and learns from is recorded as it happens, so ``optuna-dashboard URL`` shows the
+            study live and ``--resume`` after a killed driver loads the sampler's history from
+            it; the study is named after the search. None: ``sqlite:///<storage_path>/<name>/optuna.db``,
+            beside the search's Tune state (:meth:`SearchConfig.optuna_storage`).
         startup_trials: TPE's random trials before it starts modelling; None: a third of
             the trial budget, between 2 and 8.
     """
@@ -267,6 +274,7 @@ class Objective:
     sampler: str = "tpe"
     population_size: int = 8
     startup_trials: Optional[int] = None
+    storage: Optional[str] = None
 
     def metrics(self) -> tuple[list[str], list[str]]:
         """Tune metric names and modes."""
@@ -352,11 +360,15 @@ class Select:
             normalising accuracy and log-energy to [0, 1]).
         max_energy_uj: energy cap for "max_acc" (measured energy), or None.
         registered_model: registry name; None: ``<search name>-best``.
+        scale_family: sizes to train the selected trial at as the search's last step
+            (``search.family``): a list of scales, each ``"width=2,depth=1.5"`` or a mapping
+            of ``width``/``depth``/``img_size``; None: none.
     """
 
     criterion: str = "max_acc"
     max_energy_uj: Optional[float] = None
     registered_model: Optional[str] = None
+    scale_family: Optional[list[Any]] = None
 
 
 @dataclass(frozen=True)
@@ -434,6 +446,13 @@ class SearchConfig:
     def search_dir(self) -> Path:
         return Path(self.storage_path).resolve() / self.name
 
+    def optuna_storage(self) -> str:
+        """The Optuna study's database URL: ``objective.storage`` (a relative sqlite path made
+        absolute), or a sqlite file beside the search's Tune state."""
+        if self.objective.storage is None:
+            return f"sqlite:///{self.search_dir() / OPTUNA_DB}"
+        return _absolute_sqlite(self.objective.storage)
+
     def registered_model_name(self) -> str:
         return self.select.registered_model or f"{self.name}-best"
 
@@ -460,6 +479,59 @@ class SearchConfig:
         budget = replace(self.budget, **kw)
         _validate_budget(budget)
         return replace(self, budget=budget)
+
+
+#: The Optuna study's default database, in the search's folder.
+OPTUNA_DB = "optuna.db"
+_STORAGE_FIX = ("write an SQLAlchemy database URL such as sqlite:////abs/path/optuna.db or "
+                "postgresql://user:password@host/db, or leave objective.storage out for a sqlite file beside the "
+                "search's Tune state")
+
+
+def _absolute_sqlite(url: str) -> str:
+    """A relative sqlite path means "relative to here": pinned, so a resume from another
+    folder finds the same file."""
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+        return f"sqlite:///{Path(url[len('sqlite:///'):]).resolve()}"
+    return url
+
+
+def check_storage_url(url: Any) -> None:
+    """``objective.storage``: a database URL Optuna's RDB storage can open, whose driver is
+    installed, that persists (no in-memory sqlite), in a folder that exists (sqlite).
+
+    Raises:
+        ConfigError: naming the value and the fix.
+    """
+    where = f"objective.storage={url!r}"
+    if not isinstance(url, str) or not url.strip():
+        raise ConfigError(f"{where} must be a database URL; {_STORAGE_FIX}")
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        u = make_url(url)
+    except ArgumentError:
+        raise ConfigError(f"{where} is not a database URL; {_STORAGE_FIX}") from None
+    try:
+        dialect = u.get_dialect()
+    except NoSuchModuleError:
+        raise ConfigError(f"{where}: SQLAlchemy has no database {u.drivername!r}; {_STORAGE_FIX}") from None
+    try:
+        dialect.import_dbapi()
+    except ImportError as err:
+        raise ConfigError(f"{where}: its driver module {err.name or str(err)!r} is not installed; pip install it "
+                          f"(postgresql: psycopg[binary]; mysql: pymysql, with mysql+pymysql://), or use a sqlite "
+                          f"file") from None
+    if u.get_backend_name() == "sqlite":
+        db = u.database or ""
+        if db in ("", ":memory:") or db.startswith("file::memory:") or u.query.get("mode") == "memory":
+            raise ConfigError(f"{where} is an in-memory database, gone when the driver ends; give a file: "
+                              f"sqlite:////abs/path/optuna.db, or leave objective.storage out")
+        folder = Path(db).resolve().parent
+        if not folder.is_dir():
+            raise ConfigError(f"{where}: folder {folder} does not exist; create it, or leave objective.storage out "
+                              f"for a sqlite file beside the search's Tune state")
 
 
 def _section(raw: dict[str, Any], key: str, cls: type, path: str) -> Any:
@@ -519,6 +591,8 @@ def _validate(cfg: SearchConfig) -> None:
           f"objective.population_size={o.population_size!r} must be an integer >= 2")
     check(o.startup_trials is None or (isinstance(o.startup_trials, int) and o.startup_trials >= 1),
           f"objective.startup_trials={o.startup_trials!r} must be an integer >= 1 or null")
+    if o.storage is not None:
+        check_storage_url(o.storage)
     _validate_budget(cfg.budget)
     a = cfg.asha
     check(isinstance(a.enabled, bool), f"asha.enabled={a.enabled!r} must be true or false")
@@ -535,6 +609,12 @@ def _validate(cfg: SearchConfig) -> None:
     s = cfg.select
     check(s.criterion in ("max_acc", "knee"), f"select.criterion={s.criterion!r} must be 'max_acc' or 'knee'")
     check(s.max_energy_uj is None or float(s.max_energy_uj) > 0, f"select.max_energy_uj={s.max_energy_uj!r} must be > 0 or null")
+    check(s.scale_family is None or isinstance(s.scale_family, list),
+          f"select.scale_family={s.scale_family!r} must be a list of scales, e.g. ['width=0.5', 'width=2,depth=1.5']")
+    from search.family import parse_member
+
+    for i, entry in enumerate(s.scale_family or []):
+        parse_member(entry, f"select.scale_family[{i}]")  # raises ConfigError naming the entry and the fix
 
     # Fixed training fields: the search owns the sampled ones and the tracking fields.
     owned = sorted(set(cfg.train) & _SEARCH_OWNED)

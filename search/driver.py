@@ -179,10 +179,51 @@ def _max_concurrent(cfg: SearchConfig, log: Callable[[str], None] = print) -> in
     return max_concurrent_auto(cfg.scale, float(cfg.budget.autoscale_wait_s), log=log)
 
 
-def _searcher(cfg: SearchConfig, baselines: list[dict[str, Any]], first_rung: Optional[int] = None) -> Any:
+def _study_storage(cfg: SearchConfig) -> Any:
+    """The Optuna study's database (``objective.storage``, default a sqlite file in the search's
+    folder), its tables created. A new search refuses a study of its name that already holds
+    trials there (another search's history would steer this one's sampler); an empty one (a
+    start that died before its first trial) is dropped.
+
+    Raises:
+        SearchExistsError: the study exists with trials.
+        UserError: the database cannot be opened.
+    """
+    import optuna
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from mixersnn.errors import UserError
+
+    url = cfg.optuna_storage()
+    if cfg.objective.storage is None:
+        cfg.search_dir().mkdir(parents=True, exist_ok=True)
+    try:
+        storage = optuna.storages.RDBStorage(url)
+        study_id = storage.get_study_id_from_name(cfg.name)
+    except KeyError:
+        return storage
+    except SQLAlchemyError as err:
+        raise UserError(f"objective.storage: cannot open the Optuna database {url!r} "
+                        f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); check the URL, that the server "
+                        f"answers and the user may create tables, or leave objective.storage out for a sqlite file "
+                        f"beside the search") from None
+    n = len(storage.get_all_trials(study_id, deepcopy=False))
+    if n:
+        raise SearchExistsError(
+            f"objective.storage {url!r} already holds an Optuna study named {cfg.name!r} with {n} trial(s) (a search "
+            f"of that name whose Tune state is elsewhere or gone); choose another name (--name) or storage, or "
+            f"delete it: optuna delete-study --study-name {cfg.name} --storage {url}")
+    storage.delete_study(study_id)
+    return storage
+
+
+def _searcher(cfg: SearchConfig, baselines: list[dict[str, Any]], first_rung: Optional[int] = None,
+              storage: Any = None) -> Any:
     """Optuna through Tune's ``OptunaSearch`` (define-by-run :class:`search.space.Sampler`),
     behind :class:`Proposals`: the trained baselines come first and stay out of the study,
-    and with MO-ASHA (``first_rung``) the study learns each trial's result at the first rung."""
+    and with MO-ASHA (``first_rung``) the study learns each trial's result at the first rung.
+    The study is named after the search and kept in ``storage`` (an Optuna RDB storage;
+    None: in memory, pickled with Tune's searcher state only)."""
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
@@ -195,13 +236,15 @@ def _searcher(cfg: SearchConfig, baselines: list[dict[str, Any]], first_rung: Op
     names, modes = cfg.objective.metrics()
     if cfg.objective.mode == "multi":
         # Multi-objective: metric/mode on the searcher, TuneConfig's left unset.
-        inner = OptunaSearch(space=Sampler(cfg), metric=names, mode=modes, sampler=sampler)
+        inner = OptunaSearch(space=Sampler(cfg), metric=names, mode=modes, sampler=sampler, study_name=cfg.name,
+                             storage=storage)
     else:
         # Single objective: metric/mode on the searcher too. Tune hands TuneConfig's metric/mode
         # to a searcher only through set_search_properties, which it calls only with a
         # param_space, and OptunaSearch ignores it once it has a space (ours, define-by-run):
         # without them here the first suggestion raises. TuneConfig keeps them as well, for ASHA.
-        inner = OptunaSearch(space=Sampler(cfg), metric=names[0], mode=modes[0], sampler=sampler)
+        inner = OptunaSearch(space=Sampler(cfg), metric=names[0], mode=modes[0], sampler=sampler,
+                             study_name=cfg.name, storage=storage)
     return _proposals_cls()(inner, baselines, first_rung)
 
 
@@ -234,7 +277,21 @@ def _proposals_cls() -> type:
             if self.pending:
                 self.baseline_ids.add(trial_id)
                 return {"resolved": self.pending.pop(0)}
-            return self.inner.suggest(trial_id)
+            config = self.inner.suggest(trial_id)
+            trial = self._study_trials().get(trial_id)
+            if trial is not None and config is not None:
+                # What the dashboard shows beside Optuna's number: Tune's trial id, which names
+                # the MLflow child run (trial-<id>), and why a proposal never trained.
+                trial.set_user_attr("tune_trial_id", trial_id)
+                why = (config.get("resolved") or {}).get("infeasible")
+                if why:
+                    trial.set_user_attr("infeasible", str(why)[:500])
+            return config
+
+        def _study_trials(self) -> dict[str, Any]:
+            """Tune trial id -> the Optuna trial asked for it (``OptunaSearch``'s own record;
+            Ray's API gives no public view of it)."""
+            return getattr(self.inner, "_ot_trials", {})
 
         def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
             if trial_id in self.baseline_ids or trial_id in self.told:
@@ -256,10 +313,26 @@ def _proposals_cls() -> type:
                 pickle.dump(self.__dict__, f)
 
         def restore(self, checkpoint_path: str) -> None:
+            """Tune's last snapshot of the searcher (``--resume``). With a study database the
+            study is the database's, which is ahead of the snapshot: trials asked after it
+            (by a driver killed before Tune saved them) stay RUNNING there, though Tune never
+            runs them: they are closed as failed, so the sampler and the dashboard do not
+            wait on them."""
             import pickle
 
             with open(checkpoint_path, "rb") as f:
                 self.__dict__.update(pickle.load(f))
+            study = getattr(self.inner, "_ot_study", None)
+            if study is None or getattr(self.inner, "_storage", None) is None:
+                return
+            from optuna.trial import TrialState
+
+            known = {t.number for t in self._study_trials().values()}
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                if t.number not in known:
+                    study._storage.set_trial_user_attr(t._trial_id, "lost", "asked by a driver killed before Tune "
+                                                                            "saved the trial; never run")
+                    study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
 
     return Proposals
 
@@ -370,6 +443,7 @@ def run_search(
     register: bool = True,
     log: Callable[[str], None] = print,
     callbacks: Optional[list[Any]] = None,
+    system_metrics: bool = False,
 ) -> SearchResult:
     """Run (or resume) a search and summarise it in MLflow.
 
@@ -383,9 +457,15 @@ def run_search(
         register: register the selected model in the MLflow model registry.
         log: where progress and the summary go.
         callbacks: more Tune callbacks (``ray.tune.Callback``) for a new search, e.g. to time trials.
+        system_metrics: log each run's machine use (CPU, memory, GPU where present) as MLflow
+            system metrics: the trials' runs from their processes, the parent run from this
+            driver's (``trainers.tracking.monitor_system_metrics``). Trial processes learn it
+            from the environment of a Ray runtime this driver starts; give a runtime started
+            elsewhere ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=true`` in its workers' environment.
 
     Raises:
-        SearchExistsError: state exists and ``resume`` is False, or none exists and it is True.
+        SearchExistsError: state exists and ``resume`` is False, or none exists and it is True,
+            or (new search) its Optuna study database already holds a study of its name.
     """
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", _CHECKPOINT_PERIOD_S)
     # Ctrl-C raises KeyboardInterrupt here (settled below) instead of Tune's graceful stop,
@@ -397,8 +477,10 @@ def run_search(
     import ray
     from ray import tune
 
-    from trainers.tracking import MLflowTracker, end_run, resolve_tracking_uri
+    from trainers.tracking import SYSTEM_METRICS_ENV, MLflowTracker, end_run, resolve_tracking_uri
 
+    if system_metrics:
+        os.environ[SYSTEM_METRICS_ENV] = "true"  # MLflow's switch: this driver's runs, and (below) Ray's workers
     t0 = time.time()
     uri = resolve_tracking_uri(cfg.tracking_uri)
     sdir = cfg.search_dir()
@@ -409,6 +491,8 @@ def run_search(
     if not resume and exists:
         raise SearchExistsError(f"a search named {cfg.name!r} already exists at {sdir}; continue it with --resume, "
                                 f"or choose another name (--name) or storage_path")
+    # A resumed search's study comes back with Tune's searcher state, connected to its database.
+    storage = None if resume else _study_storage(cfg)
 
     parent = _open_parent(cfg, uri, resume)
     ptr = MLflowTracker(uri, parent)
@@ -421,6 +505,8 @@ def run_search(
 
     if not ray.is_initialized():
         env = dict(LOCAL_WORKER_ENV)
+        if os.environ.get(SYSTEM_METRICS_ENV):
+            env[SYSTEM_METRICS_ENV] = os.environ[SYSTEM_METRICS_ENV]
         # A new local runtime unless told otherwise (--address, or RAY_ADDRESS as set by `ray job
         # submit`): a bare ray.init() would join whatever cluster `ray start` last recorded in
         # /tmp/ray/ray_current_cluster on this machine, another user's or a dead one.
@@ -437,7 +523,8 @@ def run_search(
             log(f"resuming search {cfg.name!r} from {sdir}")
             tuner = _restore(sdir, trainable)
         else:
-            tuner = _new_search(cfg, trainable, uri, parent, quiet=quiet, log=log, callbacks=callbacks)
+            tuner = _new_search(cfg, trainable, uri, parent, quiet=quiet, log=log, callbacks=callbacks,
+                                storage=storage)
         tuner.fit()
         result = finalize(cfg, uri, parent, register=register, log=log)
         status = "FINISHED"
@@ -460,7 +547,7 @@ def run_search(
 
 
 def _new_search(cfg: SearchConfig, trainable: Any, uri: str, parent: str, *, quiet: bool,
-                log: Callable[[str], None], callbacks: Optional[list[Any]]) -> Any:
+                log: Callable[[str], None], callbacks: Optional[list[Any]], storage: Any = None) -> Any:
     """The Tune experiment of a new search: its trained baselines first, then the sampler's
     trials, under successive halving when ``asha`` is on; one line says what will run."""
     from search.space import baseline_spec
@@ -488,9 +575,17 @@ def _new_search(cfg: SearchConfig, trainable: Any, uri: str, parent: str, *, qui
         + (f", time budget {cfg.budget.time_budget_s:.0f} s" if cfg.budget.time_budget_s else "")
         + f", objectives {list(zip(names, modes))}{halving}; trials train "
         + ("in their own reused Tune processes" if in_process(cfg.scale) else "through Ray Train"))
+    searcher = _searcher(cfg, baselines, cfg.asha.grace_period if pausing else None, storage)
+    if storage is not None:
+        study = searcher.inner._ot_study
+        for k, v in {"search": cfg.name, "mlflow_experiment": cfg.experiment, "mlflow_parent_run_id": parent,
+                     "tracking_uri": uri, "tune_state": str(cfg.search_dir())}.items():
+            study.set_user_attr(k, v)
+        log(f"Optuna study {cfg.name!r} in {cfg.optuna_storage()}; watch it live: "
+            f"optuna-dashboard {cfg.optuna_storage()}")
     return _new_tuner(
         cfg.search_dir(), trainable, [progress, *(callbacks or [])], reuse_actors=in_process(cfg.scale),
-        search_alg=_searcher(cfg, baselines, cfg.asha.grace_period if pausing else None),
+        search_alg=searcher,
         scheduler=scheduler,
         metric="test_acc" if single else None,
         mode="max" if single else None,
@@ -515,6 +610,33 @@ def _new_tuner(directory: Path, trainable: Any, callbacks: list[Any], *, reuse_a
                                   failure_config=tune.FailureConfig(max_failures=0), verbose=0,
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
     )
+
+
+def link_selected_model(uri: str, parent: str, model_name: str, version: str) -> Optional[str]:
+    """Record the registered model (an MLflow 3 logged model of the selected trial's run) as
+    an output of the search's parent run: what the search produced. MLflow's UI tells a
+    training run from an evaluation run by its model outputs (a run without one is listed
+    under "Evaluation runs"), so the parent then reads as the training run it is.
+
+    Returns:
+        The logged model's id, or None when the version has none (a model registered from
+        files rather than a logged model).
+    """
+    from mlflow.entities import LoggedModelOutput
+
+    from trainers.tracking import mlflow_client
+
+    client = mlflow_client(uri)
+    mv = client.get_model_version(model_name, version)
+    model_id = getattr(mv, "model_id", None)
+    if not model_id and (mv.source or "").startswith("models:/m-"):
+        # MLflow 3.17 leaves model_id empty on versions registered by log_model; the source
+        # names the logged model.
+        model_id = mv.source[len("models:/"):].split("/")[0]
+    if not model_id:
+        return None
+    client.log_outputs(parent, [LoggedModelOutput(model_id=model_id, step=0)])
+    return model_id
 
 
 def _restore(directory: Path, trainable: Any) -> Any:
@@ -558,6 +680,7 @@ def finalize(cfg: SearchConfig, uri: str, parent: str, *, register: bool = True,
         version = register_best(uri, best, cfg.registered_model_name())
         MLflowTracker(uri, parent).set_tags({"mixersnn.best_run_id": best.run_id, "mixersnn.best_trial": best.trial_id,
                                              "mixersnn.registered_model": f"{cfg.registered_model_name()}/{version}"})
+        link_selected_model(uri, parent, cfg.registered_model_name(), version)
     log("")
     log(format_table(sorted(rows, key=lambda r: -(r.test_acc if r.test_acc is not None else -1)),
                      title=f"trials of {cfg.name!r} (best first; * = Pareto front, B = baseline)",
@@ -573,4 +696,8 @@ def finalize(cfg: SearchConfig, uri: str, parent: str, *, register: bool = True,
         log(f"\nselected ({cfg.select.criterion}): trial-{best.trial_id} acc {best.test_acc:.4f}, "
             f"{best.energy_uj:.3f} uJ/image, {best.num_params:,} params"
             + (f" -> registered as {cfg.registered_model_name()} version {version}" if version else ""))
+    if best is not None and cfg.select.scale_family:
+        from search.family import train_family
+
+        train_family(cfg, uri, parent, best, log=log)  # the selected trial at the sizes asked for
     return SearchResult(cfg.name, parent, uri, rows, front, best, version, 0.0, summary)

@@ -82,6 +82,9 @@ def run(args: argparse.Namespace) -> int:
     fig.savefig(out)
     plt.close(fig)
     print(f"\nPareto plot written to {out}")
+    from trainers.tracking import mlflow_ui_hint
+
+    print(f"in the MLflow UI: {mlflow_ui_hint(uri, parent.info.experiment_id)}")
     return 0
 
 

@@ -32,6 +32,8 @@ __all__ = [
     "epochs_logged",
     "compare_baselines",
     "format_comparison",
+    "leaderboard",
+    "LEADERBOARD_FILE",
     "STATUS_TAG",
     "settle_run",
     "stop_reason",
@@ -440,41 +442,43 @@ def select_best(rows: Sequence[TrialRow], criterion: str, max_energy_uj: Optiona
 
 
 def register_best(uri: str, row: TrialRow, model_name: str, *, tmp: Optional[str] = None) -> str:
-    """Log the trial's checkpoint as an MLflow PyTorch model in its own run and register it.
-
-    The trainer logs ``model/model.pt`` (a plain checkpoint file); the registry wants a model
-    with a flavour, so the driver loads the checkpoint and logs it with ``mlflow.pytorch``
-    (pickle format: the traced pt2 format needs an input example and a traceable graph).
+    """Register the trial's final model as ``model_name``: an MLflow 3 logged model with a
+    signature, an input example, its spec, energy report and MFI check as metadata, and
+    requirements that install (:func:`trainers.mlflow_model.log_registered_model`).
 
     Returns:
         The registered version (a string, e.g. "1").
     """
-    import mlflow
+    from trainers.mlflow_model import log_registered_model
 
-    from mixersnn.models import load_model
+    tags = {"mixersnn.trial_id": row.trial_id}
+    if row.test_acc is not None:
+        tags["mixersnn.test_acc"] = f"{row.test_acc:.4f}"
+    if row.energy_uj is not None:
+        tags["mixersnn.energy_per_image_uj"] = f"{row.energy_uj:.4f}"
+    return log_registered_model(uri, row.run_id, model_name, tags=tags, tmp=tmp)
 
-    client = mlflow_client(uri)
-    with tempfile.TemporaryDirectory(dir=tmp) as d:
-        local = client.download_artifacts(row.run_id, "model/model.pt", d)
-        model = load_model(local)
-    model.eval()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    status = client.get_run(row.run_id).info.status
-    with mlflow.start_run(run_id=row.run_id):
-        info = mlflow.pytorch.log_model(
-            model, name="registered_model", registered_model_name=model_name,
-            pip_requirements=["torch", "mixersnn"], serialization_format="pickle",
-        )
-    client.set_terminated(row.run_id, status)  # start_run(run_id) re-opened it: restore its status
-    versions = client.search_model_versions(f"name='{model_name}'")
-    mine = [v for v in versions if v.run_id == row.run_id]
-    version = max(mine or versions, key=lambda v: int(v.version)).version
-    client.set_model_version_tag(model_name, version, "mixersnn.test_acc", f"{row.test_acc:.4f}")
-    client.set_model_version_tag(model_name, version, "mixersnn.energy_per_image_uj", f"{row.energy_uj:.4f}")
-    client.set_model_version_tag(model_name, version, "mixersnn.trial_id", row.trial_id)
-    del info
-    return str(version)
+
+#: The leaderboard on the parent run: an MLflow table (``log_table``), which the UI shows as
+#: a table in the run's artefacts and can compare across runs.
+LEADERBOARD_FILE = "search/leaderboard.json"
+
+
+def leaderboard(rows: Sequence[TrialRow], front: Sequence[TrialRow]) -> dict[str, list[Any]]:
+    """Every trial and baseline, best test accuracy first, as table columns: rank, trial,
+    status, whether it is on the Pareto front, accuracy, energy, parameters, epochs, the
+    architecture, the reason of a stop or failure, and the child run's id."""
+    on_front = {r.run_id for r in front}
+    ranked = sorted(rows, key=lambda r: (r.test_acc is None, -(r.test_acc or 0.0), r.trial_id))
+    cols: dict[str, list[Any]] = {k: [] for k in ("rank", "trial", "status", "pareto", "test_acc",
+                                                   "energy_per_image_uj", "num_params", "epochs", "architecture",
+                                                   "reason", "run_id")}
+    for i, r in enumerate(ranked, 1):
+        for k, v in (("rank", i), ("trial", r.name), ("status", r.status), ("pareto", r.run_id in on_front),
+                     ("test_acc", r.test_acc), ("energy_per_image_uj", r.energy_uj), ("num_params", r.num_params),
+                     ("epochs", r.epochs), ("architecture", r.arch()), ("reason", r.reason), ("run_id", r.run_id)):
+            cols[k].append(v)
+    return cols
 
 
 def log_summary(uri: str, parent_run_id: str, rows: Sequence[TrialRow], front: Sequence[TrialRow], *,
@@ -492,6 +496,22 @@ def log_summary(uri: str, parent_run_id: str, rows: Sequence[TrialRow], front: S
             p.write_text(rows_to_csv(rs))
             tr.log_artifact(str(p), "search")
     tr.log_dict([asdict(r) for r in front], "search/pareto_front.json")
+    board = leaderboard(rows, front)
+    if LEADERBOARD_FILE not in [f.path for f in tr.client.list_artifacts(parent_run_id, "search")]:
+        import warnings
+
+        with warnings.catch_warnings():
+            # MLflow 3.17 looks for image columns with select_dtypes("object"), which pandas 3
+            # warns about for string columns; harmless here (no images).
+            warnings.filterwarnings("ignore", message=".*select_dtypes.*")
+            tr.client.log_table(parent_run_id, board, LEADERBOARD_FILE)
+    else:  # summarised again (a finished search resumed): replace it; log_table would append the rows
+        import pandas as pd
+
+        with tempfile.TemporaryDirectory() as d:
+            p = Path(d) / Path(LEADERBOARD_FILE).name
+            pd.DataFrame(board).to_json(p, orient="split", index=False)  # log_table's own format
+            tr.log_artifact(str(p), str(Path(LEADERBOARD_FILE).parent))
     fig = pareto_figure(rows, front, title=title)
     tr.log_figure(fig, "search/pareto_front.png")
     plt.close(fig)

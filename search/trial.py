@@ -230,6 +230,10 @@ def run_trial(config: dict[str, Any], ctx: SearchContext) -> None:
         "run_name": name, "parent_run_id": ctx.parent_run_id,
     })
     try:
+        # The one typed record of what this trial trains: `mixersnn train --from-run` reads it.
+        from trainers.spec import RunSpec, log_run_spec
+
+        log_run_spec(tr, RunSpec.of(cfg, kind=spec.kind, num_workers=int(ctx.scale.get("num_workers", 1))))
         if here:
             m = _train_here(cfg, tr, int(float(ctx.scale.get("cpus_per_worker", 1.0))))
         else:

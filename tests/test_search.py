@@ -239,6 +239,14 @@ def test_killed_driver_resumes_a_halving_search_without_duplicates(shards: Path,
     # The trials the kill interrupted continued from their checkpoints instead of starting again.
     assert any(c.data.metrics.get("resumed_from_epoch") is not None for c in children)
     assert len(client.search_model_versions(f"name='{name}-best'")) == 1
+    # The sampler's study (objective.storage's default, beside Tune's state) outlived the
+    # killed driver and was continued: each of Tune's trials scored once, at the rung; a
+    # proposal the killed driver asked after Tune's last save is closed as failed, none waits.
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / 'runs' / name / 'optuna.db'}")
+    states = {t.state.name for t in study.trials}
+    assert states <= {"COMPLETE", "FAIL"}, states
+    assert {t.user_attrs["tune_trial_id"] for t in study.trials if t.state.name == "COMPLETE"} == tune_ids
+    assert all("lost" in t.user_attrs for t in study.trials if t.state.name == "FAIL")
 
 
 @pytest.mark.slow

@@ -19,8 +19,8 @@ _TRAIN_FLAGS = {
     "label_smoothing": "label_smoothing", "mixup": "mixup", "cutmix": "cutmix", "amp": "amp",
     "grad_clip": "grad_clip", "augment": "augment", "seed": "seed", "data_workers": "data_workers",
     "max_steps_per_epoch": "max_steps_per_epoch", "max_eval_batches": "max_eval_batches",
-    "time_budget": "time_budget_s", "tracking_uri": "tracking_uri", "experiment": "experiment",
-    "run_name": "run_name",
+    "time_budget": "time_budget_s", "samples_per_epoch": "samples_per_epoch", "tracking_uri": "tracking_uri",
+    "experiment": "experiment", "run_name": "run_name",
 }
 _MODEL_FLAGS = {
     "img_size": "img_size", "in_chans": "in_chans", "num_classes": "num_classes",
@@ -32,6 +32,30 @@ _SCALE_FLAGS = {
     "cpus_per_worker": "cpus_per_worker", "max_failures": "max_failures",
     "storage_path": "storage_path",
 }
+
+
+class _Clear:
+    """What a limit flag given as ``none`` parses to: clear the limit the YAML or the source
+    run set (``--time-budget none``). Not the string: ``--augment none`` is a value."""
+
+    def __repr__(self) -> str:
+        return "none"
+
+
+CLEAR = _Clear()
+
+
+def _or_none(kind: type) -> Any:
+    def parse(s: str) -> Any:
+        if s.strip().lower() == "none":
+            return CLEAR
+        try:
+            return kind(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not a {kind.__name__} or 'none'") from None
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def _depths(s: str) -> list[int]:
@@ -56,6 +80,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mlp-ratio", type=float)
     g.add_argument("--no-spe", action="store_true", help="conv downsampling instead of SPE")
     g.add_argument("--backend", help="LIF backend: auto, torch, cpu, cupy")
+    r = p.add_argument_group("retrain or scale a trained model (the source's spec first, then YAML, then flags)")
+    r.add_argument("--from-run", metavar="RUN_ID",
+                   help="train the architecture and hyperparameters a training run or search trial recorded "
+                   "(its spec.json); training starts from scratch. Other flags apply on top")
+    r.add_argument("--from-model", metavar="URI",
+                   help="the same from a model: models:/NAME/VERSION (or /latest, @ALIAS) or runs:/RUN_ID")
+    r.add_argument("--scale", metavar="K=V,...",
+                   help="a family member of the architecture: width=F (stage-1 width x F, a multiple of 3 with "
+                   "SPE), depth=F (blocks per stage x F, >= 1), img_size=PX, e.g. width=2,depth=1.5,img_size=224 "
+                   "(or width:/depth:/img_size: in the YAML's scale: block); `mixersnn models --from-run ID "
+                   "--scale ...` shows its size and energy first")
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int)
     o.add_argument("--batch-size", type=int, help="per worker")
@@ -75,9 +110,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "flips only data whose manifest says flips keep the labels (make-shards --flip-safe)")
     o.add_argument("--seed", type=int)
     o.add_argument("--data-workers", type=int)
-    o.add_argument("--time-budget", type=float, help="stop after this many seconds of training")
-    o.add_argument("--max-steps-per-epoch", type=int, help="smoke runs")
-    o.add_argument("--max-eval-batches", type=int, help="smoke runs")
+    o.add_argument("--time-budget", type=_or_none(float),
+                   help="stop after this many seconds of training ('none': no limit, e.g. over a search trial's)")
+    o.add_argument("--samples-per-epoch", type=_or_none(int),
+                   help="images per epoch over all workers ('none': the whole split, e.g. over a search trial's)")
+    o.add_argument("--max-steps-per-epoch", type=_or_none(int), help="smoke runs ('none': no cap)")
+    o.add_argument("--max-eval-batches", type=_or_none(int), help="smoke runs ('none': the whole eval split)")
     s = p.add_argument_group("scale")
     s.add_argument("--workers", type=int, help="data-parallel workers")
     s.add_argument("--gpus-per-worker", type=float, help="> 0 turns GPUs on")
@@ -93,22 +131,55 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--resume", action="store_true",
                    help="continue the run of this name even though its recorded config differs")
     t.add_argument("--no-mlflow", action="store_true")
+    t.add_argument("--system-metrics", action="store_true",
+                   help="log this machine's CPU, memory, disk, network (and NVIDIA GPU, with nvidia-ml-py) use to "
+                   "the run as system/* metrics, every $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL s (default 10)")
+    t.add_argument("--register", metavar="NAME",
+                   help="register the trained model in the MLflow model registry as NAME (a logged model with "
+                   "signature, input example, spec, energy and MFI metadata)")
     t.add_argument("--json", action="store_true", help="print the final metrics as JSON")
 
 
 def build_configs(args: argparse.Namespace) -> tuple[Any, Any]:
-    """Merge dataclass defaults <- YAML file <- flags into (TrainConfig, ScaleConfig)."""
+    """Merge dataclass defaults <- source spec (``--from-run``/``--from-model``) <- YAML file
+    <- flags into (TrainConfig, ScaleConfig), the model scaled last (``--scale``)."""
+    train, scale, _ = _build(args)
+    return train, scale
+
+
+def _build(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
+    """:func:`build_configs`, and where the run comes from: ``{"run_id", "model_uri",
+    "scale"}`` (each only when set) for the run's spec and its links to the source."""
+    from mixersnn.models.scale import SCALE_KEYS, parse_scale, scale_from_mapping
     from trainers.config import ConfigError, ScaleConfig, TrainConfig, load_yaml_config
 
     train_d: dict[str, Any] = {}
     scale_d: dict[str, Any] = {}
     if args.config:
         train_d, scale_d = load_yaml_config(args.config)
+    # The scale: block holds the model's scale (width, depth, img_size) beside Ray's resources.
+    model_scale_d = {k: scale_d.pop(k) for k in SCALE_KEYS if k in scale_d}
+    origin: dict[str, Any] = {}
+    from_run, from_model = getattr(args, "from_run", None), getattr(args, "from_model", None)
+    if from_run is not None or from_model is not None:
+        from trainers.spec import resolve_source
+        from trainers.tracking import check_tracking_server, resolve_tracking_uri
+
+        uri = resolve_tracking_uri(args.tracking_uri or train_d.get("tracking_uri"))
+        check_tracking_server(uri)
+        src = resolve_source(uri, run_id=from_run, model_uri=from_model)
+        base = src.spec.train_dict()
+        yaml_over = dict(train_d.pop("model_overrides", None) or {})
+        train_d = {**base, **train_d, "model_overrides": {**base["model_overrides"], **yaml_over}}
+        scale_d.setdefault("num_workers", src.spec.num_workers)  # the source's global batch, unless told
+        origin["run_id"] = src.run_id
+        if src.model_uri:
+            origin["model_uri"] = src.model_uri
     overrides = dict(train_d.get("model_overrides") or {})
     for flag, key in _TRAIN_FLAGS.items():
         v = getattr(args, flag, None)
         if v is not None:
-            train_d[key] = v
+            train_d[key] = None if v is CLEAR else v
     for flag, key in _MODEL_FLAGS.items():
         v = getattr(args, flag, None)
         if v is not None:
@@ -117,6 +188,17 @@ def build_configs(args: argparse.Namespace) -> tuple[Any, Any]:
         overrides["spe"] = False
     if "depths" in overrides:
         overrides["depths"] = list(overrides["depths"])
+    scale_arg = getattr(args, "scale", None)
+    if scale_arg is not None:
+        model_scale = parse_scale(scale_arg)  # the flag replaces the YAML's scale, as flags do
+    elif model_scale_d:
+        model_scale = scale_from_mapping(model_scale_d, where=f"{args.config}: scale")
+    else:
+        model_scale = None
+    if model_scale is not None and not model_scale.is_identity:
+        overrides.update(_scaled_overrides(train_d, overrides, model_scale,
+                                           "--scale" if scale_arg is not None else f"{args.config}: scale"))
+        origin["scale"] = model_scale.to_dict()
     train_d["model_overrides"] = overrides
     for flag, key in _SCALE_FLAGS.items():
         v = getattr(args, flag, None)
@@ -128,7 +210,32 @@ def build_configs(args: argparse.Namespace) -> tuple[Any, Any]:
     unknown = sorted(set(scale_d) - known)
     if unknown:
         raise ConfigError(f"scale: unknown keys {unknown}; valid keys: {sorted(known)}")
-    return TrainConfig.from_dict(train_d), ScaleConfig(**scale_d)
+    return TrainConfig.from_dict(train_d), ScaleConfig(**scale_d), origin
+
+
+def _scaled_overrides(train_d: dict[str, Any], overrides: dict[str, Any], model_scale: Any,
+                      where: str) -> dict[str, Any]:
+    """The model overrides that make the family member: the architecture as it would be built
+    (the data's shape, then the overrides), scaled; only the fields the scale changes."""
+    from mixersnn.models import model_config
+    from mixersnn.models.scale import scale_config
+    from trainers.config import TrainConfig
+    from trainers.loop import resolve_data
+
+    fields = TrainConfig.__dataclass_fields__
+    data = resolve_data(train_d.get("data", fields["data"].default))
+    base = model_config(train_d.get("model", fields["model"].default),
+                        **{"img_size": data.img_size, "in_chans": data.in_chans, "num_classes": data.num_classes,
+                           **overrides})
+    scaled = scale_config(base, model_scale, where=where)
+    out: dict[str, Any] = {}
+    if scaled.embed_dim != base.embed_dim:
+        out["embed_dim"] = scaled.embed_dim
+    if scaled.depths != base.depths:
+        out["depths"] = list(scaled.depths)
+    if scaled.img_size != base.img_size or model_scale.img_size is not None:
+        out["img_size"] = scaled.img_size
+    return out
 
 
 def preflight(cfg: Any, *, track: bool) -> None:
@@ -198,8 +305,23 @@ def claim_run(run_dir: Path, cfg: Any, scale: Any, *, resume: bool) -> None:
 def run(args: argparse.Namespace) -> int:
     from trainers.ray_train import run_name_for
 
-    train_cfg, scale_cfg = build_configs(args)
+    from mixersnn.errors import UserError
+
+    if args.register and args.no_mlflow:
+        raise UserError(f"--register {args.register} needs MLflow (the registry lives there): drop --no-mlflow, or "
+                        f"drop --register")
+    if getattr(args, "system_metrics", False):
+        if args.no_mlflow:
+            raise UserError("--system-metrics logs to the MLflow run: drop --no-mlflow, or drop --system-metrics")
+        import os
+
+        from trainers.tracking import SYSTEM_METRICS_ENV
+
+        os.environ[SYSTEM_METRICS_ENV] = "true"  # MLflow's switch, read where the run starts
+    train_cfg, scale_cfg, origin = _build(args)
     preflight(train_cfg, track=not args.no_mlflow)
+    if origin:
+        _say_origin(train_cfg, scale_cfg, origin)
     # A default name is the model and a hash of the config: two configs never share a run.
     name = train_cfg.run_name or run_name_for(train_cfg, scale_cfg)
     if args.no_ray:
@@ -208,36 +330,104 @@ def run(args: argparse.Namespace) -> int:
         storage = scale_cfg.storage_path
         run_dir = Path(storage if "://" in storage else Path(storage).resolve()) / name
     claim_run(run_dir, train_cfg, scale_cfg, resume=args.resume)
+    # The run is opened here, before training, with its spec and links to its source: Ray
+    # Train's driver (fit) finds it by name and logs into it.
+    run_id = None if args.no_mlflow else _open_run(train_cfg, scale_cfg, name, origin)
     t0 = time.time()
     if args.no_ray:
-        metrics, ckpt = _run_local(train_cfg, name, track=not args.no_mlflow)
+        metrics, ckpt = _run_local(train_cfg, name, run_id=run_id)
     else:
         from trainers.ray_train import fit
+        from trainers.tracking import close_run, resolve_tracking_uri
 
-        res = fit(train_cfg, scale_cfg, track=not args.no_mlflow, name=name)
+        try:
+            res = fit(train_cfg, scale_cfg, track=not args.no_mlflow, name=name)
+        except BaseException as err:  # fit closes the run it reopened; not if Ray never started
+            if run_id is not None:
+                close_run(resolve_tracking_uri(train_cfg.tracking_uri), run_id,
+                          "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+            raise
         metrics, ckpt, name = res.metrics, res.checkpoint_path, res.run_name
+        run_id = res.mlflow_run_id or run_id
     wall = time.time() - t0
+    registered = None
+    if args.register and run_id is not None:
+        from trainers.mlflow_model import log_registered_model
+        from trainers.tracking import MLflowTracker, resolve_tracking_uri
+
+        uri = resolve_tracking_uri(train_cfg.tracking_uri)
+        version = log_registered_model(uri, run_id, args.register)
+        registered = f"models:/{args.register}/{version}"
+        MLflowTracker(uri, run_id).set_tags({"mixersnn.registered_model": registered})
     if args.json:
-        print(json.dumps({"run_name": name, "wall_s": wall, "checkpoint": ckpt, **metrics}, default=str))
+        print(json.dumps({"run_name": name, "run_id": run_id, "wall_s": wall, "checkpoint": ckpt,
+                          **({"registered_model": registered} if registered else {}),
+                          **({"source": origin} if origin else {}), **metrics}, default=str))
     else:
-        print(_summary(name, metrics, ckpt, wall, train_cfg))
+        print(_summary(name, metrics, ckpt, wall, train_cfg, run_id=run_id, origin=origin, registered=registered))
     return 0
 
 
-def _run_local(cfg: Any, name: str, *, track: bool) -> tuple[dict[str, Any], str]:
-    """The loop in this process: no Ray, checkpoints under runs/local/<run name>/."""
+def _say_origin(cfg: Any, scale: Any, origin: dict[str, Any]) -> None:
+    """What a retrain takes from its source, on stderr before training: the architecture and
+    the limits a search trial ran under (which a longer retrain usually lifts)."""
+    import sys
+
+    from mixersnn.models import model_config
+    from trainers.loop import resolve_data
+
+    data = resolve_data(cfg.data)  # as the loop builds the model: the data's shape, then the overrides
+    mc = model_config(cfg.model, **{"img_size": data.img_size, "in_chans": data.in_chans,
+                                    "num_classes": data.num_classes, **cfg.model_overrides})
+    where = origin.get("model_uri") or (f"run {origin['run_id']}" if "run_id" in origin else cfg.model)
+    scaled = f", scaled {_scale_text(origin['scale'])}" if "scale" in origin else ""
+    limits = {k: getattr(cfg, k) for k in ("time_budget_s", "samples_per_epoch", "max_steps_per_epoch",
+                                           "max_eval_batches") if getattr(cfg, k) is not None}
+    lim = (", limits " + ", ".join(f"{k}={v}" for k, v in limits.items()) + " (flags with 'none' lift them: "
+           "--time-budget none, --samples-per-epoch none, ...)") if limits else ""
+    print(f"training from {where}{scaled}: C={mc.embed_dim} depths={list(mc.depths)} T={mc.T} p={mc.patch_size} "
+          f"spe={mc.spe}, {cfg.epochs} epoch(s), batch {cfg.batch_size} x {scale.num_workers} worker(s), "
+          f"lr {cfg.lr:g}{lim}", file=sys.stderr)
+
+
+def _scale_text(d: dict[str, Any]) -> str:
+    return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in d.items())
+
+
+def _open_run(cfg: Any, scale: Any, name: str, origin: dict[str, Any]) -> str:
+    """Create (or reopen, by name) the run, record its spec and its links to the source run
+    and model; returns the run id."""
+    from trainers.spec import SCALE_TAG, SOURCE_MODEL_TAG, SOURCE_RUN_TAG, RunSpec, log_run_spec
+    from trainers.tracking import MLflowTracker, resolve_tracking_uri, start_run
+
+    uri = resolve_tracking_uri(cfg.tracking_uri)
+    tags: dict[str, Any] = {"mixersnn.kind": "train", "mixersnn.model": cfg.model}
+    if "run_id" in origin:
+        tags[SOURCE_RUN_TAG] = origin["run_id"]
+    if "model_uri" in origin:
+        tags[SOURCE_MODEL_TAG] = origin["model_uri"]
+    if "scale" in origin:
+        tags[SCALE_TAG] = _scale_text(origin["scale"])
+    run_id = start_run(uri, cfg.experiment, name, parent_run_id=cfg.parent_run_id, tags=tags)
+    log_run_spec(MLflowTracker(uri, run_id), RunSpec.of(cfg, kind="train", num_workers=scale.num_workers,
+                                                         source=origin), tags=tags)
+    return run_id
+
+
+def _run_local(cfg: Any, name: str, *, run_id: Any = None) -> tuple[dict[str, Any], str]:
+    """The loop in this process: no Ray, checkpoints under runs/local/<run name>/; logs into
+    ``run_id`` when given (:func:`_open_run`)."""
     import shutil
 
     from mixersnn.errors import UserError
     from trainers.loop import CHECKPOINT_FILE, WorkerContext, run_training
-    from trainers.tracking import MLflowTracker, close_run, resolve_tracking_uri, start_run
+    from trainers.tracking import MLflowTracker, close_run, resolve_tracking_uri
 
     out = Path("runs/local") / name
     out.mkdir(parents=True, exist_ok=True)
     resume = out if (out / CHECKPOINT_FILE).exists() else None
-    tracker, uri, run_id = None, resolve_tracking_uri(cfg.tracking_uri), None
-    if track:
-        run_id = start_run(uri, cfg.experiment, name, parent_run_id=cfg.parent_run_id)
+    tracker, uri = None, resolve_tracking_uri(cfg.tracking_uri)
+    if run_id is not None:
         tracker = MLflowTracker(uri, run_id)
 
     def report(metrics: dict[str, Any], ckpt_dir: Any) -> None:
@@ -265,10 +455,12 @@ def _run_local(cfg: Any, name: str, *, track: bool) -> tuple[dict[str, Any], str
     return metrics, str(out / CHECKPOINT_FILE)
 
 
-def _summary(name: str, m: dict[str, Any], ckpt: Any, wall: float, cfg: Any) -> str:
+def _summary(name: str, m: dict[str, Any], ckpt: Any, wall: float, cfg: Any, *, run_id: Any = None,
+             origin: Any = None, registered: Any = None) -> str:
     lines = [
         "",
-        f"run {name}: {cfg.model} on {cfg.data}, {int(m.get('epoch', -1)) + 1} epoch(s) in {wall:.0f} s",
+        f"run {name}{f' ({run_id})' if run_id else ''}: {cfg.model} on {cfg.data}, "
+        f"{int(m.get('epoch', -1)) + 1} epoch(s) in {wall:.0f} s",
         f"  test accuracy {m.get('test_acc', float('nan')):.4f} (top-5 {m.get('test_top5', float('nan')):.4f}), "
         f"test loss {m.get('test_loss', float('nan')):.4f}",
     ]
@@ -277,7 +469,13 @@ def _summary(name: str, m: dict[str, Any], ckpt: Any, wall: float, cfg: Any) -> 
             f"  energy {m['energy_per_image_uj']:.4f} uJ/image ({m.get('sops_per_image', 0) / 1e6:.2f} M SOPs, "
             f"{m.get('macs_per_image', 0) / 1e6:.2f} M MACs, mean firing rate {m.get('mean_firing_rate', 0):.3f})"
         )
+    if origin:
+        src = origin.get("model_uri") or f"run {origin.get('run_id')}"
+        how = f"scaled {_scale_text(origin['scale'])}" if "scale" in origin else "retrained"
+        lines.append(f"  {how} from {src}" if "run_id" in origin else f"  {how}")
     lines.append(f"  checkpoint {ckpt}")
+    if registered:
+        lines.append(f"  registered as {registered}")
     if cfg.tracking_uri is None:
         from trainers.tracking import mlflow_ui_hint, resolve_tracking_uri
 

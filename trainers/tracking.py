@@ -17,7 +17,8 @@ from typing import Any, Optional
 from mixersnn.errors import UserError
 
 __all__ = ["default_tracking_uri", "check_tracking_server", "TrackingUnavailable", "mlflow_client", "MLflowTracker",
-           "start_run", "end_run", "close_run", "find_run", "reopen_run"]
+           "start_run", "end_run", "close_run", "find_run", "reopen_run", "monitor_system_metrics",
+           "system_metrics_enabled", "SYSTEM_METRICS_ENV"]
 
 _MAX_PARAM_LEN = 6000
 
@@ -74,12 +75,28 @@ def check_tracking_server(uri: str, timeout_s: float = 3.0) -> None:
                     f"log to the local store sqlite:///./mlflow.db")
 
 
-def mlflow_ui_hint(uri: str) -> str:
+def mlflow_ui_hint(uri: str, experiment_id: Optional[str] = None) -> str:
     """How to look at ``uri``'s runs: for a local sqlite store the ``mlflow ui`` command
-    (bound to loopback), for a server its address."""
+    (bound to loopback) and the page to open, for a server the page. The page of an
+    experiment carries :data:`UI_WORKFLOW_QUERY`, so MLflow 3's UI opens on its runs table,
+    not on GenAI traces."""
+    page = f"#/experiments/{experiment_id}?{UI_WORKFLOW_QUERY}" if experiment_id else "#/experiments"
     if uri.startswith("sqlite:"):
-        return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
-    return uri
+        return (f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000, then open "
+                f"http://127.0.0.1:5000/{page}")
+    return f"{uri.rstrip('/')}/{page}"
+
+
+#: What the experiments this project creates are, for MLflow's UI: the experiment tag
+#: ``mlflow.experimentKind`` (the values of the UI's ``ExperimentKind`` enum) says model
+#: training, not GenAI development. MLflow 3.17's UI decides what an experiment page shows
+#: from the sidebar's workflow switch (``mlflow.workflowType`` in the browser's local storage,
+#: default ``genai``; the page's ``?workflowType=`` overrides it) and reads the tag only where
+#: that switch is off; earlier 3.x UIs read the tag. So both: the tag, and links with
+#: :data:`UI_WORKFLOW_QUERY`.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+UI_WORKFLOW_QUERY = "workflowType=machine_learning"
 
 
 #: A run's record of its finished epochs (see :meth:`MLflowTracker.logged_epochs`).
@@ -134,8 +151,12 @@ def mlflow_client(uri: str):
 
 
 def _experiment_id(client: Any, uri: str, name: str) -> str:
+    """The experiment's id, created if missing, marked as a model-training experiment
+    (:data:`EXPERIMENT_KIND_TAG`) unless it already says what it is."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if EXPERIMENT_KIND_TAG not in exp.tags:  # made by an earlier version, or by hand
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     artifact_location = None
     if uri.startswith("sqlite:///"):
@@ -143,7 +164,8 @@ def _experiment_id(client: Any, uri: str, name: str) -> str:
         db = Path(uri[len("sqlite:///"):])
         artifact_location = (db.parent / "mlartifacts").resolve().as_uri()
     try:
-        return client.create_experiment(name, artifact_location=artifact_location)
+        return client.create_experiment(name, artifact_location=artifact_location,
+                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except Exception:
         # Another process created it between our lookup and create.
         exp = client.get_experiment_by_name(name)
@@ -169,9 +191,57 @@ def _find_in(client: Any, experiment_id: str, run_name: str, parent_run_id: Opti
     return runs[0].info.run_id if runs else None
 
 
+#: MLflow's own switch for system metrics, which ``--system-metrics`` (``mixersnn train``,
+#: ``mixersnn search``) sets: an environment variable, so every process that starts a run
+#: reads it, a search's trial processes on Ray's workers included.
+SYSTEM_METRICS_ENV = "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING"
+# The runs this process samples system metrics into: run id -> MLflow's SystemMetricsMonitor.
+_MONITORS: dict[str, Any] = {}
+
+
+def system_metrics_enabled() -> bool:
+    """Whether runs started here get system metrics (:data:`SYSTEM_METRICS_ENV`)."""
+    from mlflow.environment_variables import MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
+
+    return bool(MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.get())
+
+
+def monitor_system_metrics(uri: str, run_id: str) -> bool:
+    """Sample this machine into the run, as MLflow's ``system/*`` metrics: CPU and memory
+    (psutil), disk and network, and the GPUs where ``pynvml`` (``nvidia-ml-py``, the ``gpu``
+    extra) finds NVIDIA devices. A background thread of MLflow's ``SystemMetricsMonitor``
+    logs every ``$MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` seconds (default 10), with steps
+    continuing those already logged (a resumed run), until :func:`end_run` here or, in any
+    process, the run stops being RUNNING. Only when :func:`system_metrics_enabled`.
+
+    Returns:
+        Whether a monitor samples the run now.
+    """
+    for rid in [r for r, m in _MONITORS.items() if m._process is None or not m._process.is_alive()]:
+        del _MONITORS[rid]  # stopped by itself: its run ended in another process
+    if run_id in _MONITORS:
+        return True
+    if not system_metrics_enabled():
+        return False
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, tracking_uri=uri, resume_logging=True)
+    monitor.start()
+    _MONITORS[run_id] = monitor
+    return monitor._process is not None
+
+
+def _stop_monitor(run_id: str) -> None:
+    """Stop sampling the run, flushing what the monitor holds (before the run is closed)."""
+    monitor = _MONITORS.pop(run_id, None)
+    if monitor is not None:
+        monitor.finish()
+
+
 def reopen_run(uri: str, run_id: str) -> None:
     """Mark an existing run RUNNING again (a resumed job writes into it)."""
     mlflow_client(uri).set_terminated(run_id, "RUNNING")
+    monitor_system_metrics(uri, run_id)
 
 
 def start_run(
@@ -192,15 +262,18 @@ def start_run(
         rid = _find_in(client, exp_id, run_name, parent_run_id)
         if rid is not None:
             client.set_terminated(rid, "RUNNING")  # reopen_run, with the client at hand
+            monitor_system_metrics(uri, rid)
             return rid
     all_tags = {"mlflow.runName": run_name, **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
+    monitor_system_metrics(uri, run.info.run_id)
     return run.info.run_id
 
 
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    _stop_monitor(run_id)
     mlflow_client(uri).set_terminated(run_id, status)
 
 

@@ -15,7 +15,9 @@ _FMNIST_MEAN, _FMNIST_STD = 0.2860, 0.3530
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="registered model name or a checkpoint / MFI export file")
+    p.add_argument("--model", required=True,
+                   help="registry variant name, a checkpoint / MFI export file, or a trained model's MLflow URI: "
+                   "runs:/RUN_ID (its final model), runs:/RUN_ID/PATH, models:/NAME/VERSION (or /latest, @ALIAS)")
     p.add_argument(
         "--data",
         required=True,
@@ -33,6 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--T", type=int, default=None, help="override the time steps")
     p.add_argument("--embed-dim", type=int, default=None, help="override the stage-1 width (registry names only)")
     p.add_argument("--seed", type=int, default=0, help="seed for an untrained registry model's weights")
+    p.add_argument("--tracking-uri", help="MLflow URI for runs:/ and models:/ models (default $MLFLOW_TRACKING_URI, "
+                   "else sqlite:///./mlflow.db)")
 
 
 def _load(args: argparse.Namespace):
@@ -49,13 +53,18 @@ def _load(args: argparse.Namespace):
         "T": args.T,
     }
     path = Path(args.model)
+    if args.model.startswith(("runs:/", "models:/")):
+        # A trained model in MLflow: the command line is the edge where the library meets the
+        # tracker, so MLflow is reached through trainers, and only for such a URI.
+        from trainers.mlflow_model import load_model_uri
+
+        _no_shape_overrides(overrides, args.model)
+        model = load_model_uri(args.model, args.tracking_uri)
+        if args.T is not None:
+            model.config = model.config.replace(T=args.T)
+        return model
     if path.is_file():
-        shape_over = {k: v for k, v in overrides.items() if v is not None and k != "T"}
-        if shape_over:
-            raise SystemExit(
-                f"error: {sorted(shape_over)} cannot change a trained model's shapes (the weights fix "
-                f"them); drop those options for checkpoint {path}"
-            )
+        _no_shape_overrides(overrides, f"checkpoint {path}")
         if path.suffix == ".safetensors":
             from mixersnn.accounting import load_mfi
 
@@ -73,6 +82,15 @@ def _load(args: argparse.Namespace):
         f"error: --model {args.model!r} is neither a file nor a registered model; use a checkpoint "
         f"path or one of {list_models()}"
     )
+
+
+def _no_shape_overrides(overrides: dict, what: str) -> None:
+    shape_over = {k: v for k, v in overrides.items() if v is not None and k != "T"}
+    if shape_over:
+        raise SystemExit(
+            f"error: {sorted(shape_over)} cannot change a trained model's shapes (the weights fix "
+            f"them); drop those options for {what}"
+        )
 
 
 def _batches(source: str, *, split: str, batch_size: int) -> Iterator[Any]:
