@@ -332,3 +332,114 @@ def test_bad_input_shape_names_expected_shape(name, shape):
     with pytest.raises(ValueError, match=r"\[B, 3, 32, 32\]") as info:
         m(torch.randn(*shape))
     assert str(tuple(shape)) in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------
+# Memory layout: channels-last activations and 1x1 convs as matmuls compute the NCHW model
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(3, 6, 4, 4), (3, 6, 1, 1), (3, 6, 1, 7), (3, 6, 7, 1), (3, 6, 2, 3)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_pointwise_conv_is_the_1x1_conv(bias, shape, channels_last):
+    from mixersnn.layers import PointwiseConv2d
+
+    conv = PointwiseConv2d(6, 5, bias=bias)
+    assert isinstance(conv, nn.Conv2d) and conv.weight.shape == (5, 6, 1, 1)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    xin = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    conv = conv.double()
+    ref = nn.functional.conv2d(xin, conv.weight, conv.bias)
+    g = torch.randn_like(ref)
+    want = torch.autograd.grad(ref, [x, *conv.parameters()], g)
+    out = conv(xin)
+    got = torch.autograd.grad(out, [x, *conv.parameters()], g)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def _nchw_reference_forward(m: MixerSNN, img: torch.Tensor) -> torch.Tensor:
+    """The model's function written plainly in NCHW with nn.functional 1x1 convs (the layout
+    the layers used before they went channels-last), reusing m's parameters and LIFs."""
+    from mixersnn.layers.common import fold, unfold
+
+    def convbn(mod, x):
+        T = x.shape[0]
+        return unfold(mod.bn(nn.functional.conv2d(fold(x).contiguous(), mod.conv.weight, None, mod.conv.stride,
+                                                  mod.conv.padding)), T)  # fmt: skip
+
+    def conv1(conv, x):
+        return nn.functional.conv2d(x.contiguous(), conv.weight, conv.bias)
+
+    def lif(mod, x):
+        return mod(x.contiguous())
+
+    def token(tb, x):
+        T = x.shape[0]
+        xf = fold(x)
+        x_h = lif(tb.lif_h, unfold(tb.bn_h(conv1(tb.proj_h, xf.transpose(1, 2))), T)).transpose(2, 3)
+        x_w = lif(tb.lif_w, unfold(tb.bn_w(conv1(tb.proj_w, xf.permute(0, 3, 2, 1))), T)).permute(0, 1, 4, 3, 2)
+        ident = lif(tb.identity_lif, unfold(tb.identity_bn(xf.contiguous()), T)) if tb.identity_bn_on else x
+        cat = torch.cat((fold(ident), fold(x_h), fold(x_w)), dim=1)
+        return unfold(tb.bn(conv1(tb.fuse, cat)), T)
+
+    def channel(cb, x):
+        T, B, C, H, W = x.shape
+        tok = fold(x).flatten(2).transpose(1, 2).contiguous()
+        y = lif(cb.lif, unfold(cb.bn1(cb.fc1(tok)), T))
+        y = cb.bn2(cb.fc2(fold(y)))
+        return unfold(y.transpose(1, 2).reshape(T * B, C, H, W), T)
+
+    T = m.config.T
+    x = None
+    for s, stage in enumerate(m.stages):
+        if s == 0:
+            y = stage.embed.bn(stage.embed.conv(img))
+            h = y.unsqueeze(0).expand(T, *y.shape)
+        elif m.config.spe:
+            e = stage.embed
+            a1, a2, a3 = convbn(e.down, x).split(e.n, dim=2)
+            a2 = a2 + convbn(e.conv12, lif(e.lif1, a1))
+            a3 = a3 + a1 + convbn(e.conv23, lif(e.lif2, a2))
+            h = torch.cat((a1, a2, a3), dim=2)
+        else:
+            h = convbn(stage.embed, x)
+        x = lif(stage.lif, h)
+        for blk in stage.blocks:
+            u = h + token(blk.token, x)
+            x = lif(blk.lif_token, u)
+            x = lif(blk.lif_channel, u + channel(blk.channel, x))
+    hd = m.head
+    return unfold(hd.fc(hd.bn(fold(x).contiguous()).mean(dim=(2, 3))), T)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_channels_last_layers_compute_the_nchw_model(name):
+    # float64 and the reference neuron: the two layouts must agree to rounding, spikes exactly.
+    m = tiny_model(name, embed_dim=12).double().train()
+    img = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    out = m(img)
+    grads = torch.autograd.grad(out.square().sum(), list(m.parameters()))
+    ref = _nchw_reference_forward(m, img)
+    ref_grads = torch.autograd.grad(ref.square().sum(), list(m.parameters()))
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    for (n, _), a, b in zip(m.named_parameters(), grads, ref_grads):
+        # (biases before a BatchNorm have a zero gradient: only rounding noise there)
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9, msg=n)
+
+
+def test_activations_stay_channels_last():
+    m = tiny_model("mlp_spe_t").train()
+    seen = {}
+    hooks = [mod.register_forward_hook(lambda mod, i, o, n=n: seen.__setitem__(n, o))
+             for n, mod in m.named_modules() if isinstance(mod, LIF) and n.endswith(("lif_token", "lif_channel"))]  # fmt: skip
+    try:
+        m(torch.randn(2, 3, 32, 32))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen
+    for n, s in seen.items():
+        assert s.permute(0, 1, 3, 4, 2).is_contiguous(), n  # memory [T, B, H, W, C]

@@ -686,3 +686,34 @@ def test_empty_time_axis_raises():
 def test_integer_input_raises(dtype):
     with pytest.raises(TypeError, match=re.escape(str(dtype))):
         lif_multistep(torch.zeros(3, 2, dtype=dtype), backend="torch")
+
+
+# ------------------------------------------------------------------ memory layout
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda x: x,  # contiguous
+        lambda x: x.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3),  # channels-last
+        lambda x: x[:, :, :3],  # a channel slice (not dense)
+        lambda x: x[:1].expand(x.shape[0], *x.shape[1:]),  # broadcast over T (stride 0)
+    ],
+    ids=["contiguous", "channels-last", "slice", "broadcast"],
+)
+def test_lif_module_keeps_the_layout_and_the_values(backend, make) -> None:
+    from mixersnn.neurons.modules import time_major
+
+    lif = LIF(detach_reset=True, backend=backend)
+    base = (torch.randn(3, 2, 5, 4, 4) * 2).requires_grad_()
+    x = make(base)
+    y, inverse = time_major(x)
+    assert y.is_contiguous() and torch.equal(y if inverse is None else y.permute(inverse), x)
+    s = lif(x)
+    ref = lif(x.contiguous())
+    assert torch.equal(s, ref)
+    if x.stride(0) > 0 and sorted(x.stride()) == sorted(x.contiguous().stride()):  # dense
+        assert s.stride() == x.stride()  # a dense layout comes back unchanged: no copies
+    g = torch.randn_like(ref)
+    (ga,) = torch.autograd.grad(s, base, g)
+    (gb,) = torch.autograd.grad(ref, base, g)
+    torch.testing.assert_close(ga, gb, rtol=1e-6, atol=1e-6)

@@ -66,11 +66,17 @@ class TrainConfig:
             (the learning-rate schedule is still laid over ``epochs``).
         tracking_uri: MLflow tracking URI; None means ``$MLFLOW_TRACKING_URI`` if set, else
             ``sqlite:///<cwd>/mlflow.db``.
-        experiment: MLflow experiment name.
+        experiment: MLflow experiment name (``mixersnn train``: ``$MLFLOW_EXPERIMENT_NAME`` when
+            set and neither the YAML nor ``--experiment`` names one).
         run_name: MLflow run name / Ray Train run name; None derives one from the config.
         parent_run_id: MLflow parent run (the search sets it for nested trial runs).
         log_model: log the final checkpoint and MFI report to MLflow as artefacts.
         measure_energy: collect firing rates during evaluation and log SOPs and energy.
+        compile: ``torch.compile`` the training step's model (the fused LIF is a custom op
+            inside the graph): false (eager), true ("default" mode) or a mode name
+            ("reduce-overhead": CUDA graphs, for CUDA runs). Evaluation stays eager. Needs a
+            C++ compiler on CPU, Triton on CUDA: where these are missing the run stops at once
+            with the reason. Costs a compile of minutes on a small CPU; docs/benchmarks.md.
     """
 
     model: str = "mlp_spe_t"
@@ -105,6 +111,7 @@ class TrainConfig:
     parent_run_id: Optional[str] = None
     log_model: bool = True
     measure_energy: bool = True
+    compile: Union[bool, str] = False
 
     def __post_init__(self) -> None:
         # YAML booleans stay valid: true is "auto" (crops, flips where the data allows), false "none".
@@ -142,6 +149,10 @@ class TrainConfig:
               f"mislabels, such as digits")  # fmt: skip
         check(self.data_workers >= 0, f"data_workers={self.data_workers} must be >= 0")
         check(self.cache_data in (True, False, "auto"), f"cache_data={self.cache_data!r} must be true, false or 'auto'")
+        from mixersnn.models.mixer_snn import COMPILE_MODES
+
+        check(isinstance(self.compile, bool) or self.compile in COMPILE_MODES,
+              f"compile={self.compile!r} must be true, false or a torch.compile mode: {', '.join(COMPILE_MODES)}")  # fmt: skip
         for name in ("max_steps_per_epoch", "samples_per_epoch", "max_eval_batches"):
             v = getattr(self, name)
             check(v is None or (isinstance(v, int) and v >= 1), f"{name}={v!r} must be an integer >= 1 or None")

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixersnn.models import MixerSNN, create_model
+from mixersnn.models.mixer_snn import compile_model
 from mixersnn.models.checkpoint import CHECKPOINT_FORMAT, atomic_torch_save
 from trainers.config import TrainConfig
 
@@ -135,8 +136,20 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
         {"params": no_decay, "weight_decay": 0.0},
     ]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))
+        return _fast_optimizer(torch.optim.SGD, groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+    return _fast_optimizer(torch.optim.AdamW, groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))
+
+
+def _fast_optimizer(cls: type, groups: list[dict[str, Any]], **kwargs: Any) -> torch.optim.Optimizer:
+    """``cls(groups, fused=True)``: one kernel over all parameters (CPU and CUDA in current
+    torch; measured in docs/benchmarks.md, "Training step"), else ``foreach=True``, else the
+    per-parameter loop. The update is the same arithmetic in every form."""
+    for extra in ({"fused": True}, {"foreach": True}):
+        try:
+            return cls(groups, **kwargs, **extra)
+        except (RuntimeError, ValueError, TypeError):  # this torch or device has no such form
+            continue
+    return cls(groups, **kwargs)
 
 
 class TrainClock:
@@ -410,6 +423,10 @@ def run_training(cfg: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
             ctx.tracker.log_metrics({"resumed_from_epoch": start_epoch - 1}, step=start_epoch)
 
     ddp_model = ctx.wrap_model(model)
+    # The module the training step calls: compiled when the config asks (a clear error where
+    # it cannot work). Evaluation stays eager: its eval-mode graph would be a second compile.
+    step_model = (compile_model(ddp_model, mode=cfg.compile, device_type=device.type)
+                  if cfg.compile else ddp_model)  # fmt: skip
     if ctx.is_main and ctx.tracker is not None and start_epoch == 0:
         ctx.tracker.log_params(
             {**{f"train.{k}": v for k, v in cfg.to_dict().items() if k != "model_overrides"},
@@ -443,7 +460,7 @@ def run_training(cfg: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
             targets = soft_targets(y, spec.num_classes, cfg.label_smoothing)
             x, targets = mix_batch(x, targets, cfg, gen)
             with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                logits = ddp_model(x).float().mean(0)
+                logits = step_model(x).float().mean(0)
                 loss = torch.sum(-targets * F.log_softmax(logits, dim=1), dim=1).mean()
             if not torch.isfinite(loss):
                 raise FloatingPointError(

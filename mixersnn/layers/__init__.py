@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mixersnn.layers.channel_block import SpikingChannelBlock
-from mixersnn.layers.common import ConvBN, NeuronFactory, fold, unfold
+from mixersnn.layers.common import ConvBN, NeuronFactory, PointwiseConv2d, fold, from_tokens, to_tokens, unfold
 from mixersnn.layers.head import ClassifierHead
 from mixersnn.layers.patch_embed import ConvDownsample, PatchEmbed
 from mixersnn.layers.spiking_patch_encoding import SpikingPatchEncoding
@@ -15,9 +15,12 @@ __all__ = [
     "ConvDownsample",
     "NeuronFactory",
     "PatchEmbed",
+    "PointwiseConv2d",
     "SpikingChannelBlock",
     "SpikingPatchEncoding",
     "SpikingTokenBlock",
     "fold",
+    "from_tokens",
+    "to_tokens",
     "unfold",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mixersnn.layers.common import NeuronFactory, fold, unfold
+from mixersnn.layers.common import NeuronFactory, fold, from_tokens, to_tokens, unfold
 
 __all__ = ["SpikingChannelBlock"]
 
@@ -35,7 +35,7 @@ class SpikingChannelBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[T, B, C, H, W]`` spikes -> ``[T, B, C, H, W]`` real."""
         T, B, C, H, W = x.shape
-        tok = fold(x).flatten(2).transpose(1, 2)  # [T*B, N, C]
+        tok = to_tokens(x).reshape(T * B, H * W, C)  # a view for channels-last x
         y = self.lif(unfold(self.bn1(self.fc1(tok)), T))
         y = self.bn2(self.fc2(fold(y)))  # [T*B, N, C]
-        return unfold(y.transpose(1, 2).reshape(T * B, C, H, W), T)
+        return from_tokens(y.view(T, B, H, W, C))  # channels-last, no copy

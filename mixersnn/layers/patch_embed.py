@@ -31,8 +31,9 @@ class PatchEmbed(nn.Module):
         self.bn = nn.BatchNorm2d(dim)
 
     def forward(self, img: torch.Tensor, T: int) -> torch.Tensor:
-        """``[B, C_in, H, W]`` image -> ``[T, B, C, H/p, W/p]`` (a broadcast view)."""
-        y = self.bn(self.conv(img))
+        """``[B, C_in, H, W]`` image -> ``[T, B, C, H/p, W/p]`` (a broadcast view, channels-last
+        memory like every activation, see ``mixersnn.layers.common``)."""
+        y = self.bn(self.conv(img.contiguous(memory_format=torch.channels_last)))
         return y.unsqueeze(0).expand(T, *y.shape)
 
 

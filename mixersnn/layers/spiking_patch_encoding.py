@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mixersnn.layers.common import ConvBN, NeuronFactory
+from mixersnn.layers.common import ConvBN, NeuronFactory, from_tokens, to_tokens
 
 __all__ = ["SpikingPatchEncoding"]
 
@@ -48,4 +48,6 @@ class SpikingPatchEncoding(nn.Module):
         a1, a2, a3 = self.down(x).split(self.n, dim=2)
         a2 = a2 + self.conv12(self.lif1(a1))
         a3 = a3 + a1 + self.conv23(self.lif2(a2))
-        return torch.cat((a1, a2, a3), dim=2)
+        # Concatenated along the innermost (channel) memory axis, so h stays channels-last
+        # (torch.cat on dim 2 would pick NCHW for these strides).
+        return from_tokens(torch.cat((to_tokens(a1), to_tokens(a2), to_tokens(a3)), dim=-1))

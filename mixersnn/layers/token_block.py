@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mixersnn.layers.common import NeuronFactory, fold, unfold
+from mixersnn.layers.common import NeuronFactory, PointwiseConv2d, fold, from_tokens, to_tokens, unfold
 
 __all__ = ["SpikingTokenBlock"]
 
@@ -28,32 +28,37 @@ class SpikingTokenBlock(nn.Module):
 
     def __init__(self, *, dim: int, grid: int, neuron: NeuronFactory, identity_bn: bool = False) -> None:
         super().__init__()
-        self.proj_h = nn.Conv2d(grid, grid, 1, bias=True)
+        self.proj_h = PointwiseConv2d(grid, grid, bias=True)
         self.bn_h = nn.BatchNorm2d(grid)
         self.lif_h = neuron()
-        self.proj_w = nn.Conv2d(grid, grid, 1, bias=True)
+        self.proj_w = PointwiseConv2d(grid, grid, bias=True)
         self.bn_w = nn.BatchNorm2d(grid)
         self.lif_w = neuron()
         self.identity_bn_on = identity_bn
         if identity_bn:
             self.identity_bn = nn.BatchNorm2d(dim)
             self.identity_lif = neuron()
-        self.fuse = nn.Conv2d(3 * dim, dim, 1, bias=False)
+        self.fuse = PointwiseConv2d(3 * dim, dim, bias=False)
         self.bn = nn.BatchNorm2d(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``[T, B, C, H, W]`` spikes -> ``[T, B, C, H, W]`` real."""
-        T = x.shape[0]
-        xf = fold(x)  # [N, C, H, W]
-        # Along H: H becomes the conv's channel axis, [N, H, C, W].
-        x_h = self.bn_h(self.proj_h(xf.transpose(1, 2)))
-        x_h = self.lif_h(unfold(x_h, T)).transpose(2, 3)  # back to [T, B, C, H, W]
-        # Along W: W becomes the channel axis, [N, W, H, C] -> back via permute.
-        x_w = self.bn_w(self.proj_w(xf.permute(0, 3, 2, 1)))
-        x_w = self.lif_w(unfold(x_w, T)).permute(0, 1, 4, 3, 2)  # [T, B, C, H, W]
+        """``[T, B, C, H, W]`` spikes -> ``[T, B, C, H, W]`` real (channels-last memory)."""
+        T, B, C, H, W = x.shape
+        xt = to_tokens(x).reshape(T * B, H, W, C)  # a view for channels-last x
+        # Along H: H is the conv's channel axis of [T*B, H, W, C] (contiguous, no transpose);
+        # BN_H's statistics are over (T*B, W, C), as over (T*B, C, W) in NCHW.
+        # The neurons see the shapes they saw in NCHW ([T, B, H, C, W] and [T, B, W, H, C]: the
+        # mixed axis where the conv's channels were), as permuted views, so spike hooks and
+        # MFI comparisons line up; the memory stays [T, B, H, W, C].
+        x_h = self.bn_h(self.proj_h(xt)).view(T, B, H, W, C)
+        x_h = self.lif_h(x_h.transpose(3, 4)).transpose(3, 4)
+        # Along W: [T*B*H, W, C, 1] puts W on the channel axis, again a view.
+        x_w = self.bn_w(self.proj_w(xt.reshape(T * B * H, W, C, 1))).view(T, B, H, W, C)
+        x_w = self.lif_w(x_w.transpose(2, 3)).transpose(2, 3)
         if self.identity_bn_on:
-            ident = self.identity_lif(unfold(self.identity_bn(xf), T))
+            ident = to_tokens(self.identity_lif(unfold(self.identity_bn(fold(x)), T)))
         else:
-            ident = x
-        cat = torch.cat((fold(ident), fold(x_h), fold(x_w)), dim=1)
-        return unfold(self.bn(self.fuse(cat)), T)
+            ident = to_tokens(x)
+        cat = torch.cat((ident, x_h, x_w), dim=-1)  # [T, B, H, W, 3C]
+        # The fusing 1x1 conv on a channels-last view: a matmul over 3C.
+        return unfold(self.bn(self.fuse(fold(from_tokens(cat)))), T)

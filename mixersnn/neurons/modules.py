@@ -10,7 +10,47 @@ from torch import nn
 from mixersnn.neurons.backends import check_backend_name
 from mixersnn.neurons.functional import lif_multistep, make_lif_params
 
-__all__ = ["LIF"]
+__all__ = ["LIF", "time_major"]
+
+
+def time_major(x: torch.Tensor) -> tuple[torch.Tensor, Optional[list[int]]]:
+    """``x`` as a contiguous tensor with time (dim 0) outermost, and the permutation back.
+
+    The neuron is elementwise per time step, so it may run on any arrangement of the other
+    axes. The layers keep activations channels-last (``[T, B, C, H, W]`` shapes whose memory
+    is ``[T, B, H, W, C]``), where ``.contiguous()`` would copy into NCHW and every later
+    layer would copy back. Here the axes are instead permuted (a view) into memory order, so
+    a dense input costs nothing, and only a non-dense one (a channel slice, a broadcast over
+    T) is copied, once, in the order its strides suggest.
+
+    Returns:
+        ``(y, inverse)``: ``y`` contiguous, with ``y.permute(inverse)`` shaped like ``x``;
+        ``inverse`` is None when ``x`` is already contiguous (``y`` is ``x``).
+    """
+    if x.is_contiguous():
+        return x, None
+    rest = sorted(range(1, x.dim()), key=lambda d: (-x.stride(d), d))
+    order = [0, *rest]
+    y = x.permute(order).contiguous()
+    inverse = [0] * len(order)
+    for i, d in enumerate(order):
+        inverse[d] = i
+    return y, inverse
+
+
+def _fused_devices(backend: str) -> frozenset[str]:
+    """Device types on which ``backend`` runs a fused kernel ("cpu" or "cupy")."""
+    from mixersnn.neurons.backends import available_backends
+
+    usable = {name for name, reason in available_backends().items() if reason is None}
+    fused = {"cpu": "cpu", "cuda": "cupy"}
+    if backend == "auto":
+        devices = frozenset(dev for dev, name in fused.items() if name in usable)
+    else:
+        devices = frozenset(dev for dev, name in fused.items() if name == backend and name in usable)
+    if devices:
+        import mixersnn.kernels.custom_op  # noqa: F401 - registers the ops before any tracing
+    return devices
 
 
 class LIF(nn.Module):
@@ -50,11 +90,24 @@ class LIF(nn.Module):
         )
         check_backend_name(backend)
         self.backend = backend
+        # Device types whose backend here is a fused kernel: under torch.compile the neuron
+        # is then the ``mixersnn::lif_forward`` custom op (traceable), not the eager
+        # autograd.Function around ctypes/CuPy (a graph break at every neuron). Decided once,
+        # so the compiled graph sees a constant.
+        self._op_devices = _fused_devices(backend)
 
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
+        """``[T, ...]`` currents -> spikes of the same shape and memory layout."""
         p = self.params
+        x, inverse = time_major(x_seq)
+        if torch.compiler.is_compiling() and x.device.type in self._op_devices:
+            from mixersnn.kernels.custom_op import lif_op, op_supports
+
+            if op_supports(x):
+                spikes = lif_op(x, p)
+                return spikes if inverse is None else spikes.permute(inverse)
         spikes, _ = lif_multistep(
-            x_seq,
+            x,
             tau=p.tau,
             v_threshold=p.v_threshold,
             v_reset=p.v_reset,
@@ -65,7 +118,7 @@ class LIF(nn.Module):
             backend=self.backend,
             return_v_final=False,  # every sample starts from rest; the final membrane is unused
         )
-        return spikes
+        return spikes if inverse is None else spikes.permute(inverse)
 
     def extra_repr(self) -> str:
         p = self.params
