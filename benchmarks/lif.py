@@ -136,12 +136,20 @@ def backend_step(
 
 
 def run(args: argparse.Namespace) -> dict:
+    """Time every usable backend on every device asked for: ``{"meta": ..., "rows": [...]}``."""
     wanted = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     if "cuda" in wanted and not torch.cuda.is_available():
         raise SystemExit("--devices cuda: torch sees no CUDA device")
-    devices = [torch.device(d) for d in wanted]
+    meta = _meta(args)
     rows = []
-    meta: dict = {
+    for device in [torch.device(d) for d in wanted]:
+        rows += _device_rows(args, device, meta)
+    return {"meta": meta, "rows": rows}
+
+
+def _meta(args: argparse.Namespace) -> dict:
+    """The run's settings and machine; the per-device fields are filled as devices are timed."""
+    return {
         "steps": args.steps,
         "numel": args.numel,
         "surrogate": args.surrogate,
@@ -153,80 +161,106 @@ def run(args: argparse.Namespace) -> dict:
         "copy_GBps": {},
         "stream_threshold_bytes": None,
     }
-    for device in devices:
-        status = available_backends(device.type)
-        meta["backends"][device.type] = status
-        usable = [b for b, reason in status.items() if reason is None]
-        # The reference first: every other row is compared with it.
-        usable.sort(key=lambda b: (b != "torch", b))
-        # The output pool is the cpu backend's; other rows run once.
-        modes = pool_modes(args.pool)
-        copies = Copies(device, args.copy_mib << 20)
-        measured: list[dict[str, float]] = []
-        if device.type == "cpu" and "cpu" in usable:
-            meta["stream_threshold_bytes"] = stream_threshold()
-        dtypes = args.dtypes or (["float32"] if device.type == "cpu" else list(_DTYPES))
-        for dtype_name in dtypes:
-            dtype = _DTYPES[dtype_name]
-            elements = args.steps * args.numel
 
-            def timed(reps: int, **steps: Callable[[], object]) -> tuple[dict[str, float], dict[str, float]]:
-                secs, bws = timed_beside_copies(steps, copies, device, args.warmup, reps)
-                measured.append(bws)
-                return secs, bws
 
-            row = lambda *a, passes=2: _row(device, dtype_name, *a, elements, dtype, passes)  # noqa: E731
-            ref_s = None
-            for backend in usable:
-                for mode in modes if backend == "cpu" else [None]:
-                    # The reference loop is slow on the CPU: fewer repeats keep the run short.
-                    reps = max(3, args.repeats // 2) if backend == "torch" else args.repeats
-                    with pool_mode(mode) as label:
-                        step = backend_step(backend, device, dtype, args.steps, args.numel, args.surrogate)
-                        secs, bws = timed(reps, step=step)
-                        secs = secs["step"]
-                    if backend == "torch":
-                        ref_s = secs
-                    rows.append(row(backend, label, secs, ref_s, bws))
-                if backend == "cpu" and dtype == torch.float32:
-                    # The same kernels on preallocated, already-touched buffers: the arithmetic
-                    # and memory streaming alone, without autograd or output allocation; then
-                    # the same work on a cache-resident size (the arithmetic's own ceiling).
-                    # A whole step and each pass alone are timed beside the same memory traffic
-                    # with no arithmetic, in the same rounds: what any kernel laid out like these
-                    # can do at most on this machine.
-                    small = min(args.numel, _IN_CACHE_NUMEL)
-                    calls = max(1, args.numel // small)
-                    both, fwd, bwd = ("fwd", "bwd"), ("fwd",), ("bwd",)
-                    kern_vs_traffic = {}
-                    for label, numel, calls_, passes in [
-                        ("-", args.numel, 1, both),
-                        ("n+1", args.numel + 1, 1, both),
-                        ("cache", small, calls, both),
-                        ("fwd", args.numel, 1, fwd),
-                        ("bwd", args.numel, 1, bwd),
-                        ("fwd cache", small, calls, fwd),
-                        ("bwd cache", small, calls, bwd),
-                    ]:
-                        steps = {"kern": cpu_kernels_step(args.steps, numel, calls_, args.surrogate, passes)}
-                        if label in ("-", "fwd", "bwd"):
-                            steps["traffic"] = cpu_traffic_step(args.steps, numel, passes)
-                        secs, bws = timed(args.repeats, **steps)
-                        del steps  # their buffers go before the next row's
-                        # Per element of the benchmark's size (the cache rows do fewer, n+1
-                        # one more); the reference ratio only means something for a whole step.
-                        scale = args.numel / (numel * calls_)
-                        ref = ref_s if len(passes) == 2 else None
-                        rows.append(row("cpu-kern", label, secs["kern"] * scale, ref, bws, passes=len(passes)))
-                        if "traffic" in secs:
-                            rows.append(row("cpu-traf", label, secs["traffic"], None, bws, passes=len(passes)))
-                            kern_vs_traffic[label] = secs["kern"] / secs["traffic"]
-                    meta["kernels_vs_traffic"] = kern_vs_traffic
-        # For the header: each kind's median over the rows' rounds.
-        meta["copy_GBps"][device.type] = {
-            k: statistics.median(m[k] for m in measured) / 1e9 for k in copies.fns
-        }
-    return {"meta": meta, "rows": rows}
+def _device_rows(args: argparse.Namespace, device: torch.device, meta: dict) -> list[dict]:
+    """The rows of one device, every dtype; records its backends and copy bandwidth in ``meta``."""
+    status = available_backends(device.type)
+    meta["backends"][device.type] = status
+    usable = [b for b, reason in status.items() if reason is None]
+    # The reference first: every other row is compared with it.
+    usable.sort(key=lambda b: (b != "torch", b))
+    copies = Copies(device, args.copy_mib << 20)
+    measured: list[dict[str, float]] = []
+    if device.type == "cpu" and "cpu" in usable:
+        meta["stream_threshold_bytes"] = stream_threshold()
+    rows = []
+    for dtype_name in args.dtypes or (["float32"] if device.type == "cpu" else list(_DTYPES)):
+        rows += _dtype_rows(args, device, dtype_name, usable, copies, measured, meta)
+    # For the header: each kind's median over the rows' rounds.
+    meta["copy_GBps"][device.type] = {
+        k: statistics.median(m[k] for m in measured) / 1e9 for k in copies.fns
+    }
+    return rows
+
+
+def _dtype_rows(
+    args: argparse.Namespace, device: torch.device, dtype_name: str, usable: list[str], copies: Copies,
+    measured: list[dict[str, float]], meta: dict,
+) -> list[dict]:  # fmt: skip
+    """The rows of one device and dtype: each backend's step (the cpu backend once per pool
+    mode), then, after the cpu backend in fp32, the cpu kernels alone. Each timing's copy
+    bandwidths are appended to ``measured``."""
+    dtype = _DTYPES[dtype_name]
+    elements = args.steps * args.numel
+    # The output pool is the cpu backend's; other rows run once.
+    modes = pool_modes(args.pool)
+
+    def timed(reps: int, **steps: Callable[[], object]) -> tuple[dict[str, float], dict[str, float]]:
+        secs, bws = timed_beside_copies(steps, copies, device, args.warmup, reps)
+        measured.append(bws)
+        return secs, bws
+
+    row = lambda *a, passes=2: _row(device, dtype_name, *a, elements, dtype, passes)  # noqa: E731
+    rows = []
+    ref_s = None
+    for backend in usable:
+        for mode in modes if backend == "cpu" else [None]:
+            # The reference loop is slow on the CPU: fewer repeats keep the run short.
+            reps = max(3, args.repeats // 2) if backend == "torch" else args.repeats
+            with pool_mode(mode) as label:
+                step = backend_step(backend, device, dtype, args.steps, args.numel, args.surrogate)
+                secs, bws = timed(reps, step=step)
+                secs = secs["step"]
+            if backend == "torch":
+                ref_s = secs
+            rows.append(row(backend, label, secs, ref_s, bws))
+        if backend == "cpu" and dtype == torch.float32:
+            kern_rows, meta["kernels_vs_traffic"] = _cpu_kernel_rows(args, timed, row, ref_s)
+            rows += kern_rows
+    return rows
+
+
+def _cpu_kernel_rows(
+    args: argparse.Namespace, timed: Callable[..., tuple[dict[str, float], dict[str, float]]],
+    row: Callable[..., dict], ref_s: float | None,
+) -> tuple[list[dict], dict[str, float]]:  # fmt: skip
+    """The cpu kernels on preallocated, already-touched buffers, and the same memory traffic
+    with no arithmetic; the rows, and each traffic label's kernel time over its traffic time.
+
+    The arithmetic and memory streaming alone, without autograd or output allocation; then the
+    same work on a cache-resident size (the arithmetic's own ceiling). A whole step and each
+    pass alone are timed beside the same memory traffic with no arithmetic, in the same rounds:
+    what any kernel laid out like these can do at most on this machine.
+    """
+    small = min(args.numel, _IN_CACHE_NUMEL)
+    calls = max(1, args.numel // small)
+    both, fwd, bwd = ("fwd", "bwd"), ("fwd",), ("bwd",)
+    rows = []
+    kern_vs_traffic = {}
+    for label, numel, calls_, passes in [
+        ("-", args.numel, 1, both),
+        ("n+1", args.numel + 1, 1, both),
+        ("cache", small, calls, both),
+        ("fwd", args.numel, 1, fwd),
+        ("bwd", args.numel, 1, bwd),
+        ("fwd cache", small, calls, fwd),
+        ("bwd cache", small, calls, bwd),
+    ]:
+        steps = {"kern": cpu_kernels_step(args.steps, numel, calls_, args.surrogate, passes)}
+        if label in ("-", "fwd", "bwd"):
+            steps["traffic"] = cpu_traffic_step(args.steps, numel, passes)
+        secs, bws = timed(args.repeats, **steps)
+        del steps  # their buffers go before the next row's
+        # Per element of the benchmark's size (the cache rows do fewer, n+1
+        # one more); the reference ratio only means something for a whole step.
+        scale = args.numel / (numel * calls_)
+        ref = ref_s if len(passes) == 2 else None
+        rows.append(row("cpu-kern", label, secs["kern"] * scale, ref, bws, passes=len(passes)))
+        if "traffic" in secs:
+            rows.append(row("cpu-traf", label, secs["traffic"], None, bws, passes=len(passes)))
+            kern_vs_traffic[label] = secs["kern"] / secs["traffic"]
+    return rows, kern_vs_traffic
 
 
 def _row(

@@ -1,36 +1,71 @@
-"""``mixersnn search``: architecture search over the Mixer-SNN family (Ray Tune + Optuna + MLflow)."""
+"""``mixersnn search`` and ``mixersnn report``: architecture search over the Mixer-SNN family
+(Ray Tune + Optuna + MLflow), and its leaderboard and Pareto front read back from MLflow."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 HELP = "Search Mixer-SNN architectures and hyperparameters: accuracy vs energy per image (Ray Tune, Optuna, MLflow)."
 
 # The search the README runs; used when --config is not given and the file is present.
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "search_fashion_mnist.yaml"
+#: MLflow's own variable for the default experiment: used when neither a flag nor the YAML names one.
+EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help=f"search YAML (default: {DEFAULT_CONFIG.name} when present, else built-in defaults)")
+    p.add_argument("--config", help=f"search YAML (default: configs/{DEFAULT_CONFIG.name} when present, else "
+                   "built-in defaults); docs/configuration.md lists its keys")
     p.add_argument("--resume", action="store_true",
                    help="continue the search of this name (after the driver was killed): finished trials are kept")
-    p.add_argument("--num-trials", type=int, help="trial budget (overrides budget.num_trials)")
-    p.add_argument("--time-budget-s", type=float, help="wall-clock budget of the search in seconds (overrides budget.time_budget_s)")
-    p.add_argument("--max-concurrent-trials", type=int, help="trials at once (default: what the cluster's CPUs/GPUs hold)")
-    p.add_argument("--name", help="search name (Tune folder and parent MLflow run; the same name resumes)")
-    p.add_argument("--data", help="'fashion-mnist' or a folder with train/ and test/ shards")
-    p.add_argument("--storage-path", help="where Tune and Train keep state (default runs/search)")
-    p.add_argument("--tracking-uri", help="MLflow URI (default $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
-    p.add_argument("--experiment", help="MLflow experiment")
-    p.add_argument("--address", help="Ray cluster address (default: start a local Ray runtime)")
-    p.add_argument("--no-register", action="store_true", help="do not register the selected model")
-    p.add_argument("--system-metrics", action="store_true",
+    b = p.add_argument_group("budget (flags override the YAML's budget: section)")
+    b.add_argument("--num-trials", type=int, help="trials to sample in total (budget.num_trials; default 12)")
+    b.add_argument("--time-budget-s", type=float,
+                   help="wall-clock budget of the whole search in seconds (budget.time_budget_s; default: none). "
+                   "Each trial's own limit is train.time_budget_s in the YAML, the same key as `train --time-budget-s`")
+    b.add_argument("--max-concurrent-trials", type=int,
+                   help="trials at once (budget.max_concurrent_trials; default auto: what the cluster's CPUs/GPUs hold)")
+    w = p.add_argument_group("where (flags override the YAML's top-level keys)")
+    w.add_argument("--name", help="search name: Tune folder and parent MLflow run; the same name resumes (name)")
+    w.add_argument("--data", help="'fashion-mnist' (default, built on first use) or a shard root holding train/ and "
+                   "test/ splits, local or s3:// (data)")
+    w.add_argument("--storage-path", help="where Tune and Train keep state (storage_path; default runs/search)")
+    w.add_argument("--tracking-uri", help="MLflow URI (tracking_uri; default $MLFLOW_TRACKING_URI, else "
+                   "sqlite:///./mlflow.db)")
+    w.add_argument("--experiment", help=f"MLflow experiment (experiment; default ${EXPERIMENT_ENV}, else "
+                   "mixersnn-search)")
+    w.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else start a local Ray runtime)")
+    o = p.add_argument_group("output")
+    o.add_argument("--no-register", action="store_true", help="do not register the selected model")
+    o.add_argument("--system-metrics", action="store_true",
                    help="log each trial's machine use (CPU, memory, disk, network; NVIDIA GPUs with nvidia-ml-py) to "
                    "its MLflow run as system/* metrics, and the driver's to the parent run")
-    p.add_argument("--quiet", action="store_true", help="no per-trial progress lines")
-    p.add_argument("--verbose", action="store_true", help="show the training workers' logs")
+    o.add_argument("--quiet", action="store_true", help="no per-trial progress lines")
+    o.add_argument("--verbose", action="store_true", help="show the training workers' logs")
+    o.add_argument("--json", action="store_true",
+                   help="end with the result as one JSON object on the last line (the front, the best trial, the "
+                   "run ids); implies --quiet")
+
+
+def experiment_from_env(flag: Optional[str], yaml_path: Optional[str], *, section: Optional[str] = None) -> Optional[str]:
+    """The experiment to use: the flag, else ``$MLFLOW_EXPERIMENT_NAME`` when the YAML (its
+    ``section``, if given) does not name one, else None (the YAML's, or the dataclass default)."""
+    env = os.environ.get(EXPERIMENT_ENV)
+    if flag or not env:
+        return flag
+    if yaml_path is not None and Path(yaml_path).is_file():
+        import yaml
+
+        raw = yaml.safe_load(Path(yaml_path).read_text()) or {}
+        if section is not None and isinstance(raw, dict) and isinstance(raw.get(section), dict):
+            raw = raw[section]
+        if isinstance(raw, dict) and raw.get("experiment"):
+            return None
+    return env
 
 
 def _config(args: argparse.Namespace):  # -> SearchConfig
@@ -40,7 +75,7 @@ def _config(args: argparse.Namespace):  # -> SearchConfig
     if path is None and DEFAULT_CONFIG.is_file():
         path = str(DEFAULT_CONFIG)
     cfg = load_search_config(path, name=args.name, data=args.data, storage_path=args.storage_path,
-                             tracking_uri=args.tracking_uri, experiment=args.experiment)
+                             tracking_uri=args.tracking_uri, experiment=experiment_from_env(args.experiment, path))
     return cfg.replace_budget(num_trials=args.num_trials, time_budget_s=args.time_budget_s,
                               max_concurrent_trials=args.max_concurrent_trials)
 
@@ -51,9 +86,7 @@ def run(args: argparse.Namespace) -> int:
     from mixersnn.errors import UserError
     from mixersnn.models.config import ConfigError
     from search.driver import SearchExistsError, run_search
-    from trainers.tracking import mlflow_ui_hint, resolve_tracking_uri
-
-    from trainers.tracking import check_tracking_server
+    from trainers.tracking import check_tracking_server, mlflow_ui_hint, resolve_tracking_uri
 
     try:
         # Every value, the command line's overrides included, the data and the tracking
@@ -67,11 +100,14 @@ def run(args: argparse.Namespace) -> int:
     if args.verbose:
         kw["log_to_driver"] = True
     try:
-        res = run_search(cfg, resume=args.resume, ray_init_kwargs=kw, quiet=args.quiet, register=not args.no_register,
-                         system_metrics=args.system_metrics)
+        res = run_search(cfg, resume=args.resume, ray_init_kwargs=kw, quiet=args.quiet or args.json,
+                         register=not args.no_register, system_metrics=args.system_metrics)
     except SearchExistsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.json:
+        print(json.dumps(_result_json(res, cfg), default=str))
+        return 0
     trials = [r for r in res.rows if not r.is_baseline]
     scored = [r for r in trials if r.scored]
     nb = len(res.rows) - len(trials)
@@ -88,4 +124,80 @@ def run(args: argparse.Namespace) -> int:
     study_db = cfg.optuna_storage()
     if not study_db.startswith("sqlite:///") or Path(study_db[len("sqlite:///"):]).exists():
         print(f"the Optuna study: optuna-dashboard {study_db}")
+    return 0
+
+
+def _row_json(row: Any, front_ids: set[str]) -> dict[str, Any]:
+    """One trial or baseline (a ``search.tracking.TrialRow``) as plain JSON."""
+    from dataclasses import asdict
+
+    return {"name": row.name, **asdict(row), "architecture": row.arch(), "pareto": row.run_id in front_ids}
+
+
+def _result_json(res: Any, cfg: Any) -> dict[str, Any]:
+    front_ids = {r.run_id for r in res.front}
+    return {"search": cfg.name, "experiment": cfg.experiment, "parent_run_id": res.parent_run_id,
+            "tracking_uri": res.tracking_uri, "wall_s": res.wall_s,
+            "best": _row_json(res.best, front_ids) if res.best is not None else None,
+            "registered_version": res.registered_version,
+            "front": [_row_json(r, front_ids) for r in res.front],
+            "trials": [_row_json(r, front_ids) for r in res.rows]}
+
+
+# ------------------------------------------------------------------------------------ report
+def add_report_arguments(p: argparse.ArgumentParser) -> None:
+    """``mixersnn report``: ``search.report``'s arguments, and ``--json`` as on ``search``."""
+    from search.report import add_arguments as add_report
+
+    add_report(p)
+    p.add_argument("--json", action="store_true",
+                   help="print the search's trials, Pareto front and baseline comparison as one JSON object instead "
+                   "of the tables (the plot is written only with --out)")
+
+
+def run_report(args: argparse.Namespace) -> int:
+    """The tables and plot (``search.report.run``), or with ``--json`` the same facts as JSON."""
+    from search import report
+
+    if not args.json:
+        return report.run(args)
+    import sys
+
+    from mixersnn.errors import UserError
+    from search.tracking import collect_trials, compare_baselines, find_search_runs, pareto_figure, pareto_front
+    from trainers.tracking import check_tracking_server, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        raise UserError(f"no MLflow store at {uri[len('sqlite:///'):]}; give the store the search logged to with "
+                        f"--tracking-uri (or run mixersnn report from the folder that holds its mlflow.db)")
+    check_tracking_server(uri)
+    if args.run_id:
+        parent, error = report._search_run_by_id(uri, args.experiment, args.run_id)
+    else:
+        parents = find_search_runs(uri, args.experiment, args.search)
+        parent = parents[0] if parents else None
+        error = (f"no {f'search {args.search!r}' if args.search else 'search'} in experiment {args.experiment!r} at "
+                 f"{uri}; check the name and --tracking-uri")
+    if parent is None:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    rows = collect_trials(uri, parent.info.run_id)
+    front = pareto_front(rows, with_params=args.params)
+    ids = {r.run_id for r in front}
+    if args.out:
+        import matplotlib.pyplot as plt
+
+        fig = pareto_figure(rows, front, title=f"{parent.info.run_name}: accuracy vs energy per image")
+        fig.savefig(args.out)
+        plt.close(fig)
+    print(json.dumps({
+        "search": parent.info.run_name, "experiment": args.experiment, "parent_run_id": parent.info.run_id,
+        "status": parent.info.status, "tracking_uri": uri,
+        "registered_model": parent.data.tags.get("mixersnn.registered_model"),
+        "front": [_row_json(r, ids) for r in front],
+        "trials": [_row_json(r, ids) for r in rows],
+        "baselines": compare_baselines(rows, front, with_params=args.params),
+        **({"plot": args.out} if args.out else {}),
+    }, default=str))
     return 0

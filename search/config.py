@@ -410,7 +410,8 @@ class SearchConfig:
     Attributes:
         name: the search's name: Tune experiment folder and parent MLflow run name; the same
             name resumes (``--resume``).
-        experiment: MLflow experiment.
+        experiment: MLflow experiment (``mixersnn search``: ``$MLFLOW_EXPERIMENT_NAME`` when set
+            and neither the YAML nor ``--experiment`` names one).
         data: "fashion-mnist" or a shard folder with train/ and test/.
         tracking_uri: MLflow URI; None: ``$MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<cwd>/mlflow.db``.
         storage_path: where Tune and Train keep their state (``<storage>/<name>``).
@@ -545,80 +546,113 @@ def _section(raw: dict[str, Any], key: str, cls: type, path: str) -> Any:
     return cls(**d)
 
 
+def _check(ok: bool, msg: str) -> None:
+    """Raise :class:`ConfigError` with ``msg`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(msg)
+
+
 def _validate_budget(b: Budget) -> None:
     """The budget's checks: the search file's and the command line's overrides alike."""
-
-    def check(ok: bool, msg: str) -> None:
-        if not ok:
-            raise ConfigError(msg)
-
-    check(isinstance(b.num_trials, int) and not isinstance(b.num_trials, bool) and b.num_trials >= 1,
-          f"budget.num_trials={b.num_trials!r} must be an integer >= 1 (--num-trials)")
-    check(b.time_budget_s is None or float(b.time_budget_s) > 0,
-          f"budget.time_budget_s={b.time_budget_s!r} must be a number of seconds > 0, or null for no limit "
-          f"(--time-budget-s)")
-    check(b.max_concurrent_trials == "auto" or (isinstance(b.max_concurrent_trials, int)
-                                                and not isinstance(b.max_concurrent_trials, bool)
-                                                and b.max_concurrent_trials >= 1),
-          f"budget.max_concurrent_trials={b.max_concurrent_trials!r} must be 'auto' or an integer >= 1 "
-          f"(--max-concurrent-trials)")
-    check(not isinstance(b.autoscale_wait_s, bool) and isinstance(b.autoscale_wait_s, (int, float))
-          and b.autoscale_wait_s > 0,
-          f"budget.autoscale_wait_s={b.autoscale_wait_s!r} must be a number of seconds > 0 (how long "
-          f"max_concurrent_trials: auto waits for an autoscaling cluster to hold one trial; default 600)")
+    _check(isinstance(b.num_trials, int) and not isinstance(b.num_trials, bool) and b.num_trials >= 1,
+           f"budget.num_trials={b.num_trials!r} must be an integer >= 1 (--num-trials)")
+    _check(b.time_budget_s is None or float(b.time_budget_s) > 0,
+           f"budget.time_budget_s={b.time_budget_s!r} must be a number of seconds > 0, or null for no limit "
+           f"(--time-budget-s)")
+    _check(b.max_concurrent_trials == "auto" or (isinstance(b.max_concurrent_trials, int)
+                                                 and not isinstance(b.max_concurrent_trials, bool)
+                                                 and b.max_concurrent_trials >= 1),
+           f"budget.max_concurrent_trials={b.max_concurrent_trials!r} must be 'auto' or an integer >= 1 "
+           f"(--max-concurrent-trials)")
+    _check(not isinstance(b.autoscale_wait_s, bool) and isinstance(b.autoscale_wait_s, (int, float))
+           and b.autoscale_wait_s > 0,
+           f"budget.autoscale_wait_s={b.autoscale_wait_s!r} must be a number of seconds > 0 (how long "
+           f"max_concurrent_trials: auto waits for an autoscaling cluster to hold one trial; default 600)")
 
 
 def _validate(cfg: SearchConfig) -> None:
-    """Static checks of the whole search file, before Ray or MLflow start."""
+    """Static checks of the whole search file, before Ray or MLflow start.
+
+    In order: the top-level names, the objective, the budget, ASHA, the constraints, the
+    selection, the fixed training and scale sections, every value of the space, the baselines,
+    and that the smallest model of the space meets the constraints. The first failure raises.
+
+    Raises:
+        ConfigError: naming the value, the allowed range and the fix.
+    """
     from mixersnn.models import list_models
-    from search.resources import scale_config
-    from search.space import baseline_spec, estimate
-    from trainers.config import TrainConfig
 
-    def check(ok: bool, msg: str) -> None:
-        if not ok:
-            raise ConfigError(msg)
+    _check(bool(cfg.name) and "/" not in cfg.name and cfg.name.strip() == cfg.name,
+           f"name={cfg.name!r} must be a non-empty folder name without '/' or spaces at the ends")
+    _check(cfg.base_model in list_models(),
+           f"base_model={cfg.base_model!r} is not registered; choose one of {list_models()}")
+    _validate_objective(cfg.objective)
+    _validate_budget(cfg.budget)
+    _validate_asha(cfg.asha)
+    _validate_constraints(cfg.constraints)
+    _validate_select(cfg.select)
+    _validate_train(cfg)
+    _validate_scale(cfg.scale)
+    _validate_space(cfg)
+    _validate_baselines(cfg)
+    _validate_reachable(cfg)
 
-    check(bool(cfg.name) and "/" not in cfg.name and cfg.name.strip() == cfg.name,
-          f"name={cfg.name!r} must be a non-empty folder name without '/' or spaces at the ends")
-    check(cfg.base_model in list_models(), f"base_model={cfg.base_model!r} is not registered; choose one of {list_models()}")
-    o = cfg.objective
-    check(o.mode in ("multi", "single"), f"objective.mode={o.mode!r} must be 'multi' (Pareto) or 'single' (accuracy + ASHA)")
-    check(o.sampler in ("nsga2", "tpe"), f"objective.sampler={o.sampler!r} must be 'nsga2' or 'tpe'")
-    check(not (o.mode == "single" and o.include_params),
-          "objective.include_params=true needs mode: multi (parameters are a second objective)")
-    check(isinstance(o.population_size, int) and o.population_size >= 2,
-          f"objective.population_size={o.population_size!r} must be an integer >= 2")
-    check(o.startup_trials is None or (isinstance(o.startup_trials, int) and o.startup_trials >= 1),
-          f"objective.startup_trials={o.startup_trials!r} must be an integer >= 1 or null")
+
+def _validate_objective(o: Objective) -> None:
+    """``objective:``: mode, sampler, population and start-up sizes, and the study's storage."""
+    _check(o.mode in ("multi", "single"),
+           f"objective.mode={o.mode!r} must be 'multi' (Pareto) or 'single' (accuracy + ASHA)")
+    _check(o.sampler in ("nsga2", "tpe"), f"objective.sampler={o.sampler!r} must be 'nsga2' or 'tpe'")
+    _check(not (o.mode == "single" and o.include_params),
+           "objective.include_params=true needs mode: multi (parameters are a second objective)")
+    _check(isinstance(o.population_size, int) and o.population_size >= 2,
+           f"objective.population_size={o.population_size!r} must be an integer >= 2")
+    _check(o.startup_trials is None or (isinstance(o.startup_trials, int) and o.startup_trials >= 1),
+           f"objective.startup_trials={o.startup_trials!r} must be an integer >= 1 or null")
     if o.storage is not None:
         check_storage_url(o.storage)
-    _validate_budget(cfg.budget)
-    a = cfg.asha
-    check(isinstance(a.enabled, bool), f"asha.enabled={a.enabled!r} must be true or false")
-    check(isinstance(a.grace_period, int) and a.grace_period >= 1, f"asha.grace_period={a.grace_period!r} must be an integer >= 1")
-    check(isinstance(a.reduction_factor, int) and a.reduction_factor >= 2,
-          f"asha.reduction_factor={a.reduction_factor!r} must be an integer >= 2")
-    c = cfg.constraints
-    check(c.max_params is None or (isinstance(c.max_params, int) and c.max_params >= 1),
-          f"constraints.max_params={c.max_params!r} must be an integer >= 1 or null")
-    check(c.max_energy_uj is None or float(c.max_energy_uj) > 0,
-          f"constraints.max_energy_uj={c.max_energy_uj!r} must be > 0 (microjoules per image) or null")
-    check(0 < float(c.assumed_firing_rate) <= 1,
-          f"constraints.assumed_firing_rate={c.assumed_firing_rate!r} must be in (0, 1]; 1.0 is the dense upper bound")
-    s = cfg.select
-    check(s.criterion in ("max_acc", "knee"), f"select.criterion={s.criterion!r} must be 'max_acc' or 'knee'")
-    check(s.max_energy_uj is None or float(s.max_energy_uj) > 0, f"select.max_energy_uj={s.max_energy_uj!r} must be > 0 or null")
-    check(s.scale_family is None or isinstance(s.scale_family, list),
-          f"select.scale_family={s.scale_family!r} must be a list of scales, e.g. ['width=0.5', 'width=2,depth=1.5']")
+
+
+def _validate_asha(a: Asha) -> None:
+    """``asha:``: a switch, a grace period >= 1 epoch and a reduction factor >= 2."""
+    _check(isinstance(a.enabled, bool), f"asha.enabled={a.enabled!r} must be true or false")
+    _check(isinstance(a.grace_period, int) and a.grace_period >= 1,
+           f"asha.grace_period={a.grace_period!r} must be an integer >= 1")
+    _check(isinstance(a.reduction_factor, int) and a.reduction_factor >= 2,
+           f"asha.reduction_factor={a.reduction_factor!r} must be an integer >= 2")
+
+
+def _validate_constraints(c: Constraints) -> None:
+    """``constraints:``: positive limits (or null) and a firing rate in (0, 1]."""
+    _check(c.max_params is None or (isinstance(c.max_params, int) and c.max_params >= 1),
+           f"constraints.max_params={c.max_params!r} must be an integer >= 1 or null")
+    _check(c.max_energy_uj is None or float(c.max_energy_uj) > 0,
+           f"constraints.max_energy_uj={c.max_energy_uj!r} must be > 0 (microjoules per image) or null")
+    _check(0 < float(c.assumed_firing_rate) <= 1,
+           f"constraints.assumed_firing_rate={c.assumed_firing_rate!r} must be in (0, 1]; 1.0 is the dense "
+           f"upper bound")
+
+
+def _validate_select(s: Select) -> None:
+    """``select:``: the criterion, an energy limit and each scale-family member parses."""
     from search.family import parse_member
 
+    _check(s.criterion in ("max_acc", "knee"), f"select.criterion={s.criterion!r} must be 'max_acc' or 'knee'")
+    _check(s.max_energy_uj is None or float(s.max_energy_uj) > 0,
+           f"select.max_energy_uj={s.max_energy_uj!r} must be > 0 or null")
+    _check(s.scale_family is None or isinstance(s.scale_family, list),
+           f"select.scale_family={s.scale_family!r} must be a list of scales, e.g. ['width=0.5', "
+           f"'width=2,depth=1.5']")
     for i, entry in enumerate(s.scale_family or []):
         parse_member(entry, f"select.scale_family[{i}]")  # raises ConfigError naming the entry and the fix
 
-    # Fixed training fields: the search owns the sampled ones and the tracking fields.
+
+def _validate_train(cfg: SearchConfig) -> None:
+    """``train:``: fixed fields only (the search owns the sampled and tracking ones), valid for TrainConfig."""
+    from trainers.config import TrainConfig
+
     owned = sorted(set(cfg.train) & _SEARCH_OWNED)
-    check(not owned, f"train: {owned} are set by the search (sample them under 'space:' or set them at the top level)")
+    _check(not owned, f"train: {owned} are set by the search (sample them under 'space:' or set them at the top level)")
     try:
         TrainConfig.from_dict({**cfg.train, "model": cfg.base_model, "data": cfg.data,
                                "model_overrides": {"img_size": cfg.shape.img_size, "in_chans": cfg.shape.in_chans,
@@ -626,22 +660,33 @@ def _validate(cfg: SearchConfig) -> None:
                                                    "depths": [1], "spe": False}})
     except ConfigError as err:
         raise ConfigError(f"train: {err}") from None
+
+
+def _validate_scale(scale: dict[str, Any]) -> None:
+    """``scale:``: a valid ScalingConfig without the search's own fields, and a possible ``in_process``."""
+    from search.resources import scale_config
+
     try:
-        sc = scale_config(cfg.scale)
+        sc = scale_config(scale)
     except (TypeError, ConfigError) as err:
         raise ConfigError(f"scale: {err}") from None
-    check(not ({"storage_path", "name"} & set(cfg.scale)), "scale: storage_path and name are set by the search; remove them")
-    where = cfg.scale.get("in_process", "auto")
-    check(where in ("auto", True, False),
-          f"scale.in_process={where!r} must be auto (one CPU worker trains in the Tune trial's process, more "
-          f"workers or GPUs through Ray Train), true or false (always Ray Train)")
-    check(not (where is True and (sc.num_workers > 1 or sc.use_gpu)),
-          f"scale.in_process=true needs num_workers: 1 and no GPU (got num_workers={sc.num_workers}, "
-          f"use_gpu={sc.use_gpu}); several workers or GPUs train through Ray Train: set in_process: auto")
+    _check(not ({"storage_path", "name"} & set(scale)), "scale: storage_path and name are set by the search; remove them")
+    where = scale.get("in_process", "auto")
+    _check(where in ("auto", True, False),
+           f"scale.in_process={where!r} must be auto (one CPU worker trains in the Tune trial's process, more "
+           f"workers or GPUs through Ray Train), true or false (always Ray Train)")
+    _check(not (where is True and (sc.num_workers > 1 or sc.use_gpu)),
+           f"scale.in_process=true needs num_workers: 1 and no GPU (got num_workers={sc.num_workers}, "
+           f"use_gpu={sc.use_gpu}); several workers or GPUs train through Ray Train: set in_process: auto")
 
-    # The space itself: every value must build a model and a training config, checked by
-    # MixerSNNConfig's and TrainConfig's own validation and named by its space entry.
+
+def _validate_space(cfg: SearchConfig) -> None:
+    """``space:``: every value must build a model and a training config.
+
+    Checked by MixerSNNConfig's and TrainConfig's own validation, and named by its space entry.
+    """
     from mixersnn.models import model_config
+    from trainers.config import TrainConfig
 
     sp = cfg.space.params
     data = {"img_size": cfg.shape.img_size, "in_chans": cfg.shape.in_chans, "num_classes": cfg.shape.num_classes}
@@ -677,22 +722,29 @@ def _validate(cfg: SearchConfig) -> None:
         for w in widths:
             builds("mlp_ratio", r, mlp_ratio=r, embed_dim=w, depths=[1] * stages)
     if True in sp["spe"].values():
-        check(any(w % 3 == 0 for w in widths),
-              f"space.embed_dim={sp['embed_dim'].to_yaml()} holds no multiple of 3, but spe can be true: "
-              f"spiking patch encoding needs a width that is a multiple of 3 (e.g. 12, 24, 48); widen the range or set spe: false")
+        _check(any(w % 3 == 0 for w in widths),
+               f"space.embed_dim={sp['embed_dim'].to_yaml()} holds no multiple of 3, but spe can be true: "
+               f"spiking patch encoding needs a width that is a multiple of 3 (e.g. 12, 24, 48); widen the range "
+               f"or set spe: false")
     for k in TRAIN_KEYS:
         for v in sp[k].values():
             trains(k, v)
 
-    # Baselines: a registered model that builds at the data's size and a valid TrainConfig.
+
+def _validate_baselines(cfg: SearchConfig) -> None:
+    """``baselines:``: each a registered model that builds at the data's size with a valid TrainConfig."""
+    from mixersnn.models import list_models
+    from search.space import baseline_spec
+    from trainers.config import TrainConfig
+
     for i, bl in enumerate(cfg.baselines):
         at = f"baselines[{i}] ({bl.label})"
-        check(bl.model in list_models(), f"{at}: model={bl.model!r} is not registered; choose one of {list_models()}")
+        _check(bl.model in list_models(), f"{at}: model={bl.model!r} is not registered; choose one of {list_models()}")
         owned = sorted(set(bl.model_overrides) & {"img_size", "in_chans", "num_classes"})
-        check(not owned, f"{at}: model_overrides {owned} are set by the data ({cfg.data}); remove them")
+        _check(not owned, f"{at}: model_overrides {owned} are set by the data ({cfg.data}); remove them")
         bad = sorted(set(bl.train) - set(TRAIN_KEYS))
-        check(not bad, f"{at}: train keys {bad} cannot be set per baseline; baselines share the search's train: "
-                       f"section and may set only {list(TRAIN_KEYS)}")
+        _check(not bad, f"{at}: train keys {bad} cannot be set per baseline; baselines share the search's train: "
+                        f"section and may set only {list(TRAIN_KEYS)}")
         try:
             spec = baseline_spec(cfg, bl)
             TrainConfig.from_dict({**cfg.train, **spec.train, "model": bl.model, "data": cfg.data,
@@ -701,16 +753,21 @@ def _validate(cfg: SearchConfig) -> None:
         except (ConfigError, TypeError, ValueError) as err:
             raise ConfigError(f"{at}: {err}") from None
 
-    # The smallest model of the space must meet the constraints, or nothing can ever train.
-    smallest = {"spe": False if False in sp["spe"].values() else True}
-    w_ok = [w for w in widths if (not smallest["spe"]) or w % 3 == 0]
+
+def _validate_reachable(cfg: SearchConfig) -> None:
+    """The smallest model of the space must meet the constraints, or nothing can ever train."""
+    from search.space import estimate
+
+    sp = cfg.space.params
+    spe = False if False in sp["spe"].values() else True
+    w_ok = [w for w in sp["embed_dim"].values() if (not spe) or w % 3 == 0]
     arch = dict(embed_dim=min(w_ok), depths=[min(sp["blocks_per_stage"].values())] * min(sp["num_stages"].values()),
                 T=min(sp["T"].values()), patch_size=max(sp["patch_size"].values()),
-                mlp_ratio=min(sp["mlp_ratio"].values()), spe=smallest["spe"])
+                mlp_ratio=min(sp["mlp_ratio"].values()), spe=spe)
     est = estimate(cfg, arch)
-    check(est["reason"] is None,
-          f"constraints cannot be met by the smallest model in the space ({arch}): {est['reason']}; "
-          f"raise the limit or shrink the space")
+    _check(est["reason"] is None,
+           f"constraints cannot be met by the smallest model in the space ({arch}): {est['reason']}; "
+           f"raise the limit or shrink the space")
 
 
 def load_search_config(path: Union[str, Path, None] = None, **overrides: Any) -> SearchConfig:

@@ -38,7 +38,7 @@ from search.space import Sampler, TrialSpec
 from search.tracking import (BASELINE_TAG, REASON_TAG, SEARCH_TAG, STATUS_TAG, TrialRow, collect_trials,
                              epochs_logged, settle_run, stop_reason)
 from search.trial import SearchContext, in_process, run_trial, trial_resources
-from trainers.ray_train import LOCAL_RUNTIME_ENV
+from trainers.ray_train import LOCAL_RUNTIME_ENV, init_local_ray
 
 __all__ = ["run_search", "SearchResult", "SearchExistsError"]
 
@@ -111,20 +111,8 @@ def _tune_callback_cls() -> type:
                 return
             # Counted here: the trial's own status is not final yet while callbacks run.
             self.done += 1
-            done = self.done
-            res = trial.last_result or {}
-            acc = res.get("test_acc")
-            en = res.get("energy_per_image_uj")
-            spec = TrialSpec.from_dict(trial.config["resolved"])
-            who = f"baseline {spec.label}" if spec.is_baseline else f"trial-{trial.trial_id}"
-            desc = spec.describe()
-            print(
-                f"[{time.time() - self.t0:6.0f}s] {done:>3}/{self.total} {who} {status:<10} "
-                + (f"acc {acc:.4f} " if isinstance(acc, (int, float)) else "")
-                + (f"energy {en:.3f} uJ " if isinstance(en, (int, float)) else "")
-                + f"| {desc} {extra}",
-                flush=True,
-            )
+            print(_progress_line(trial, status, extra, elapsed=time.time() - self.t0, done=self.done,
+                                 total=self.total), flush=True)
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             res = trial.last_result or {}
@@ -137,33 +125,63 @@ def _tune_callback_cls() -> type:
             # Stopped at a rung by the scheduler, or a paused trial never promoted (the time
             # budget stops running trials without calling this; finalize() settles those).
             # The count comes from the run's record: a stop can land before any report.
-            rid = self._child(trial)
-            epochs = int(res.get("epoch", -1)) + 1
-            if rid is not None:
-                epochs = max(epochs, epochs_logged(self.uri, rid))
-                settle_run(self.uri, rid, "stopped", stop_reason(epochs), epochs=epochs)
+            epochs = _settle_stopped(self.uri, self._child(trial), res)
             self._line(trials, trial, "stopped", f"(after {epochs} epoch(s))")
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            rid = self._child(trial)
-            status, reason = "FAILED", ""
-            if rid is not None:
-                from trainers.tracking import mlflow_client
-
-                tags = mlflow_client(self.uri).get_run(rid).data.tags
-                if tags.get(STATUS_TAG) not in ("failed", "stopped"):
-                    # The trial's process died before it could say why: take Tune's record
-                    # (a stop recorded meanwhile stays a stop).
-                    settle_run(self.uri, rid, "failed", str(getattr(trial, "error_msg", "") or "trial process died")[:500])
-                    tags = mlflow_client(self.uri).get_run(rid).data.tags
-                reason = tags.get(REASON_TAG, "")
-                if tags.get(STATUS_TAG) == "stopped":
-                    # A trial that the scheduler stopped, whose teardown Tune reported as an
-                    # error: the stop stays on record and is shown as one.
-                    status, reason = "stopped", reason.split(" (")[0]
+            status, reason = _settle_errored(self.uri, self._child(trial), trial)
             self._line(trials, trial, status, f"({reason[:100]})")
 
     return SearchProgress
+
+
+def _progress_line(trial: Any, status: str, extra: str, *, elapsed: float, done: int, total: int) -> str:
+    """The progress line of a trial that ended: count, who, status, accuracy, energy, architecture."""
+    res = trial.last_result or {}
+    acc = res.get("test_acc")
+    en = res.get("energy_per_image_uj")
+    spec = TrialSpec.from_dict(trial.config["resolved"])
+    who = f"baseline {spec.label}" if spec.is_baseline else f"trial-{trial.trial_id}"
+    return (f"[{elapsed:6.0f}s] {done:>3}/{total} {who} {status:<10} "
+            + (f"acc {acc:.4f} " if isinstance(acc, (int, float)) else "")
+            + (f"energy {en:.3f} uJ " if isinstance(en, (int, float)) else "")
+            + f"| {spec.describe()} {extra}")
+
+
+def _settle_stopped(uri: str, rid: Optional[str], res: dict[str, Any]) -> int:
+    """Record a trial the scheduler stopped (or that stayed paused) as stopped; its epoch count.
+
+    The count comes from the run's record where there is one: a stop can land before any report.
+    """
+    epochs = int(res.get("epoch", -1)) + 1
+    if rid is not None:
+        epochs = max(epochs, epochs_logged(uri, rid))
+        settle_run(uri, rid, "stopped", stop_reason(epochs), epochs=epochs)
+    return epochs
+
+
+def _settle_errored(uri: str, rid: Optional[str], trial: Any) -> tuple[str, str]:
+    """Settle the run of a trial Tune reports as errored; the status and reason to show.
+
+    A run the trial already settled keeps its record; otherwise the trial's process died before
+    it could say why, and Tune's error message is recorded as the failure's reason.
+    """
+    if rid is None:
+        return "FAILED", ""
+    from trainers.tracking import mlflow_client
+
+    tags = mlflow_client(uri).get_run(rid).data.tags
+    if tags.get(STATUS_TAG) not in ("failed", "stopped"):
+        # The trial's process died before it could say why: take Tune's record
+        # (a stop recorded meanwhile stays a stop).
+        settle_run(uri, rid, "failed", str(getattr(trial, "error_msg", "") or "trial process died")[:500])
+        tags = mlflow_client(uri).get_run(rid).data.tags
+    reason = tags.get(REASON_TAG, "")
+    if tags.get(STATUS_TAG) == "stopped":
+        # A trial that the scheduler stopped, whose teardown Tune reported as an
+        # error: the stop stays on record and is shown as one.
+        return "stopped", reason.split(" (")[0]
+    return "FAILED", reason
 
 
 # ---------------------------------------------------------------------------- driver
@@ -280,12 +298,7 @@ def _proposals_cls() -> type:
             config = self.inner.suggest(trial_id)
             trial = self._study_trials().get(trial_id)
             if trial is not None and config is not None:
-                # What the dashboard shows beside Optuna's number: Tune's trial id, which names
-                # the MLflow child run (trial-<id>), and why a proposal never trained.
-                trial.set_user_attr("tune_trial_id", trial_id)
-                why = (config.get("resolved") or {}).get("infeasible")
-                if why:
-                    trial.set_user_attr("infeasible", str(why)[:500])
+                _label_study_trial(trial, trial_id, config)
             return config
 
         def _study_trials(self) -> dict[str, Any]:
@@ -325,16 +338,30 @@ def _proposals_cls() -> type:
             study = getattr(self.inner, "_ot_study", None)
             if study is None or getattr(self.inner, "_storage", None) is None:
                 return
-            from optuna.trial import TrialState
-
-            known = {t.number for t in self._study_trials().values()}
-            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-                if t.number not in known:
-                    study._storage.set_trial_user_attr(t._trial_id, "lost", "asked by a driver killed before Tune "
-                                                                            "saved the trial; never run")
-                    study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            _fail_lost_trials(study, known={t.number for t in self._study_trials().values()})
 
     return Proposals
+
+
+def _label_study_trial(trial: Any, trial_id: str, config: dict[str, Any]) -> None:
+    """What the dashboard shows beside Optuna's number: Tune's trial id, which names the MLflow
+    child run (trial-<id>), and why a proposal never trained."""
+    trial.set_user_attr("tune_trial_id", trial_id)
+    why = (config.get("resolved") or {}).get("infeasible")
+    if why:
+        trial.set_user_attr("infeasible", str(why)[:500])
+
+
+def _fail_lost_trials(study: Any, *, known: set[int]) -> None:
+    """Close as failed the study's RUNNING trials that Tune's searcher snapshot does not know
+    (asked by a driver killed before Tune saved them; Tune never runs them)."""
+    from optuna.trial import TrialState
+
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t.number not in known:
+            study._storage.set_trial_user_attr(t._trial_id, "lost", "asked by a driver killed before Tune "
+                                                                    "saved the trial; never run")
+            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
 
 
 def _scheduler(cfg: SearchConfig, num_trials: int, log: Optional[Callable[[str], None]] = None) -> Any:
@@ -467,13 +494,7 @@ def run_search(
         SearchExistsError: state exists and ``resume`` is False, or none exists and it is True,
             or (new search) its Optuna study database already holds a study of its name.
     """
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", _CHECKPOINT_PERIOD_S)
-    # Ctrl-C raises KeyboardInterrupt here (settled below) instead of Tune's graceful stop,
-    # after which fit() returns as if the experiment had ended and the search would finalize.
-    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
-    # Every epoch's checkpoint forces a snapshot of the experiment (num_to_keep), which is what
-    # makes --resume lose at most one epoch; Tune warns about each burst of them.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    _set_tune_env()
     import ray
     from ray import tune
 
@@ -484,36 +505,15 @@ def run_search(
     t0 = time.time()
     uri = resolve_tracking_uri(cfg.tracking_uri)
     sdir = cfg.search_dir()
-    exists = (sdir / "tuner.pkl").exists()
-    if resume and not exists:
-        raise SearchExistsError(f"--resume: no search state at {sdir}; start it without --resume "
-                                f"(or point storage_path/name at the search to resume)")
-    if not resume and exists:
-        raise SearchExistsError(f"a search named {cfg.name!r} already exists at {sdir}; continue it with --resume, "
-                                f"or choose another name (--name) or storage_path")
+    _check_state(cfg, resume)
     # A resumed search's study comes back with Tune's searcher state, connected to its database.
     storage = None if resume else _study_storage(cfg)
 
     parent = _open_parent(cfg, uri, resume)
-    ptr = MLflowTracker(uri, parent)
-    flat = cfg.to_dict()
-    ptr.log_params({k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in flat.items()})
-    ptr.log_dict(flat, "search/search.json")
-    if resume:
-        ptr.set_tags({"mixersnn.resumed": True})
+    _log_search_config(cfg, uri, parent, resume)
     _record_estimates(cfg, uri, parent)
-
     if not ray.is_initialized():
-        env = dict(LOCAL_WORKER_ENV)
-        if os.environ.get(SYSTEM_METRICS_ENV):
-            env[SYSTEM_METRICS_ENV] = os.environ[SYSTEM_METRICS_ENV]
-        # A new local runtime unless told otherwise (--address, or RAY_ADDRESS as set by `ray job
-        # submit`): a bare ray.init() would join whatever cluster `ray start` last recorded in
-        # /tmp/ray/ray_current_cluster on this machine, another user's or a dead one.
-        kw: dict[str, Any] = {"address": os.environ.get("RAY_ADDRESS") or "local", "include_dashboard": True,
-                              "dashboard_host": "127.0.0.1", "log_to_driver": False, "runtime_env": {"env_vars": env}}
-        kw.update(ray_init_kwargs or {})
-        ray.init(**kw)
+        _init_local_ray(ray_init_kwargs)
 
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=_ctx(cfg, uri, parent, resume)),
                                     trial_resources(cfg.scale))
@@ -529,21 +529,77 @@ def run_search(
         result = finalize(cfg, uri, parent, register=register, log=log)
         status = "FINISHED"
     except KeyboardInterrupt:
-        # Ctrl-C (Tune's own handler is off: it would end the experiment as if finished): the
-        # trials that were training stop as they are; --resume continues them from Tune's
-        # last saved state and their checkpoints.
         status = "KILLED"
-        ray.shutdown()  # the trials' processes end with the driver: none writes to its run after this
-        for r in collect_trials(uri, parent):
-            if r.status == "running":
-                settle_run(uri, r.run_id, "stopped", "interrupted by the user (SIGINT); --resume continues it",
-                           epochs=0)
+        _settle_interrupted(uri, parent)
         raise
     finally:
         end_run(uri, parent, status)
     result.wall_s = time.time() - t0
     MLflowTracker(uri, parent).log_metrics({"search_wall_s": result.wall_s}, step=0)
     return result
+
+
+def _set_tune_env() -> None:
+    """Tune's settings the search relies on, unless the user set them."""
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", _CHECKPOINT_PERIOD_S)
+    # Ctrl-C raises KeyboardInterrupt in run_search (settled there) instead of Tune's graceful
+    # stop, after which fit() returns as if the experiment had ended and the search would finalize.
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+    # Every epoch's checkpoint forces a snapshot of the experiment (num_to_keep), which is what
+    # makes --resume lose at most one epoch; Tune warns about each burst of them.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
+
+def _check_state(cfg: SearchConfig, resume: bool) -> None:
+    """A new search needs a free folder, ``--resume`` one with Tune's state.
+
+    Raises:
+        SearchExistsError: naming the folder and the fix.
+    """
+    sdir = cfg.search_dir()
+    exists = (sdir / "tuner.pkl").exists()
+    if resume and not exists:
+        raise SearchExistsError(f"--resume: no search state at {sdir}; start it without --resume "
+                                f"(or point storage_path/name at the search to resume)")
+    if not resume and exists:
+        raise SearchExistsError(f"a search named {cfg.name!r} already exists at {sdir}; continue it with --resume, "
+                                f"or choose another name (--name) or storage_path")
+
+
+def _log_search_config(cfg: SearchConfig, uri: str, parent: str, resume: bool) -> None:
+    """The whole search file on the parent run: as parameters and as ``search/search.json``."""
+    from trainers.tracking import MLflowTracker
+
+    ptr = MLflowTracker(uri, parent)
+    flat = cfg.to_dict()
+    ptr.log_params({k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in flat.items()})
+    ptr.log_dict(flat, "search/search.json")
+    if resume:
+        ptr.set_tags({"mixersnn.resumed": True})
+
+
+def _init_local_ray(ray_init_kwargs: Optional[dict[str, Any]]) -> None:
+    """Start a local Ray runtime (or join ``RAY_ADDRESS``'s, or ``--address``'s), its workers given
+    ``LOCAL_WORKER_ENV`` and the system-metrics switch; their output stays in Ray's logs."""
+    from trainers.tracking import SYSTEM_METRICS_ENV
+
+    env = dict(LOCAL_WORKER_ENV)
+    if os.environ.get(SYSTEM_METRICS_ENV):
+        env[SYSTEM_METRICS_ENV] = os.environ[SYSTEM_METRICS_ENV]
+    init_local_ray(ray_init_kwargs, env_vars=env, log_to_driver=False)
+
+
+def _settle_interrupted(uri: str, parent: str) -> None:
+    """After Ctrl-C (Tune's own handler is off: it would end the experiment as if finished): the
+    trials that were training stop as they are; --resume continues them from Tune's last saved
+    state and their checkpoints."""
+    import ray
+
+    ray.shutdown()  # the trials' processes end with the driver: none writes to its run after this
+    for r in collect_trials(uri, parent):
+        if r.status == "running":
+            settle_run(uri, r.run_id, "stopped", "interrupted by the user (SIGINT); --resume continues it",
+                       epochs=0)
 
 
 def _new_search(cfg: SearchConfig, trainable: Any, uri: str, parent: str, *, quiet: bool,

@@ -45,7 +45,7 @@ def uneven_shards(tmp_path_factory: pytest.TempPathFactory):
     """Real Fashion-MNIST slices (500 train / 200 test) in uneven shards of 128 (128, 128,
     128, 116): the loaders' tests read every split and rank rule off them."""
     from mixersnn.data import make_shards
-    from mixersnn.data.synthetic import small_fashion_mnist
+    from _synthetic import small_fashion_mnist
 
     base = tmp_path_factory.mktemp("fm-uneven")
     root, _ = small_fashion_mnist(base / "idx")

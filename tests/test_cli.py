@@ -230,7 +230,7 @@ def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_last_checkpoint(tmp
         assert "checkpoint of epoch 2" in line and "previous checkpoint there is intact" in line, line
         ckpt = disk / "runs" / "local" / "full" / "checkpoint.pt"
         assert torch.load(ckpt, weights_only=True)["epoch"] == 0
-        assert not (ckpt.parent / "checkpoint.pt.tmp").exists()
+        assert not list(ckpt.parent.glob(".checkpoint.pt.*"))  # atomic_path's temporary is gone
 
         subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)
         done = subprocess.run(cmd, cwd=disk, env=env, capture_output=True, text=True, timeout=300)

@@ -27,7 +27,7 @@ from mixersnn.data import (
     write_split,
 )
 from mixersnn.data.idx import FASHION_MNIST_DIR, read_idx
-from mixersnn.data.synthetic import cifar10_folder, collect, image_folder, small_fashion_mnist
+from _synthetic import cifar10_folder, collect, image_folder, small_fashion_mnist
 
 RAW = TransformConfig(mean=(0.0,), std=(1.0,))  # no augmentation, no normalisation: pixels / 255
 RAW3 = TransformConfig(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))

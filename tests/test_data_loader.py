@@ -22,7 +22,7 @@ from mixersnn.data import (
     read_manifest,
     train_preset,
 )
-from mixersnn.data.synthetic import collect, row_hashes
+from _synthetic import collect, row_hashes
 
 RAW = TransformConfig(mean=(0.0,), std=(1.0,))
 

@@ -13,7 +13,7 @@ import torch
 
 from mixersnn.data import TransformConfig, build_loader, train_preset
 from mixersnn.data.memory import MemoryLoader, clear_cache, decoded_nbytes, decoded_split
-from mixersnn.data.synthetic import collect, row_hashes
+from _synthetic import collect, row_hashes
 
 RAW = TransformConfig(mean=(0.0,), std=(1.0,))
 

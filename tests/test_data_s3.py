@@ -32,7 +32,7 @@ from mixersnn.data import (  # noqa: E402
     make_shards,
     read_manifest,
 )
-from mixersnn.data.synthetic import collect, small_fashion_mnist  # noqa: E402
+from _synthetic import collect, small_fashion_mnist  # noqa: E402
 
 RAW = TransformConfig(mean=(0.0,), std=(1.0,))  # no augmentation, no normalisation: pixels / 255
 BUCKET = "mixersnn-test"

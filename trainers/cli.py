@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
+
+from mixersnn.cli import DeprecatedAlias
 
 HELP = "Train a Mixer-SNN model with Ray Train, logging to MLflow."
 
@@ -19,7 +22,7 @@ _TRAIN_FLAGS = {
     "label_smoothing": "label_smoothing", "mixup": "mixup", "cutmix": "cutmix", "amp": "amp",
     "grad_clip": "grad_clip", "augment": "augment", "seed": "seed", "data_workers": "data_workers",
     "max_steps_per_epoch": "max_steps_per_epoch", "max_eval_batches": "max_eval_batches",
-    "time_budget": "time_budget_s", "samples_per_epoch": "samples_per_epoch", "tracking_uri": "tracking_uri",
+    "time_budget_s": "time_budget_s", "samples_per_epoch": "samples_per_epoch", "tracking_uri": "tracking_uri",
     "experiment": "experiment", "run_name": "run_name",
 }
 _MODEL_FLAGS = {
@@ -36,7 +39,7 @@ _SCALE_FLAGS = {
 
 class _Clear:
     """What a limit flag given as ``none`` parses to: clear the limit the YAML or the source
-    run set (``--time-budget none``). Not the string: ``--augment none`` is a value."""
+    run set (``--time-budget-s none``). Not the string: ``--augment none`` is a value."""
 
     def __repr__(self) -> str:
         return "none"
@@ -67,9 +70,11 @@ def _depths(s: str) -> list[int]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("what to train")
-    g.add_argument("--config", help="YAML file with train: and scale: sections (flags override it)")
+    g.add_argument("--config", help="YAML file with train: and scale: sections (flags override it; "
+                   "docs/configuration.md lists the keys)")
     g.add_argument("--model", help="registry name (see `mixersnn models`)")
-    g.add_argument("--data", help="'fashion-mnist' (default, built on demand) or a folder with train/ and test/ shards")
+    g.add_argument("--data", help="'fashion-mnist' (built on first use) or a shard root holding train/ and test/ "
+                   "splits, local or s3:// (mixersnn data make-shards)")
     g.add_argument("--img-size", type=int)
     g.add_argument("--in-chans", type=int)
     g.add_argument("--num-classes", type=int)
@@ -110,27 +115,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "flips only data whose manifest says flips keep the labels (make-shards --flip-safe)")
     o.add_argument("--seed", type=int)
     o.add_argument("--data-workers", type=int)
-    o.add_argument("--time-budget", type=_or_none(float),
-                   help="stop after this many seconds of training ('none': no limit, e.g. over a search trial's)")
+    o.add_argument("--time-budget-s", type=_or_none(float),
+                   help="stop after the epoch in which this many seconds of training have passed ('none': no limit, "
+                   "e.g. over a search trial's); YAML train.time_budget_s")
+    o.add_argument("--time-budget", dest="time_budget_s", type=_or_none(float), action=DeprecatedAlias,
+                   new="--time-budget-s")
     o.add_argument("--samples-per-epoch", type=_or_none(int),
                    help="images per epoch over all workers ('none': the whole split, e.g. over a search trial's)")
     o.add_argument("--max-steps-per-epoch", type=_or_none(int), help="smoke runs ('none': no cap)")
     o.add_argument("--max-eval-batches", type=_or_none(int), help="smoke runs ('none': the whole eval split)")
     s = p.add_argument_group("scale")
-    s.add_argument("--workers", type=int, help="data-parallel workers")
+    s.add_argument("--workers", type=int, help="data-parallel workers: Ray Train DDP ranks (scale.num_workers)")
     s.add_argument("--gpus-per-worker", type=float, help="> 0 turns GPUs on")
     s.add_argument("--cpus-per-worker", type=float)
     s.add_argument("--max-failures", type=int, help="restarts from the last checkpoint")
     s.add_argument("--storage-path", help="Ray Train checkpoints (default runs/ray)")
-    s.add_argument("--no-ray", action="store_true", help="run the loop in this process (debugging)")
-    t = p.add_argument_group("tracking")
+    s.add_argument("--no-ray", action="store_true",
+                   help="run the loop in this process (one worker; on a small machine faster than Ray Train)")
+    s.add_argument("--address", help="Ray cluster to run on (default $RAY_ADDRESS, else start a local Ray runtime)")
+    _add_tracking_arguments(p.add_argument_group("tracking"))
+    _show_defaults(p)
+
+
+def _add_tracking_arguments(t: Any) -> None:
     t.add_argument("--tracking-uri", help="MLflow URI (default $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
-    t.add_argument("--experiment")
+    t.add_argument("--experiment", help="MLflow experiment (default $MLFLOW_EXPERIMENT_NAME when neither this flag "
+                   "nor the YAML sets one, else mixersnn)")
     t.add_argument("--run-name", help="a run with the same name and config resumes from its last checkpoint "
                    "(default: the model and a hash of the config)")
     t.add_argument("--resume", action="store_true",
                    help="continue the run of this name even though its recorded config differs")
-    t.add_argument("--no-mlflow", action="store_true")
+    t.add_argument("--no-mlflow", action="store_true", help="log nothing to MLflow (checkpoints and the summary only)")
     t.add_argument("--system-metrics", action="store_true",
                    help="log this machine's CPU, memory, disk, network (and NVIDIA GPU, with nvidia-ml-py) use to "
                    "the run as system/* metrics, every $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL s (default 10)")
@@ -138,6 +153,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="register the trained model in the MLflow model registry as NAME (a logged model with "
                    "signature, input example, spec, energy and MFI metadata)")
     t.add_argument("--json", action="store_true", help="print the final metrics as JSON")
+
+
+def _show_defaults(p: argparse.ArgumentParser) -> None:
+    """Append each flag's effective default to its help, read from the dataclasses (the one
+    place each default lives): the flags themselves default to None so that they never
+    override a YAML file."""
+    from dataclasses import MISSING, fields
+
+    from trainers.config import ScaleConfig, TrainConfig
+
+    def defaults(cls: type) -> dict[str, Any]:
+        return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+
+    train, scale = defaults(TrainConfig), defaults(ScaleConfig)
+    for a in p._actions:
+        if a.help is argparse.SUPPRESS or a.default is not None or "default" in (a.help or ""):
+            continue
+        if a.dest in _TRAIN_FLAGS and _TRAIN_FLAGS[a.dest] in train:
+            d = train[_TRAIN_FLAGS[a.dest]]
+            shown = "none" if d is None else str(d)
+        elif a.dest == "gpus_per_worker":
+            shown = "none (CPU workers)"
+        elif a.dest in _SCALE_FLAGS:
+            shown = str(scale[_SCALE_FLAGS[a.dest]])
+        elif a.dest in ("img_size", "in_chans", "num_classes"):
+            shown = "the data's"
+        elif a.dest in _MODEL_FLAGS:
+            shown = "the --model variant's (mixersnn models)"
+        else:
+            continue
+        a.help = f"{a.help}; default: {shown}" if a.help else f"default: {shown}"
 
 
 def build_configs(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -157,6 +203,9 @@ def _build(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
     scale_d: dict[str, Any] = {}
     if args.config:
         train_d, scale_d = load_yaml_config(args.config)
+    env_experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME")
+    if env_experiment and "experiment" not in train_d:  # MLflow's variable: the default a YAML or flag overrides
+        train_d["experiment"] = env_experiment
     # The scale: block holds the model's scale (width, depth, img_size) beside Ray's resources.
     model_scale_d = {k: scale_d.pop(k) for k in SCALE_KEYS if k in scale_d}
     origin: dict[str, Any] = {}
@@ -307,14 +356,14 @@ def run(args: argparse.Namespace) -> int:
 
     from mixersnn.errors import UserError
 
+    if getattr(args, "address", None) and args.no_ray:
+        raise UserError(f"--address {args.address} runs on that Ray cluster, --no-ray in this process: drop one")
     if args.register and args.no_mlflow:
         raise UserError(f"--register {args.register} needs MLflow (the registry lives there): drop --no-mlflow, or "
                         f"drop --register")
     if getattr(args, "system_metrics", False):
         if args.no_mlflow:
             raise UserError("--system-metrics logs to the MLflow run: drop --no-mlflow, or drop --system-metrics")
-        import os
-
         from trainers.tracking import SYSTEM_METRICS_ENV
 
         os.environ[SYSTEM_METRICS_ENV] = "true"  # MLflow's switch, read where the run starts
@@ -341,7 +390,8 @@ def run(args: argparse.Namespace) -> int:
         from trainers.tracking import close_run, resolve_tracking_uri
 
         try:
-            res = fit(train_cfg, scale_cfg, track=not args.no_mlflow, name=name)
+            res = fit(train_cfg, scale_cfg, track=not args.no_mlflow, name=name,
+                      ray_init_kwargs={"address": args.address} if getattr(args, "address", None) else None)
         except BaseException as err:  # fit closes the run it reopened; not if Ray never started
             if run_id is not None:
                 close_run(resolve_tracking_uri(train_cfg.tracking_uri), run_id,
@@ -384,7 +434,7 @@ def _say_origin(cfg: Any, scale: Any, origin: dict[str, Any]) -> None:
     limits = {k: getattr(cfg, k) for k in ("time_budget_s", "samples_per_epoch", "max_steps_per_epoch",
                                            "max_eval_batches") if getattr(cfg, k) is not None}
     lim = (", limits " + ", ".join(f"{k}={v}" for k, v in limits.items()) + " (flags with 'none' lift them: "
-           "--time-budget none, --samples-per-epoch none, ...)") if limits else ""
+           "--time-budget-s none, --samples-per-epoch none, ...)") if limits else ""
     print(f"training from {where}{scaled}: C={mc.embed_dim} depths={list(mc.depths)} T={mc.T} p={mc.patch_size} "
           f"spe={mc.spe}, {cfg.epochs} epoch(s), batch {cfg.batch_size} x {scale.num_workers} worker(s), "
           f"lr {cfg.lr:g}{lim}", file=sys.stderr)
@@ -419,6 +469,7 @@ def _run_local(cfg: Any, name: str, *, run_id: Any = None) -> tuple[dict[str, An
     ``run_id`` when given (:func:`_open_run`)."""
     import shutil
 
+    from mixersnn._atomic import atomic_path
     from mixersnn.errors import UserError
     from trainers.loop import CHECKPOINT_FILE, WorkerContext, run_training
     from trainers.tracking import MLflowTracker, close_run, resolve_tracking_uri
@@ -432,12 +483,10 @@ def _run_local(cfg: Any, name: str, *, run_id: Any = None) -> tuple[dict[str, An
 
     def report(metrics: dict[str, Any], ckpt_dir: Any) -> None:
         if ckpt_dir is not None:
-            tmp = out / (CHECKPOINT_FILE + ".tmp")
             try:
-                shutil.copyfile(Path(ckpt_dir) / CHECKPOINT_FILE, tmp)
-                tmp.replace(out / CHECKPOINT_FILE)
+                with atomic_path(out / CHECKPOINT_FILE, suffix=".pt") as tmp:
+                    shutil.copyfile(Path(ckpt_dir) / CHECKPOINT_FILE, tmp)
             except OSError as err:  # a full or failing disk: the previous checkpoint is untouched
-                tmp.unlink(missing_ok=True)
                 raise UserError(f"cannot write the checkpoint of epoch {int(metrics['epoch']) + 1} to {out} "
                                 f"({err.strerror or err}); the previous checkpoint there is intact: free space and "
                                 f"run the same command again to continue from it") from None

@@ -73,15 +73,13 @@ def log_registered_model(uri: str, run_id: str, model_name: str, *, tags: Option
 
     Returns:
         The registered version (a string, e.g. "1").
+
+    Raises:
+        UserError: the run logged no final model.
     """
     import os
 
-    import mlflow
-
-    import mixersnn
-
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per file otherwise
-    from mixersnn.accounting import energy_report
     from mixersnn.models import load_checkpoint, load_model
     from trainers.spec import SPEC_FILE, SPEC_TAG
     from trainers.tracking import mlflow_client
@@ -90,59 +88,111 @@ def log_registered_model(uri: str, run_id: str, model_name: str, *, tags: Option
     run = client.get_run(run_id)
     metrics = run.data.metrics
     with tempfile.TemporaryDirectory(dir=tmp) as d:
-        try:
-            local = Path(client.download_artifacts(run_id, f"model/{_CHECKPOINT}", d))
-        except Exception:
-            raise UserError(f"run {run_id!r} has no final model (model/{_CHECKPOINT}) to register: it did not finish "
-                            f"training, or ran with log_model off") from None
+        local = _download_final_checkpoint(client, run_id, d)
         load_checkpoint(local)  # refuses anything but a mixersnn checkpoint (weights_only)
         model = load_model(local).eval()
-        cfg = model.config
-        try:
-            mfi = json.loads(Path(client.download_artifacts(run_id, "model/mfi_report.json", d)).read_text())
-        except Exception:
-            mfi = None
+        mfi = _download_mfi_report(client, run_id, d)
         spec = json.loads(run.data.tags[SPEC_TAG]) if SPEC_TAG in run.data.tags else None
-        dense = energy_report(cfg)
-        energy = {
-            "dense_bound_uj_per_image": dense.energy_pj * 1e-6,
-            "dense_bound_note": "every spike-layer input firing (45 nm: 4.6 pJ/MAC, 0.9 pJ/AC)",
-            **{k: metrics[k] for k in ("energy_per_image_uj", "sops_per_image", "macs_per_image", "mean_firing_rate")
-               if k in metrics},
-        }
-        extra = {_CHECKPOINT: local, "energy.json": energy, SPEC_FILE: spec, "mfi_report.json": mfi}
-        files = []
-        for fname, obj in extra.items():
-            if obj is None:
-                continue
-            p = obj if isinstance(obj, Path) else Path(d) / fname
-            if not isinstance(obj, Path):
-                p.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str))
-            files.append(str(p))
-        metadata = {
-            "mixersnn_format": "mixersnn-logged-model/1",
-            "source_run_id": run_id,
-            "model_config": cfg.to_dict(),
-            "spec": spec,
-            "energy": energy,
-            "mfi_ok": None if mfi is None else bool(mfi.get("ok")),
-            "test_acc": metrics.get("test_acc"),
-            "num_params": sum(p.numel() for p in model.parameters()),
-            "output": "per-step logits [T, B, K]; the class is argmax over K of the mean over T",
-            "checkpoint": f"extra_files/{_CHECKPOINT} (load with mixersnn.models.load_model)",
-        }
-        example = _input_example(cfg)
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
-        status = run.info.status
-        with mlflow.start_run(run_id=run_id):
-            mlflow.pytorch.log_model(
-                model, name=MODEL_NAME, registered_model_name=model_name, signature=_signature(cfg),
-                input_example=example, pip_requirements=list(PIP_REQUIREMENTS),
-                code_paths=[str(Path(mixersnn.__file__).parent)], extra_files=files, metadata=metadata,
-                serialization_format="pickle",
-            )
-        client.set_terminated(run_id, status)  # start_run(run_id) re-opened it: restore its status
+        energy = _energy_record(model.config, metrics)
+        files = _write_extra_files(d, {_CHECKPOINT: local, "energy.json": energy, SPEC_FILE: spec,
+                                       "mfi_report.json": mfi})
+        metadata = _metadata(model, run_id, spec=spec, energy=energy, mfi=mfi, metrics=metrics)
+        _log_model(uri, run, model, model_name, files=files, metadata=metadata)
+    return _tag_registered_version(uri, model_name, run_id, metrics=metrics, mfi=mfi, tags=tags)
+
+
+def _download_final_checkpoint(client: Any, run_id: str, d: str) -> Path:
+    """The run's final checkpoint ``model/model.pt``, downloaded into ``d``.
+
+    Raises:
+        UserError: the run has none (it did not finish training, or ran with log_model off).
+    """
+    try:
+        return Path(client.download_artifacts(run_id, f"model/{_CHECKPOINT}", d))
+    except Exception:
+        raise UserError(f"run {run_id!r} has no final model (model/{_CHECKPOINT}) to register: it did not finish "
+                        f"training, or ran with log_model off") from None
+
+
+def _download_mfi_report(client: Any, run_id: str, d: str) -> Optional[dict[str, Any]]:
+    """The run's MFI check (``model/mfi_report.json``), or None when it logged none."""
+    try:
+        return json.loads(Path(client.download_artifacts(run_id, "model/mfi_report.json", d)).read_text())
+    except Exception:
+        return None
+
+
+def _energy_record(cfg: Any, metrics: dict[str, float]) -> dict[str, Any]:
+    """The dense energy bound of ``cfg`` and the energy the run measured, where it did."""
+    from mixersnn.accounting import energy_report
+
+    dense = energy_report(cfg)
+    return {
+        "dense_bound_uj_per_image": dense.energy_pj * 1e-6,
+        "dense_bound_note": "every spike-layer input firing (45 nm: 4.6 pJ/MAC, 0.9 pJ/AC)",
+        **{k: metrics[k] for k in ("energy_per_image_uj", "sops_per_image", "macs_per_image", "mean_firing_rate")
+           if k in metrics},
+    }
+
+
+def _write_extra_files(d: str, extra: dict[str, Any]) -> list[str]:
+    """The logged model's extra files: paths as they are, records written as JSON into ``d``;
+    None entries are left out."""
+    files = []
+    for fname, obj in extra.items():
+        if obj is None:
+            continue
+        p = obj if isinstance(obj, Path) else Path(d) / fname
+        if not isinstance(obj, Path):
+            p.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str))
+        files.append(str(p))
+    return files
+
+
+def _metadata(model: Any, run_id: str, *, spec: Optional[dict[str, Any]], energy: dict[str, Any],
+              mfi: Optional[dict[str, Any]], metrics: dict[str, float]) -> dict[str, Any]:
+    """The logged model's metadata (in its MLmodel file): where it came from and what it is."""
+    return {
+        "mixersnn_format": "mixersnn-logged-model/1",
+        "source_run_id": run_id,
+        "model_config": model.config.to_dict(),
+        "spec": spec,
+        "energy": energy,
+        "mfi_ok": None if mfi is None else bool(mfi.get("ok")),
+        "test_acc": metrics.get("test_acc"),
+        "num_params": sum(p.numel() for p in model.parameters()),
+        "output": "per-step logits [T, B, K]; the class is argmax over K of the mean over T",
+        "checkpoint": f"extra_files/{_CHECKPOINT} (load with mixersnn.models.load_model)",
+    }
+
+
+def _log_model(uri: str, run: Any, model: Any, model_name: str, *, files: list[str],
+               metadata: dict[str, Any]) -> None:
+    """``mlflow.pytorch.log_model`` into ``run``, registered as ``model_name``; the run's status
+    is restored afterwards (logging into it re-opens it)."""
+    import mlflow
+
+    import mixersnn
+    from trainers.tracking import mlflow_client
+
+    cfg = model.config
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    status = run.info.status
+    with mlflow.start_run(run_id=run.info.run_id):
+        mlflow.pytorch.log_model(
+            model, name=MODEL_NAME, registered_model_name=model_name, signature=_signature(cfg),
+            input_example=_input_example(cfg), pip_requirements=list(PIP_REQUIREMENTS),
+            code_paths=[str(Path(mixersnn.__file__).parent)], extra_files=files, metadata=metadata,
+            serialization_format="pickle",
+        )
+    mlflow_client(uri).set_terminated(run.info.run_id, status)  # start_run(run_id) re-opened it
+
+
+def _tag_registered_version(uri: str, model_name: str, run_id: str, *, metrics: dict[str, float],
+                            mfi: Optional[dict[str, Any]], tags: Optional[dict[str, str]]) -> str:
+    """Tag the version ``run_id`` registered (source run, accuracy, energy, MFI verdict, ``tags``);
+    its number."""
     # The registry at this URI, named: a client without registry_uri takes the process-wide one,
     # which an earlier registration in this process may have pointed at another store.
     from mlflow.tracking import MlflowClient

@@ -28,7 +28,7 @@ from trainers.tracking import MLflowTracker, close_run, resolve_tracking_uri, st
 # imports Ray Train's modules takes 2.2 s of CPU to start). A cluster keeps Ray's default.
 LOCAL_RUNTIME_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
-__all__ = ["fit", "FitResult", "run_name_for", "worker_resources", "scaling_config"]
+__all__ = ["fit", "FitResult", "run_name_for", "worker_resources", "scaling_config", "init_local_ray"]
 
 # Test hook (documented, off unless set): the worker whose rank matches kills itself with
 # SIGKILL at the start of this epoch, once (a marker file makes the retry survive). This is
@@ -161,6 +161,55 @@ def _worker_loop(config: dict[str, Any]) -> None:
         ))
 
 
+def init_local_ray(ray_init_kwargs: Optional[dict[str, Any]] = None, *, env_vars: dict[str, str],
+                   log_to_driver: bool) -> None:
+    """``ray.init`` for a driver that found no Ray runtime up: a new local runtime whose
+    processes get ``env_vars``, unless told otherwise (``ray_init_kwargs["address"]``, or
+    ``RAY_ADDRESS`` as ``ray job submit`` sets it). A bare ``ray.init()`` would join whatever
+    cluster ``ray start`` (or a test's simulated cluster) last recorded in /tmp/ray on this
+    machine, another user's or a dead one.
+
+    Args:
+        ray_init_kwargs: ``ray.init`` arguments replacing these defaults.
+        env_vars: the environment of the runtime's worker processes.
+        log_to_driver: print the workers' output in this process.
+    """
+    import ray
+
+    kw: dict[str, Any] = {"address": os.environ.get("RAY_ADDRESS") or "local", "include_dashboard": True,
+                          "dashboard_host": "127.0.0.1", "log_to_driver": log_to_driver,
+                          "runtime_env": {"env_vars": dict(env_vars)}}
+    kw.update(ray_init_kwargs or {})
+    ray.init(**kw)
+
+
+def _torch_trainer(cfg: TrainConfig, scale: ScaleConfig, *, name: str, storage: str, uri: str,
+                   run_id: Optional[str], callbacks: Optional[list[Any]]) -> Any:
+    """The ``TorchTrainer`` of one run: :func:`_worker_loop` on ``scale``'s workers (gloo on CPU,
+    nccl on GPU), retried up to ``scale.max_failures`` times, the last two checkpoints kept."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    return TorchTrainer(
+        _worker_loop,
+        train_loop_config={
+            "train": cfg.to_dict(),
+            "tracking_uri": uri,
+            "mlflow_run_id": run_id,
+            "torch_threads": max(1, int(scale.cpus_per_worker)),
+        },
+        torch_config=TorchConfig(backend="nccl" if scale.use_gpu else "gloo"),
+        scaling_config=scaling_config(scale),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=scale.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
+        ),
+    )
+
+
 def fit(
     cfg: TrainConfig,
     scale: ScaleConfig,
@@ -182,18 +231,9 @@ def fit(
         name: the run's name; None: ``scale.name``, else :func:`run_name_for`.
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     if not ray.is_initialized():
-        # A new local runtime unless told otherwise (ray_init_kwargs["address"], or RAY_ADDRESS
-        # as `ray job submit` sets it): a bare ray.init() would join whatever cluster `ray
-        # start` (or a test's simulated cluster) last recorded in /tmp/ray on this machine.
-        kw = {"address": os.environ.get("RAY_ADDRESS") or "local", "include_dashboard": True,
-              "dashboard_host": "127.0.0.1", "log_to_driver": True,
-              "runtime_env": {"env_vars": dict(LOCAL_RUNTIME_ENV)}}
-        kw.update(ray_init_kwargs or {})
-        ray.init(**kw)
+        init_local_ray(ray_init_kwargs, env_vars=LOCAL_RUNTIME_ENV, log_to_driver=True)
 
     name = name or scale.name or run_name_for(cfg, scale)
     # Local paths are made absolute (workers may run elsewhere); URIs (s3://, gs://) pass as-is.
@@ -204,24 +244,7 @@ def fit(
         run_id = start_run(uri, cfg.experiment, name, parent_run_id=cfg.parent_run_id,
                            tags={"mixersnn.kind": "train", "mixersnn.model": cfg.model})
 
-    trainer = TorchTrainer(
-        _worker_loop,
-        train_loop_config={
-            "train": cfg.to_dict(),
-            "tracking_uri": uri,
-            "mlflow_run_id": run_id,
-            "torch_threads": max(1, int(scale.cpus_per_worker)),
-        },
-        torch_config=TorchConfig(backend="nccl" if scale.use_gpu else "gloo"),
-        scaling_config=scaling_config(scale),
-        run_config=RunConfig(
-            name=name,
-            storage_path=storage,
-            failure_config=FailureConfig(max_failures=scale.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            callbacks=callbacks,
-        ),
-    )
+    trainer = _torch_trainer(cfg, scale, name=name, storage=storage, uri=uri, run_id=run_id, callbacks=callbacks)
     status = "FAILED"
     try:
         result = trainer.fit()

@@ -29,14 +29,13 @@ Module paths of the Conv/Linear layers and the LIF neurons are the same as in
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
+from mixersnn._atomic import atomic_path
 from mixersnn.layers.common import NeuronFactory, fold, unfold
 from mixersnn.models.config import MixerSNNConfig
 from mixersnn.models.mixer_snn import MixerBlock, MixerSNN, Stage
@@ -358,21 +357,13 @@ def save_mfi(path: Union[str, Path], model: MFIMixerSNN, *, overwrite: bool = Fa
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True (CLI: --force) to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     metadata = {"format": MFI_FORMAT, "config": json.dumps(model.config.to_dict())}
     metadata.update({k: str(v) for k, v in meta.items()})
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".safetensors") as tmp:
         save_file(tensors, tmp, metadata=metadata)
         if not overwrite and path.exists():
             raise FileExistsError(f"{path} appeared while writing; pass overwrite=True to replace it")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 

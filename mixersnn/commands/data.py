@@ -21,6 +21,7 @@ HELP = "Convert idx / CIFAR / ImageFolder data to WebDataset shards; inspect or 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from mixersnn.cli import DeprecatedAlias
     from mixersnn.data.converters import DEFAULT_SAMPLES_PER_SHARD
     from mixersnn.data.shard_writer import ENCODINGS
 
@@ -37,11 +38,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--name", default=None, help="data set name for the manifest (default: from the folder)")
     m.add_argument("--split", default="train", help="split name when SOURCE is a single ImageFolder split")
     m.add_argument("--splits", nargs="+", default=None, help="convert only these splits")
-    m.add_argument("--samples-per-shard", type=int, default=DEFAULT_SAMPLES_PER_SHARD)
+    m.add_argument("--samples-per-shard", type=int, default=DEFAULT_SAMPLES_PER_SHARD, help="samples in each tar shard")
     m.add_argument("--seed", type=int, default=0, help="seed of the sample permutation")
     m.add_argument("--no-shuffle", action="store_true", help="keep the source order")
     m.add_argument("--encoding", default=None, choices=list(ENCODINGS), help="default: png (arrays), keep (folders)")
-    m.add_argument("--jpeg-quality", type=int, default=95)
+    m.add_argument("--jpeg-quality", type=int, default=95, help="quality of --encoding jpeg")
     m.add_argument("--img-size", type=int, default=None, help="folders: resize shorter side + centre-crop to N x N")
     m.add_argument(
         "--channels", type=int, default=None, choices=[1, 3],
@@ -53,23 +54,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "training's --augment auto flips only such data (default: known for Fashion-MNIST and CIFAR, else unknown)",
     )
     m.add_argument("--limit", default=None, help="first N samples per split, or per split: train=500,test=200")
-    m.add_argument("--workers", type=int, default=None, help="parallel processes (default: all cores)")
-    m.add_argument("--no-progress", action="store_true")
+    m.add_argument("--processes", dest="workers", type=int, default=None, metavar="N",
+                   help="parallel conversion processes (default: all cores)")
+    m.add_argument("--workers", dest="workers", type=int, action=DeprecatedAlias, new="--processes")
+    m.add_argument("--no-progress", action="store_true", help="no progress bars")
     m.add_argument("--json", action="store_true", help="print the manifests as JSON")
 
     i = sub.add_parser("info", help="summarise a split's manifest")
     i.add_argument("split_dir", type=_location, help="split folder, manifest.json, or s3://bucket/prefix/<split>")
     i.add_argument("--verify", action="store_true", help="check every shard's sha256")
-    i.add_argument("--json", action="store_true")
+    i.add_argument("--json", action="store_true", help="print the manifest summary as JSON")
 
     u = sub.add_parser("upload", help="upload shard splits (made by make-shards) to an object store")
     u.add_argument("source", type=Path, help="a split folder (DIR/train) or a folder of split folders (DIR)")
     u.add_argument("dest", help="object-store prefix, e.g. s3://bucket/fmnist (splits go to DEST/<split>/)")
 
     d = sub.add_parser("download", help="fetch the Fashion-MNIST idx files (needs internet or a mirror)")
-    d.add_argument("dest", type=Path)
+    d.add_argument("dest", type=Path, help="folder for the four idx .gz files (then: mixersnn data make-shards DEST "
+                   "--out DIR, or MIXERSNN_FASHION_MNIST=DEST)")
     d.add_argument("--url", default=None, help="base URL (default: the canonical bucket; file:// for a mirror)")
-    d.add_argument("--force", action="store_true")
+    d.add_argument("--force", action="store_true", help="download again files that are already there")
 
 
 def _location(s: str):  # type: ignore[no-untyped-def]

@@ -9,9 +9,8 @@ from typing import Any, Iterator
 
 HELP = "Measure firing rates on data and print per-layer dense ops, SOPs, MACs and energy."
 
-_IDX_ALIASES = ("fashion-mnist", "fashion_mnist", "fmnist")
-# Fashion-MNIST normalisation (the statistics of its training split).
-_FMNIST_MEAN, _FMNIST_STD = 0.2860, 0.3530
+# Names of the embedded Fashion-MNIST (its shards built on first use, as `train` does).
+_FMNIST_ALIASES = ("fashion-mnist", "fashion_mnist", "fmnist")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,9 +20,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data",
         required=True,
-        help="'fashion-mnist', a folder of MNIST-format idx files, or any source mixersnn.data.build_loader accepts",
+        help="'fashion-mnist' (built on first use) or a shard root holding train/ and test/, as `train --data` "
+        "takes (--split picks the split); also one split's folder or manifest, or a folder of MNIST-format idx files",
     )
-    p.add_argument("--split", choices=("train", "test"), default="test", help="split of idx data (default test)")
+    p.add_argument("--split", choices=("train", "test"), default="test",
+                   help="the split of --data to measure on (default test)")
     p.add_argument("--batches", type=int, default=4, help="batches to measure rates on (default 4)")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -94,30 +95,44 @@ def _no_shape_overrides(overrides: dict, what: str) -> None:
 
 
 def _batches(source: str, *, split: str, batch_size: int) -> Iterator[Any]:
-    """Normalised image batches ``[B, C, H, W]`` (with labels) from ``source``."""
-    import torch
+    """Batches ``(float32 [B, C, H, W], int64 [B])`` of ``split`` from ``source``, in order, through
+    the data package's loader: the eval transform, normalised with the split manifest's mean/std.
 
-    from mixersnn import data as mdata
+    ``source`` is what :func:`_split_source` accepts; an idx folder other than the embedded
+    Fashion-MNIST is converted to shards in a temporary folder first.
+    """
+    import tempfile
 
-    idx_dir = None
-    if source.lower() in _IDX_ALIASES:
-        idx_dir = mdata.FASHION_MNIST_DIR
-    elif Path(source).is_dir() and any(Path(source).glob("*-idx3-ubyte*")):
-        idx_dir = Path(source)
-    if idx_dir is not None:
-        images, labels = mdata.load_idx_split(idx_dir, split)
-        for i in range(0, len(images), batch_size):
-            x = torch.from_numpy(images[i : i + batch_size]).float().div_(255.0)
-            x = x.sub_(_FMNIST_MEAN).div_(_FMNIST_STD).unsqueeze(1)
-            yield x, torch.from_numpy(labels[i : i + batch_size])
-        return
-    build_loader = getattr(mdata, "build_loader", None)
-    if build_loader is None:
-        raise SystemExit(
-            f"error: --data {source!r} is not 'fashion-mnist' or an idx folder, and this mixersnn "
-            f"has no mixersnn.data.build_loader for other sources"
-        )
-    yield from build_loader(source, batch_size=batch_size, train=split == "train")
+    from mixersnn.data import build_loader
+
+    with tempfile.TemporaryDirectory(prefix="mixersnn-energy-") as tmp:
+        yield from build_loader(_split_source(source, split, Path(tmp)), batch_size=batch_size, train=False)
+
+
+def _split_source(source: str, split: str, tmp: Path) -> str:
+    """The split ``build_loader`` reads for ``--data source --split split``.
+
+    - ``fashion-mnist`` (or the embedded idx folder): its shards, built on first use;
+    - another folder of MNIST-format idx files: the split converted to shards under ``tmp``;
+    - a root holding ``<split>/manifest.json`` (what ``train --data`` takes): that split;
+    - anything else (a split folder, a manifest, shard URLs, an object-store split) as it is.
+    """
+    from mixersnn.data import FASHION_MNIST_DIR, default_shards
+
+    path = Path(source)
+    is_idx = path.is_dir() and any(path.glob("*-idx3-ubyte*"))
+    if source.lower() in _FMNIST_ALIASES or (is_idx and path.resolve() == FASHION_MNIST_DIR.resolve()):
+        return str(default_shards() / split)
+    if is_idx:
+        from mixersnn.data import write_split
+        from mixersnn.data.converters import idx_sources
+
+        src = next(s for s in idx_sources(path) if s.split == split)
+        write_split(src, tmp / split)
+        return str(tmp / split)
+    if path.is_dir() and not (path / "manifest.json").exists() and (path / split / "manifest.json").exists():
+        return str(path / split)
+    return source
 
 
 def run(args: argparse.Namespace) -> int:

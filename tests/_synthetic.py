@@ -1,4 +1,4 @@
-"""Small real data sets on disk, for tests, benchmarks and smoke runs.
+"""Test fixtures: small real data sets on disk, and helpers that read a loader back.
 
 Idx files cut from the installed Fashion-MNIST, ImageFolder trees of random PNG/JPEG images
 written with Pillow, and CIFAR-10 batches pickled in the published layout: inputs that go
