@@ -6,6 +6,7 @@ noisy), so the pieces that make two rows comparable live here once.
 
 from __future__ import annotations
 
+import json
 import statistics
 import sys
 import time
@@ -85,3 +86,12 @@ def pool_mode(mode: Optional[str]) -> Iterator[str]:
 def pool_modes(choice: str) -> list[str]:
     """The ``--pool`` choice as the modes to run ("both" = fresh, then pool)."""
     return list(POOL_MODES) if choice == "both" else [choice]
+
+
+def write_json(path: Optional[Path], result: object) -> None:
+    """Write a benchmark's result as indented JSON (``--json PATH``; None: nothing)."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    print(f"wrote {path}")

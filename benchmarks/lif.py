@@ -57,7 +57,6 @@ already-mapped buffers; ``mixersnn.kernels._alloc``).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -68,7 +67,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import interleaved_medians, pool_mode, pool_modes  # noqa: E402
+from _common import interleaved_medians, pool_mode, pool_modes, write_json  # noqa: E402
 
 from mixersnn.kernels.cpu import (  # noqa: E402
     _CpuLauncher,
@@ -406,10 +405,7 @@ def main(argv: list[str] | None = None) -> None:
         args.numel, args.repeats, args.warmup, args.copy_mib = 4096, 1, 1, 8
     result = run(args)
     print_table(result)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.json}")
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":

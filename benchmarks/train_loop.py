@@ -21,7 +21,6 @@ measured under the same load):
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -33,6 +32,9 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _common import write_json  # noqa: E402
 
 from mixersnn.models import create_model  # noqa: E402
 from trainers.config import TrainConfig, load_yaml_config  # noqa: E402
@@ -148,10 +150,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     print(f"  bare step (batch in memory):   {step_med:7.1f} img/s   rounds: {', '.join(f'{v:.0f}' for v in step_ips)}")
     print(f"  loop / step: {100 * loop_med / step_med:.0f}% of medians, {100 * loop_best / step_best:.0f}% of best "
           f"rounds (target >= 90%)")  # fmt: skip
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.json}")
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ graphs ("reduce-overhead", static shapes) per block ("cudagraphs") or whole
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -45,7 +44,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import interleaved_medians, pool_mode, pool_modes  # noqa: E402
+from _common import interleaved_medians, pool_mode, pool_modes, write_json  # noqa: E402
 
 from mixersnn.models import create_model  # noqa: E402
 from mixersnn.models.mixer_snn import compile_model, compile_unavailable_reason  # noqa: E402
@@ -316,10 +315,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         rows += cuda_rows(args)
     result = {"meta": meta, "rows": rows}
     print_table(result)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.json}")
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":

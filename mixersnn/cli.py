@@ -34,8 +34,8 @@ COMMANDS: dict[str, Command] = {
     "search": Command("search.cli", "Search Mixer-SNN architectures and hyperparameters: accuracy vs energy per "
                       "image (Ray Tune, Optuna, MLflow)."),
     "train": Command("trainers.cli", "Train a Mixer-SNN model with Ray Train, logging to MLflow."),
-    "report": Command("search.cli", "Print a search's leaderboard and Pareto front from MLflow and write the Pareto "
-                      "plot.", add="add_report_arguments", run="run_report"),
+    "report": Command("search.report", "Print a search's leaderboard and Pareto front from MLflow and write the "
+                      "Pareto plot."),
     "models": Command("mixersnn.commands.models", "List registered model variants with parameter counts and stage "
                       "shapes; with --scale, --from-run or --from-model, show one architecture and its scaled "
                       "family member."),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 HELP = "Print a search's leaderboard and Pareto front from MLflow and write the Pareto plot."
@@ -20,41 +19,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top", type=int, default=20, help="leaderboard rows (default 20)")
     p.add_argument("--out", help="Pareto plot file (default <search>-pareto.png)")
     p.add_argument("--params", action="store_true", help="parameters as a third objective of the front")
+    p.add_argument("--json", action="store_true",
+                   help="print the search's trials, Pareto front and baseline comparison as one JSON object instead "
+                   "of the tables (the plot is written only with --out)")
 
 
 def run(args: argparse.Namespace) -> int:
+    """The tables and plot, or with ``--json`` the same facts as one JSON object."""
     import matplotlib.pyplot as plt
 
-    from search.tracking import (collect_trials, compare_baselines, find_search_runs, format_comparison,
-                                 format_table, pareto_figure, pareto_front)
-    from mixersnn.errors import UserError
-    from trainers.tracking import check_tracking_server, resolve_tracking_uri
+    from search.tracking import (collect_trials, compare_baselines, format_comparison, format_table, pareto_figure,
+                                 pareto_front)
 
-    uri = resolve_tracking_uri(args.tracking_uri)
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
-        # MLflow would create an empty store there and report that it holds no search.
-        raise UserError(f"no MLflow store at {uri[len('sqlite:///'):]}; give the store the search logged to with "
-                        f"--tracking-uri (or run mixersnn report from the folder that holds its mlflow.db)")
-    check_tracking_server(uri)
-    if args.run_id:
-        parent, error = _search_run_by_id(uri, args.experiment, args.run_id)
-        if parent is None:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-    else:
-        parents = find_search_runs(uri, args.experiment, args.search)
-        if not parents:
-            what = f"search {args.search!r}" if args.search else "any search"
-            print(f"error: no {what} in experiment {args.experiment!r} at {uri}; check the name and --tracking-uri",
-                  file=sys.stderr)
-            return 2
-        parent = parents[0]
-        if args.search and len(parents) > 1:
-            others = ", ".join(f"{r.info.run_id} ({_started(r)})" for r in parents[1:])
-            print(f"note: {len(parents)} searches named {args.search!r} in {args.experiment!r} (each at its own "
-                  f"storage path); this is the latest, run {parent.info.run_id} ({_started(parent)}). The "
-                  f"other(s): {others}; pick one with --run-id.")
-            print()
+    uri, parent = find_parent(args, notes=not getattr(args, "json", False))
+    if getattr(args, "json", False):
+        return _print_json(args, uri, parent)
     name = parent.info.run_name
     rows = collect_trials(uri, parent.info.run_id)
     front = pareto_front(rows, with_params=args.params)
@@ -85,6 +64,71 @@ def run(args: argparse.Namespace) -> int:
     from trainers.tracking import mlflow_ui_hint
 
     print(f"in the MLflow UI: {mlflow_ui_hint(uri, parent.info.experiment_id)}")
+    return 0
+
+
+def find_parent(args: argparse.Namespace, *, notes: bool = True):  # type: ignore[no-untyped-def]
+    """(tracking URI, the search's parent run) that ``args`` name: ``--run-id``, else the
+    latest search (of ``--search``'s name) in the experiment; with ``notes``, a line when
+    several searches share the name.
+
+    Raises:
+        UserError: no store at a sqlite path, no such search, or a run that is not one.
+    """
+    from mixersnn.errors import UserError
+    from search.tracking import find_search_runs
+    from trainers.tracking import check_tracking_server, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        # MLflow would create an empty store there and report that it holds no search.
+        raise UserError(f"no MLflow store at {uri[len('sqlite:///'):]}; give the store the search logged to with "
+                        f"--tracking-uri (or run mixersnn report from the folder that holds its mlflow.db)")
+    check_tracking_server(uri)
+    if args.run_id:
+        parent, error = _search_run_by_id(uri, args.experiment, args.run_id)
+        if parent is None:
+            raise UserError(error)
+        return uri, parent
+    parents = find_search_runs(uri, args.experiment, args.search)
+    if not parents:
+        what = f"search {args.search!r}" if args.search else "any search"
+        raise UserError(f"no {what} in experiment {args.experiment!r} at {uri}; check the name and --tracking-uri")
+    parent = parents[0]
+    if notes and args.search and len(parents) > 1:
+        others = ", ".join(f"{r.info.run_id} ({_started(r)})" for r in parents[1:])
+        print(f"note: {len(parents)} searches named {args.search!r} in {args.experiment!r} (each at its own "
+              f"storage path); this is the latest, run {parent.info.run_id} ({_started(parent)}). The "
+              f"other(s): {others}; pick one with --run-id.")
+        print()
+    return uri, parent
+
+
+def _print_json(args: argparse.Namespace, uri: str, parent) -> int:  # type: ignore[no-untyped-def]
+    """``--json``: trials, front, baselines (and the plot, only with ``--out``) as one object."""
+    import json
+
+    from search.cli import _row_json
+    from search.tracking import collect_trials, compare_baselines, pareto_figure, pareto_front
+
+    rows = collect_trials(uri, parent.info.run_id)
+    front = pareto_front(rows, with_params=args.params)
+    ids = {r.run_id for r in front}
+    if args.out:
+        import matplotlib.pyplot as plt
+
+        fig = pareto_figure(rows, front, title=f"{parent.info.run_name}: accuracy vs energy per image")
+        fig.savefig(args.out)
+        plt.close(fig)
+    print(json.dumps({
+        "search": parent.info.run_name, "experiment": args.experiment, "parent_run_id": parent.info.run_id,
+        "status": parent.info.status, "tracking_uri": uri,
+        "registered_model": parent.data.tags.get("mixersnn.registered_model"),
+        "front": [_row_json(r, ids) for r in front],
+        "trials": [_row_json(r, ids) for r in rows],
+        "baselines": compare_baselines(rows, front, with_params=args.params),
+        **({"plot": args.out} if args.out else {}),
+    }, default=str))
     return 0
 
 

@@ -181,7 +181,7 @@ def test_train_help_shows_the_effective_defaults() -> None:
 def test_report_json_prints_the_front(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     import search.tracking as tracking
     import trainers.tracking as ttracking
-    from search.cli import run_report
+    from search.report import run as run_report
     from search.tracking import TrialRow
 
     rows = [TrialRow("r1", "t1", "ok", 0.9, 0.5, 1000, 3, params={"arch.T": "2"}),

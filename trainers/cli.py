@@ -384,7 +384,9 @@ def run(args: argparse.Namespace) -> int:
     run_id = None if args.no_mlflow else _open_run(train_cfg, scale_cfg, name, origin)
     t0 = time.time()
     if args.no_ray:
-        metrics, ckpt = _run_local(train_cfg, name, run_id=run_id)
+        from trainers.local import run_local
+
+        metrics, ckpt = run_local(train_cfg, run_dir, run_id=run_id)
     else:
         from trainers.ray_train import fit
         from trainers.tracking import close_run, resolve_tracking_uri
@@ -462,46 +464,6 @@ def _open_run(cfg: Any, scale: Any, name: str, origin: dict[str, Any]) -> str:
     log_run_spec(MLflowTracker(uri, run_id), RunSpec.of(cfg, kind="train", num_workers=scale.num_workers,
                                                          source=origin), tags=tags)
     return run_id
-
-
-def _run_local(cfg: Any, name: str, *, run_id: Any = None) -> tuple[dict[str, Any], str]:
-    """The loop in this process: no Ray, checkpoints under runs/local/<run name>/; logs into
-    ``run_id`` when given (:func:`_open_run`)."""
-    import shutil
-
-    from mixersnn._atomic import atomic_path
-    from mixersnn.errors import UserError
-    from trainers.loop import CHECKPOINT_FILE, WorkerContext, run_training
-    from trainers.tracking import MLflowTracker, close_run, resolve_tracking_uri
-
-    out = Path("runs/local") / name
-    out.mkdir(parents=True, exist_ok=True)
-    resume = out if (out / CHECKPOINT_FILE).exists() else None
-    tracker, uri = None, resolve_tracking_uri(cfg.tracking_uri)
-    if run_id is not None:
-        tracker = MLflowTracker(uri, run_id)
-
-    def report(metrics: dict[str, Any], ckpt_dir: Any) -> None:
-        if ckpt_dir is not None:
-            try:
-                with atomic_path(out / CHECKPOINT_FILE, suffix=".pt") as tmp:
-                    shutil.copyfile(Path(ckpt_dir) / CHECKPOINT_FILE, tmp)
-            except OSError as err:  # a full or failing disk: the previous checkpoint is untouched
-                raise UserError(f"cannot write the checkpoint of epoch {int(metrics['epoch']) + 1} to {out} "
-                                f"({err.strerror or err}); the previous checkpoint there is intact: free space and "
-                                f"run the same command again to continue from it") from None
-
-    status = "FAILED"
-    try:
-        metrics = run_training(cfg, WorkerContext(report=report, resume_dir=resume, tracker=tracker))
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"  # stopped by the user: the same command continues from the last epoch
-        raise
-    finally:
-        if run_id:
-            close_run(uri, run_id, status)
-    return metrics, str(out / CHECKPOINT_FILE)
 
 
 def _summary(name: str, m: dict[str, Any], ckpt: Any, wall: float, cfg: Any, *, run_id: Any = None,

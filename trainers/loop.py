@@ -250,9 +250,8 @@ def mix_batch(
 
 
 def amp_dtype(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype, or None: AMP is a CUDA feature here, CPU runs in fp32."""
     if device.type != "cuda" or cfg.amp == "off":
-        if cfg.amp in ("bf16", "fp16") and device.type != "cuda":
-            return None  # AMP is a CUDA feature here; CPU runs in fp32 (documented in the CLI)
         return None
     return torch.float16 if cfg.amp == "fp16" else torch.bfloat16
 
@@ -286,10 +285,6 @@ def replica_divergence(model: nn.Module, device: torch.device) -> float:
     dist.all_gather(everyone, mine)
     stacked = torch.stack(everyone)
     return float((stacked.max(0).values - stacked.min(0).values).abs().max())
-
-
-def unwrap(model: nn.Module) -> MixerSNN:
-    return model.module if hasattr(model, "module") else model  # type: ignore[return-value]
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -375,192 +370,241 @@ def epoch_steps(cfg: TrainConfig, batches: int, world_size: int) -> int:
 
 
 # ----------------------------------------------------------------------------- the loop
+@dataclass
+class _Run:
+    """What one rank trains with: built by :func:`_setup`, advanced by the epoch loop."""
+
+    spec: DataSpec
+    model: MixerSNN
+    ddp_model: nn.Module  # what evaluation calls
+    step_model: nn.Module  # what the training step calls: ddp_model, compiled when asked
+    train_loader: Any
+    eval_loader: Any
+    steps_per_epoch: int
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    clock: TrainClock
+    autocast: Optional[torch.dtype]
+    gen: torch.Generator
+    meter: Any = None
+    start_epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    logged_epochs: set[int] = field(default_factory=set)
+
+
 def run_training(cfg: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
     """Train ``cfg`` on this rank; returns the last epoch's metrics (identical on every rank).
 
     Resumes from ``ctx.resume_dir`` when given: model, optimiser, scheduler, scaler, epoch
     and the metric history all come back, and epochs before the checkpoint are not re-run.
     """
+    run = _setup(cfg, ctx)
+    metrics: dict[str, Any] = run.history[-1] if run.history else {}
+    for epoch in range(run.start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        totals, out_of_time = _train_epoch(run, cfg, ctx, epoch)
+        epoch_time = time.perf_counter() - t0
+        last = out_of_time or epoch == cfg.epochs - 1
+        metrics = _epoch_metrics(run, cfg, epoch, totals, epoch_time, last=last, device=ctx.device)
+        run.history.append(metrics)
+        _checkpoint_and_report(run, cfg, ctx, epoch, metrics)
+        if out_of_time:
+            ctx.log(f"time budget {cfg.time_budget_s:.0f} s of training used in epoch {epoch + 1}; stopping")
+            break
+    if ctx.is_main and ctx.tracker is not None and cfg.log_model:
+        sample = next(iter(run.eval_loader))[0][:16].to(ctx.device)
+        _log_final_model(ctx.tracker, run.model, cfg, metrics, sample)
+    return metrics
+
+
+def _setup(cfg: TrainConfig, ctx: WorkerContext) -> _Run:
+    """Model, loaders, optimiser, schedule and AMP for this rank, resumed from
+    ``ctx.resume_dir`` when given; a new run logs its parameters."""
     torch.manual_seed(cfg.seed + ctx.rank)
     device = ctx.device
     spec = resolve_data(cfg.data)
     overrides = {"img_size": spec.img_size, "in_chans": spec.in_chans, "num_classes": spec.num_classes}
     overrides.update(cfg.model_overrides)
     model = create_model(cfg.model, **overrides).to(device)
-    model_cfg = model.config
 
-    train_loader, eval_loader = build_loaders(cfg, spec, model_cfg.img_size, ctx)
+    train_loader, eval_loader = build_loaders(cfg, spec, model.config.img_size, ctx)
     steps_per_epoch = epoch_steps(cfg, len(train_loader), ctx.world_size)
     if steps_per_epoch < 1:
         raise ValueError(
             f"the training split {spec.train} gives 0 batches of {cfg.batch_size} per rank with "
             f"{ctx.world_size} ranks; lower batch_size or use fewer workers"
         )
-
     opt = build_optimizer(model, cfg)
     # Read once: the clock needs the time already trained before the scheduler is built, the
-    # rest is loaded into model, optimiser and scheduler below.
+    # rest is loaded into model, optimiser and scheduler by _resume.
     state = None
     if ctx.resume_dir is not None:
         state = torch.load(Path(ctx.resume_dir) / CHECKPOINT_FILE, map_location=device, weights_only=True)
-    start_time = float(state.get("train_time_s", 0.0)) if state is not None else 0.0
-    clock = TrainClock(start_time)
+    clock = TrainClock(float(state.get("train_time_s", 0.0)) if state is not None else 0.0)
     sched = build_scheduler(opt, cfg, steps_per_epoch, clock)
     autocast = amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast == torch.float16)
-
-    start_epoch, history = 0, []
+    run = _Run(spec=spec, model=model, ddp_model=model, step_model=model, train_loader=train_loader,
+               eval_loader=eval_loader, steps_per_epoch=steps_per_epoch, opt=opt, sched=sched, scaler=scaler,
+               clock=clock, autocast=autocast, gen=torch.Generator().manual_seed(cfg.seed * 1000 + ctx.rank),
+               meter=_energy_meter(model) if cfg.measure_energy else None)
     if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch = int(state["epoch"]) + 1
-        history = list(state.get("history", []))
-        state = None  # the loaded copy is not needed any more
-        ctx.log(f"resumed from epoch {start_epoch - 1} ({ctx.resume_dir})")
-        if ctx.is_main and ctx.tracker is not None:
-            ctx.tracker.log_metrics({"resumed_from_epoch": start_epoch - 1}, step=start_epoch)
+        _resume(run, state, ctx)
+    run.ddp_model = ctx.wrap_model(model)
+    # Evaluation stays eager: its eval-mode graph would be a second compile.
+    run.step_model = (compile_model(run.ddp_model, mode=cfg.compile, device_type=device.type)
+                      if cfg.compile else run.ddp_model)  # fmt: skip
+    if ctx.is_main and ctx.tracker is not None:
+        if run.start_epoch == 0:
+            ctx.tracker.log_params(
+                {**{f"train.{k}": v for k, v in cfg.to_dict().items() if k != "model_overrides"},
+                 **{f"model.{k}": v for k, v in model.config.to_dict().items()},
+                 "model.num_params": sum(p.numel() for p in model.parameters()),
+                 "scale.world_size": ctx.world_size}
+            )
+        # Epochs this run has already logged. An epoch's metrics go to MLflow before its
+        # checkpoint is reported; a worker killed between the two (or before Ray registered
+        # the checkpoint) trains that epoch again on restart, and it must not be logged twice.
+        run.logged_epochs = ctx.tracker.logged_epochs()
+    return run
 
-    ddp_model = ctx.wrap_model(model)
-    # The module the training step calls: compiled when the config asks (a clear error where
-    # it cannot work). Evaluation stays eager: its eval-mode graph would be a second compile.
-    step_model = (compile_model(ddp_model, mode=cfg.compile, device_type=device.type)
-                  if cfg.compile else ddp_model)  # fmt: skip
-    if ctx.is_main and ctx.tracker is not None and start_epoch == 0:
-        ctx.tracker.log_params(
-            {**{f"train.{k}": v for k, v in cfg.to_dict().items() if k != "model_overrides"},
-             **{f"model.{k}": v for k, v in model_cfg.to_dict().items()},
-             "model.num_params": sum(p.numel() for p in model.parameters()),
-             "scale.world_size": ctx.world_size}
-        )
 
-    # Epochs this run has already logged. An epoch's metrics go to MLflow before its checkpoint
-    # is reported; a worker killed between the two (or before Ray registered the checkpoint)
-    # trains that epoch again on restart, and it must not be logged twice.
-    logged_epochs = ctx.tracker.logged_epochs() if ctx.is_main and ctx.tracker is not None else set()
-    meter = _energy_meter(model) if cfg.measure_energy else None
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + ctx.rank)
+def _resume(run: _Run, state: dict[str, Any], ctx: WorkerContext) -> None:
+    """Load a checkpoint's model, optimiser, schedule, scaler and history into ``run``."""
+    run.model.load_state_dict(state["model"])
+    run.opt.load_state_dict(state["optimizer"])
+    run.sched.load_state_dict(state["scheduler"])
+    run.scaler.load_state_dict(state["scaler"])
+    run.start_epoch = int(state["epoch"]) + 1
+    run.history = list(state.get("history", []))
+    ctx.log(f"resumed from epoch {run.start_epoch - 1} ({ctx.resume_dir})")
+    if ctx.is_main and ctx.tracker is not None:
+        ctx.tracker.log_metrics({"resumed_from_epoch": run.start_epoch - 1}, step=run.start_epoch)
+
+
+def _train_epoch(run: _Run, cfg: TrainConfig, ctx: WorkerContext, epoch: int) -> tuple[list[float], bool]:
+    """One epoch of training steps; returns (loss sum, correct, seen) summed over ranks, and
+    whether the time budget ran out (the schedule has reached its floor: evaluate and stop)."""
+    device = ctx.device
+    if hasattr(run.train_loader, "set_epoch"):
+        run.train_loader.set_epoch(epoch)
+    run.ddp_model.train()
+    run.clock.start()
+    loss_sum = correct = seen = 0.0
     out_of_time = False
-    metrics: dict[str, Any] = history[-1] if history else {}
-    for epoch in range(start_epoch, cfg.epochs):
-        if hasattr(train_loader, "set_epoch"):
-            train_loader.set_epoch(epoch)
-        ddp_model.train()
-        t0 = time.perf_counter()
-        clock.start()
-        loss_sum = correct = seen = 0.0
-        for step, (x, y) in enumerate(train_loader):
-            if step >= steps_per_epoch:
-                break
-            if cfg.time_budget_s is not None and clock.sync(device) >= cfg.time_budget_s:
-                out_of_time = True  # the schedule has reached its floor: evaluate and stop
-                break
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            targets = soft_targets(y, spec.num_classes, cfg.label_smoothing)
-            x, targets = mix_batch(x, targets, cfg, gen)
-            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                logits = step_model(x).float().mean(0)
-                loss = torch.sum(-targets * F.log_softmax(logits, dim=1), dim=1).mean()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"loss is {float(loss.detach())} at epoch {epoch} step {step}; lower lr (now "
-                    f"{sched.get_last_lr()[0]:.3g}) or turn on grad_clip"
-                )
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.grad_clip is not None:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            loss_sum += float(loss.detach()) * y.shape[0]
-            correct += float((logits.argmax(1) == y).sum())
-            seen += y.shape[0]
-            if ctx.is_main and step % 50 == 0:
-                ctx.log(
-                    f"epoch {epoch + 1}/{cfg.epochs} step {step}/{steps_per_epoch} "
-                    f"loss {loss_sum / max(seen, 1):.4f} lr {sched.get_last_lr()[0]:.3g}"
-                )
-        clock.stop()
-        epoch_time = time.perf_counter() - t0
-        loss_sum, correct, seen = _all_reduce_sum([loss_sum, correct, seen], device)
-
-        if meter is not None:
-            meter.reset()
-        t_eval = time.perf_counter()
-        ev = evaluate(
-            ddp_model,
-            eval_loader,
-            device=device,
-            num_classes=spec.num_classes,
-            # The last evaluation is of the whole split when asked (full_final_eval): the
-            # figure a run ends with is then exact, the ones before it cheaper samples.
-            max_batches=None if cfg.full_final_eval and (out_of_time or epoch == cfg.epochs - 1)
-            else cfg.max_eval_batches,
-            meter=meter,
-            autocast=autocast,
-        )
-        metrics = {
-            "epoch": epoch,
-            "train_loss": loss_sum / seen if seen else float("nan"),
-            "train_acc": correct / seen if seen else float("nan"),
-            **ev,
-            "lr": sched.get_last_lr()[0],
-            "images_per_s": seen / max(epoch_time, 1e-9),
-            "epoch_time_s": epoch_time,
-            "eval_time_s": time.perf_counter() - t_eval,
-            "train_time_s": clock.elapsed(),
-            "replica_divergence": replica_divergence(model, device),
-            # Damaged data is skipped, counted and reported, never silently absorbed.
-            "corrupt_shards_skipped": float(train_loader.stats.corrupt_shards + eval_loader.stats.corrupt_shards),
-            "corrupt_samples_skipped": float(train_loader.stats.corrupt_samples + eval_loader.stats.corrupt_samples),
-        }
-        if meter is not None:
-            metrics.update(meter.summary(model_cfg))
-        history.append(metrics)
-
-        ckpt_dir: Optional[Path] = None
-        if ctx.is_main:
-            ckpt_dir = Path(tempfile.mkdtemp(prefix="mixersnn-ckpt-"))
-            atomic_torch_save(
-                {
-                    "format": CHECKPOINT_FORMAT,
-                    "config": model_cfg.to_dict(),
-                    "model_name": cfg.model,
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "epoch": epoch,
-                    "train_config": cfg.to_dict(),
-                    "history": history,
-                    "train_time_s": clock.elapsed(),
-                },
-                ckpt_dir / CHECKPOINT_FILE,
-            )
-            if ctx.tracker is not None and epoch not in logged_epochs:
-                ctx.tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
-            ctx.log(
-                f"epoch {epoch + 1}/{cfg.epochs}: train loss {metrics['train_loss']:.4f} "
-                f"acc {metrics['train_acc']:.4f} | test loss {metrics['test_loss']:.4f} "
-                f"acc {metrics['test_acc']:.4f} | {metrics['images_per_s']:.0f} img/s"
-                + (f" | {metrics['energy_per_image_uj']:.3f} uJ/img" if "energy_per_image_uj" in metrics else "")
-            )
-        try:
-            ctx.report(metrics, ckpt_dir)
-        finally:
-            if ckpt_dir is not None:
-                shutil.rmtree(ckpt_dir, ignore_errors=True)
-        if out_of_time:
-            ctx.log(f"time budget {cfg.time_budget_s:.0f} s of training used in epoch {epoch + 1}; stopping")
+    for step, (x, y) in enumerate(run.train_loader):
+        if step >= run.steps_per_epoch:
             break
+        if cfg.time_budget_s is not None and run.clock.sync(device) >= cfg.time_budget_s:
+            out_of_time = True
+            break
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        loss, logits = _train_step(run, cfg, x, y, epoch, step)
+        loss_sum += float(loss.detach()) * y.shape[0]
+        correct += float((logits.argmax(1) == y).sum())
+        seen += y.shape[0]
+        if ctx.is_main and step % 50 == 0:
+            ctx.log(f"epoch {epoch + 1}/{cfg.epochs} step {step}/{run.steps_per_epoch} "
+                    f"loss {loss_sum / max(seen, 1):.4f} lr {run.sched.get_last_lr()[0]:.3g}")
+    run.clock.stop()
+    return _all_reduce_sum([loss_sum, correct, seen], device), out_of_time
 
-    if ctx.is_main and ctx.tracker is not None and cfg.log_model:
-        sample = next(iter(eval_loader))[0][:16].to(device)
-        _log_final_model(ctx.tracker, model, cfg, metrics, sample)
+
+def _train_step(run: _Run, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor, epoch: int,
+                step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward (soft targets, mixing, autocast), backward, clipping and the optimiser step;
+    returns the loss and the time-averaged logits."""
+    targets = soft_targets(y, run.spec.num_classes, cfg.label_smoothing)
+    x, targets = mix_batch(x, targets, cfg, run.gen)
+    with torch.autocast(x.device.type, dtype=run.autocast, enabled=run.autocast is not None):
+        logits = run.step_model(x).float().mean(0)
+        loss = torch.sum(-targets * F.log_softmax(logits, dim=1), dim=1).mean()
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"loss is {float(loss.detach())} at epoch {epoch} step {step}; lower lr (now "
+            f"{run.sched.get_last_lr()[0]:.3g}) or turn on grad_clip"
+        )
+    run.opt.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    if cfg.grad_clip is not None:
+        run.scaler.unscale_(run.opt)
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+    run.scaler.step(run.opt)
+    run.scaler.update()
+    run.sched.step()
+    return loss, logits
+
+
+def _epoch_metrics(run: _Run, cfg: TrainConfig, epoch: int, totals: list[float], epoch_time: float, *,
+                   last: bool, device: torch.device) -> dict[str, Any]:
+    """Evaluate and gather the epoch's metrics. The last evaluation is of the whole split when
+    asked (``full_final_eval``): the figure a run ends with is then exact, the ones before it
+    cheaper samples."""
+    loss_sum, correct, seen = totals
+    if run.meter is not None:
+        run.meter.reset()
+    t_eval = time.perf_counter()
+    ev = evaluate(run.ddp_model, run.eval_loader, device=device, num_classes=run.spec.num_classes,
+                  max_batches=None if cfg.full_final_eval and last else cfg.max_eval_batches,
+                  meter=run.meter, autocast=run.autocast)
+    metrics = {
+        "epoch": epoch,
+        "train_loss": loss_sum / seen if seen else float("nan"),
+        "train_acc": correct / seen if seen else float("nan"),
+        **ev,
+        "lr": run.sched.get_last_lr()[0],
+        "images_per_s": seen / max(epoch_time, 1e-9),
+        "epoch_time_s": epoch_time,
+        "eval_time_s": time.perf_counter() - t_eval,
+        "train_time_s": run.clock.elapsed(),
+        "replica_divergence": replica_divergence(run.model, device),
+        # Damaged data is skipped, counted and reported, never silently absorbed.
+        "corrupt_shards_skipped": float(run.train_loader.stats.corrupt_shards + run.eval_loader.stats.corrupt_shards),
+        "corrupt_samples_skipped": float(run.train_loader.stats.corrupt_samples
+                                         + run.eval_loader.stats.corrupt_samples),
+    }
+    if run.meter is not None:
+        metrics.update(run.meter.summary(run.model.config))
     return metrics
+
+
+def _checkpoint_and_report(run: _Run, cfg: TrainConfig, ctx: WorkerContext, epoch: int,
+                           metrics: dict[str, Any]) -> None:
+    """Rank 0 writes the epoch's checkpoint and logs its metrics (once per epoch, even after a
+    restart); every rank reports to the caller (Ray Train, Tune or the local runner)."""
+    ckpt_dir: Optional[Path] = None
+    if ctx.is_main:
+        ckpt_dir = Path(tempfile.mkdtemp(prefix="mixersnn-ckpt-"))
+        atomic_torch_save(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "config": run.model.config.to_dict(),
+                "model_name": cfg.model,
+                "model": run.model.state_dict(),
+                "optimizer": run.opt.state_dict(),
+                "scheduler": run.sched.state_dict(),
+                "scaler": run.scaler.state_dict(),
+                "epoch": epoch,
+                "train_config": cfg.to_dict(),
+                "history": run.history,
+                "train_time_s": run.clock.elapsed(),
+            },
+            ckpt_dir / CHECKPOINT_FILE,
+        )
+        if ctx.tracker is not None and epoch not in run.logged_epochs:
+            ctx.tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+        ctx.log(
+            f"epoch {epoch + 1}/{cfg.epochs}: train loss {metrics['train_loss']:.4f} "
+            f"acc {metrics['train_acc']:.4f} | test loss {metrics['test_loss']:.4f} "
+            f"acc {metrics['test_acc']:.4f} | {metrics['images_per_s']:.0f} img/s"
+            + (f" | {metrics['energy_per_image_uj']:.3f} uJ/img" if "energy_per_image_uj" in metrics else "")
+        )
+    try:
+        ctx.report(metrics, ckpt_dir)
+    finally:
+        if ckpt_dir is not None:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
 
 
 def _energy_meter(model: MixerSNN) -> Any:

@@ -28,6 +28,7 @@ Module paths of the Conv/Linear layers and the LIF neurons are the same as in
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -38,7 +39,7 @@ from torch import nn
 from mixersnn._atomic import atomic_path
 from mixersnn.layers.common import NeuronFactory, fold, unfold
 from mixersnn.models.config import MixerSNNConfig
-from mixersnn.models.mixer_snn import MixerBlock, MixerSNN, Stage
+from mixersnn.models.mixer_snn import MixerSNN, build_stages
 from mixersnn.neurons import LIF
 
 __all__ = [
@@ -221,27 +222,11 @@ class MFIMixerSNN(nn.Module):
         config.validate()
         self.config = config
 
-        def neuron() -> nn.Module:
-            return LIF(**config.neuron.to_dict())
-
-        stages = []
-        for s, (C, H, depth) in enumerate(zip(config.widths, config.grids, config.depths)):
-            if s == 0:
-                embed: nn.Module = MFIPatchEmbed(in_chans=config.in_chans, dim=C, patch_size=config.patch_size)
-            elif config.spe:
-                embed = MFISpikingPatchEncoding(in_dim=C // 2, out_dim=C, neuron=neuron)
-            else:
-                embed = FoldedConv(C // 2, C, kernel_size=2, stride=2, padding=config.grids[s - 1] % 2)
-            blocks = [
-                MixerBlock(
-                    token=MFITokenBlock(dim=C, grid=H, neuron=neuron, identity_bn=not config.spe),
-                    channel=MFIChannelBlock(dim=C, hidden=config.hidden_dim(C), num_tokens=H * H, neuron=neuron),
-                    neuron=neuron,
-                )
-                for _ in range(depth)
-            ]
-            stages.append(Stage(embed=embed, blocks=blocks, neuron=neuron))
-        self.stages = nn.ModuleList(stages)
+        self.stages = build_stages(
+            config, neuron=functools.partial(LIF, **config.neuron.to_dict()), token_block=MFITokenBlock,
+            channel_block=MFIChannelBlock, patch_embed=MFIPatchEmbed, spe_embed=MFISpikingPatchEncoding,
+            downsample=lambda in_dim, out_dim, grid: FoldedConv(in_dim, out_dim, kernel_size=2, stride=2,
+                                                                padding=grid % 2))
         self.head = MFIClassifierHead(dim=config.widths[-1], num_classes=config.num_classes)
         self.requires_grad_(False)
 

@@ -37,7 +37,7 @@ from PIL import Image
 
 from mixersnn.data.idx import FASHION_MNIST_DIR, load_idx_split
 from mixersnn.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, write_manifest
-from mixersnn.data.shard_writer import ENCODINGS, ShardResult, decode_image, encode_image, write_shard
+from mixersnn.data.shard_writer import ENCODINGS, ShardResult, encode_image, write_shard
 
 __all__ = [
     "DEFAULT_SAMPLES_PER_SHARD",

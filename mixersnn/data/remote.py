@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import IO, Any, Optional, Union
+from typing import IO, Any, Union
 
 __all__ = [
     "REMOTE_SCHEMES",

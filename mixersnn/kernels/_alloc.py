@@ -2,25 +2,23 @@
 
 Fresh memory costs more than the arithmetic here. A [T, N] output of 64 MiB is above glibc's
 largest mmap threshold (32 MiB), so every call gets new pages from the kernel: a page fault
-and a zero-fill per 4 KiB on first touch, an munmap on free. Measured on this machine (a
-2-core VM), that was ~140 ms per 64 MiB, more than the LIF kernel itself.
+and a zero-fill per 4 KiB on first touch, an munmap on free: more time than the LIF kernel
+itself takes on such an output (docs/kernels.md).
 
 So large outputs come from a pool, the way PyTorch's CUDA caching allocator serves GPU
 memory: a buffer whose last tensor dies goes back to the pool (a ``weakref.finalize`` on the
 numpy array the tensor's storage holds) and the next output of that size reuses its mapped
 pages. Only the pool's own buffers are recycled, so unlike a process-wide allocator setting
-(glibc's ``M_MMAP_MAX=0`` was tried: small allocations landing in a freed block fragment the
-heap and every large block is mapped afresh anyway) nothing else in the process changes.
+(such as glibc's ``M_MMAP_MAX=0``, which fragments the heap) nothing else in the process
+changes.
 
 - Buffers below 32 MiB are plain ``torch.empty``: glibc reuses such heap memory already.
 - At most :func:`pool_limit` bytes (default 2 GiB, ``MIXERSNN_CPU_POOL_MB``) of *idle*
   buffers are kept; buffers in use are not counted. :func:`empty_cache` drops the idle ones.
 - A new buffer starts on a 2 MiB boundary and gets an ``MADV_HUGEPAGE`` hint before it is
-  touched (2 MiB pages where THP is in "madvise" or "always" mode): its one first touch is ~5x
-  cheaper. The alignment also puts every row of a [T, N] output with N a multiple of 16 on a
-  cache line, as the kernels' non-temporal stores want (numpy's own buffers start 16 bytes
-  into a page; with those the kernels ran 2x slower before they learned to align their
-  chunks themselves).
+  touched (2 MiB pages where THP is in "madvise" or "always" mode), which makes its one
+  first touch cheaper. The alignment also puts every row of a [T, N] output with N a
+  multiple of 16 on a cache line, as the kernels' non-temporal stores want.
 
 The tensors are ordinary CPU tensors (``torch.from_numpy`` views), except that they cannot be
 resized in place (``resize_``), which the backends' outputs never need.

@@ -24,6 +24,7 @@ from typing import Callable, Optional
 
 import torch
 
+from mixersnn._atomic import atomic_path
 from mixersnn.kernels._alloc import empty_like_large
 from mixersnn.kernels._function import run_fused
 from mixersnn.kernels.source import (
@@ -45,7 +46,6 @@ __all__ = [
     "last_level_cache_bytes",
     "stream_threshold",
     "set_stream_threshold",
-    "stream_copy",
 ]
 
 # -ffp-contract=off: no fused multiply-add, so the charge step rounds exactly like the torch
@@ -153,27 +153,13 @@ def _try_load(path: Path, build_id: str) -> Optional[ctypes.CDLL]:
 
 
 def _compile(src: str, cmd: list[str], dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=dest.stem + ".", suffix=".tmp.so", dir=dest.parent)
-    os.close(fd)
-    src_path = Path(tmp[: -len(".tmp.so")] + ".cpp")
-    try:
+    """Compile ``src`` with ``cmd`` into ``dest``, atomically: readers see no file or a whole one."""
+    with atomic_path(dest, suffix=".so") as tmp, tempfile.TemporaryDirectory(dir=dest.parent) as d:
+        src_path = Path(d) / (dest.stem + ".cpp")
         src_path.write_text(src)
-        proc = subprocess.run(
-            [*cmd, str(src_path), "-o", tmp], capture_output=True, text=True, check=False
-        )
+        proc = subprocess.run([*cmd, str(src_path), "-o", str(tmp)], capture_output=True, text=True, check=False)
         if proc.returncode != 0:
-            raise RuntimeError(
-                f"compiling the CPU LIF kernels failed ({' '.join(cmd)}):\n"
-                f"{proc.stderr[-4000:]}"
-            )
-        os.replace(tmp, dest)  # atomic: readers see no file or a whole one
-    finally:
-        for leftover in (tmp, str(src_path)):
-            try:
-                os.unlink(leftover)
-            except FileNotFoundError:
-                pass
+            raise RuntimeError(f"compiling the CPU LIF kernels failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
 
 
 _LOCK = threading.Lock()
@@ -330,6 +316,9 @@ def _check_fp32(**tensors: torch.Tensor) -> None:
             )
 
 
+# ----------------------------------------------------------------------------- benchmark support
+# stream_copy and stream_traffic are the floors benchmarks/lif.py measures the kernels against;
+# they are not part of the API (not in __all__) and nothing in the package calls them.
 def stream_copy(src: torch.Tensor, dst: torch.Tensor) -> None:
     """``dst.copy_(src)`` for contiguous fp32 CPU tensors with non-temporal stores on
     ``torch.get_num_threads()`` threads: the benchmarks' measure of the best copy bandwidth.

@@ -37,16 +37,14 @@
 // stores of arrays whose addresses agree modulo 4 KiB (large tensors are page-aligned, and
 // such a store falsely delays the next row's load), and when a call's outputs are larger than
 // the last-level cache the flush uses non-temporal stores, which skip the read-for-ownership
-// a normal store pays: measured on a 2-vCPU EPYC, the forward pass ran ~45% faster at T=4,
-// N=4M. Below that size normal stores keep the outputs in cache for the next layer, which
-// reads them at once.
+// a normal store pays. Below that size normal stores keep the outputs in cache for the next
+// layer, which reads them at once.
 //
 // Chunks: a time step of a tile is processed in chunks of LIF_CHUNK lanes, each flushed as
 // soon as it is computed. Flushing a whole 4096-lane row at once made the memory system
 // alternate between reading (while the lanes compute) and writing (while the row drains),
 // and the 16 KiB staging rows pushed the tile's state out of L1; chunks interleave reads and
-// writes finely and keep their staging in L1 (measured on the 2-vCPU EPYC, T=4, N=4M,
-// kernels alone in interleaved rounds: forward 13.1 -> 11.6 ms). A chunk also lets a kernel
+// writes finely and keep their staging in L1. A chunk also lets a kernel
 // split its work into passes over the chunk (the backward pass computes the surrogate
 // first): shorter dependency chains per loop, which the out-of-order core overlaps better.
 // On the GPU a tile is one chunk.
@@ -56,17 +54,14 @@
 // buffer that is not 64-byte aligned, or n not a multiple of 16 floats, so row t starts at
 // t * n) would otherwise give every chunk a partial line written by plain stores beside the
 // non-temporal ones, which splits the line in the write-combining buffers and costs a
-// read-for-ownership besides: measured 2-4x slower at N = 4M + 1 and 4M + 4.
+// read-for-ownership besides.
 //
 // Prefetch: each chunk asks for the input lanes LIF_PREFETCH_LANES ahead of it, in this row or
 // at the start of the next row the tile reads (rows are n elements apart, and the hardware
-// prefetchers stop at every 4 KiB page). Measured as above: forward 11.0 -> 9.9 ms, atan
-// backward 11.1 -> 10.4 ms. The GPU hides latency with warps instead (LIF_PREFETCH is empty
-// there).
+// prefetchers stop at every 4 KiB page). The GPU hides latency with warps instead
+// (LIF_PREFETCH is empty there).
 //
-// Together with the first vectorised exp, forward + sigmoid backward went from 32.0 to 26.3 ms
-// (2 threads) and from 54.4 to 45.0 ms (1 thread) against the previous kernels, same run; its
-// base-2 successor (lif_exp2_neg below) took the whole step a further ~11% (see there).
+// What each of these choices was measured to buy is in docs/kernels.md.
 //
 // Everything else (the arithmetic) is shared verbatim between the two targets.
 
@@ -88,14 +83,14 @@ typedef long long lif_index_t;
 
 // 4096 lanes = 16 KiB of fp32 state per tile: still L1-resident beside the streamed rows, and
 // each row segment spans several 4 KiB pages so the hardware prefetchers (which stop at page
-// boundaries) stay ahead; measured 512..8192 on a 2-core EPYC: 4096-8192 best, ~10% over 512.
+// boundaries) stay ahead (docs/kernels.md has the sweep).
 #ifndef LIF_LANES
 #define LIF_LANES 4096
 #endif
 // Below this many elements a parallel region costs more than it saves.
 #define LIF_PARALLEL_MIN_ELEMENTS 16384
 
-// Lanes per chunk (see "Chunks" above): measured on a 2-core EPYC, 64..512 alike, 32 slower. The
+// Lanes per chunk (see "Chunks" above; 64..512 perform alike, 32 is slower). The
 // per-chunk arrays (staging rows, the backward's surrogate) are this long, so they stay in
 // L1 beside the tile's state.
 #ifndef LIF_CHUNK
@@ -130,7 +125,7 @@ static inline int lif_first_chunk_end(const void* out_row, int count) {
   for (int j = (c); j < c##_end; ++j)
 #define LIF_INDEX(tile, j) ((tile) + (j))
 
-// ---- software prefetch (see "Prefetch" above): 128..4096 lanes ahead measured alike.
+// ---- software prefetch (see "Prefetch" above): any distance from 128 to 4096 lanes does.
 #ifndef LIF_PREFETCH_LANES
 #define LIF_PREFETCH_LANES 256
 #endif
@@ -333,11 +328,8 @@ struct lif_host_bf16 {
 // that number's bits into the exponent field gives 2^round(-a) (no round or float-to-int
 // conversion). The clamp to 126 keeps that a normal float (the surrogate is ~0 there either
 // way); it is one min on the positive argument (a clamp of -|x| from below compiled to a
-// compare, a blend and a mask). A NaN stays NaN. Measured on the 2-vCPU EPYC, T=4, N=4M,
-// against the Cody-Waite expf it replaced (degree 6, clamped on both sides): the sigmoid
-// backward kernel alone, both builds interleaved in one process, 13.9 -> 11.8 ms (12.2 -> 9.8
-// ms cache-resident); benchmarks/lif.py's whole step, three alternating runs, 24.9-27.0 ->
-// 22.0-23.6 ms. Only the backward pass calls it, so the exact forward is untouched.
+// compare, a blend and a mask). A NaN stays NaN. Only the backward pass calls it, so the
+// exact forward is untouched.
 #if defined(__FMA__)
 #define LIF_FMA(a, b, c) __builtin_fmaf((a), (b), (c))
 #else

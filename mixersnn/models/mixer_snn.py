@@ -24,7 +24,7 @@ from mixersnn.layers import (
 from mixersnn.models.config import MixerSNNConfig
 from mixersnn.neurons import LIF
 
-__all__ = ["MixerSNN", "MixerBlock", "Stage", "CompiledModel", "compile_model", "compile_unavailable_reason"]
+__all__ = ["MixerSNN", "MixerBlock", "Stage", "build_stages", "CompiledModel", "compile_model", "compile_unavailable_reason"]
 
 #: ``torch.compile`` modes ``compile_model`` accepts (True means "default").
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -66,6 +66,43 @@ class Stage(nn.Module):
         return x
 
 
+def build_stages(
+    config: MixerSNNConfig,
+    *,
+    neuron: NeuronFactory,
+    token_block: Callable[..., nn.Module],
+    channel_block: Callable[..., nn.Module],
+    patch_embed: Callable[..., nn.Module],
+    spe_embed: Callable[..., nn.Module],
+    downsample: Callable[..., nn.Module],
+) -> nn.ModuleList:
+    """The stages of ``config`` from the given layer classes (or factories): stage 0 embeds
+    patches (``in_chans, dim, patch_size``), later stages halve the grid with SPE
+    (``in_dim, out_dim, neuron``) or a strided conv (``in_dim, out_dim, grid``), and each stage
+    holds ``depth`` blocks of ``token_block(dim, grid, neuron, identity_bn)`` and
+    ``channel_block(dim, hidden, num_tokens, neuron)``. The trained model and its folded
+    inference twin (``mixersnn.accounting.MFIMixerSNN``) are both built here, so their module
+    paths match."""
+    stages = []
+    for s, (C, H, depth) in enumerate(zip(config.widths, config.grids, config.depths)):
+        if s == 0:
+            embed = patch_embed(in_chans=config.in_chans, dim=C, patch_size=config.patch_size)
+        elif config.spe:
+            embed = spe_embed(in_dim=C // 2, out_dim=C, neuron=neuron)
+        else:
+            embed = downsample(in_dim=C // 2, out_dim=C, grid=config.grids[s - 1])
+        blocks = [
+            MixerBlock(
+                token=token_block(dim=C, grid=H, neuron=neuron, identity_bn=not config.spe),
+                channel=channel_block(dim=C, hidden=config.hidden_dim(C), num_tokens=H * H, neuron=neuron),
+                neuron=neuron,
+            )
+            for _ in range(depth)
+        ]
+        stages.append(Stage(embed=embed, blocks=blocks, neuron=neuron))
+    return nn.ModuleList(stages)
+
+
 class MixerSNN(nn.Module):
     """Mixer-SNN: images ``[B, C, H, W]`` -> per-step logits ``[T, B, K]``.
 
@@ -78,6 +115,8 @@ class MixerSNN(nn.Module):
         neuron: factory of the spiking nonlinearity; default LIF from ``config.neuron``.
         token_block: token-mixing block class (``dim, grid, neuron, identity_bn`` kwargs).
         channel_block: channel-MLP block class (``dim, hidden, num_tokens, neuron`` kwargs).
+        patch_embed, spe_embed, downsample, head: the embedding, SPE, non-SPE downsampling and
+            classifier classes (see :func:`build_stages`; ``head(dim, num_classes)``).
     """
 
     def __init__(
@@ -87,33 +126,19 @@ class MixerSNN(nn.Module):
         neuron: Optional[NeuronFactory] = None,
         token_block: Type[nn.Module] = SpikingTokenBlock,
         channel_block: Type[nn.Module] = SpikingChannelBlock,
+        patch_embed: Callable[..., nn.Module] = PatchEmbed,
+        spe_embed: Callable[..., nn.Module] = SpikingPatchEncoding,
+        downsample: Callable[..., nn.Module] = ConvDownsample,
+        head: Callable[..., nn.Module] = ClassifierHead,
     ) -> None:
         super().__init__()
         config.validate()
         self.config = config
         if neuron is None:
             neuron = functools.partial(LIF, **config.neuron.to_dict())
-        stages = []
-        for s, (C, H, depth) in enumerate(zip(config.widths, config.grids, config.depths)):
-            if s == 0:
-                embed: nn.Module = PatchEmbed(in_chans=config.in_chans, dim=C, patch_size=config.patch_size)
-            elif config.spe:
-                embed = SpikingPatchEncoding(in_dim=C // 2, out_dim=C, neuron=neuron)
-            else:
-                embed = ConvDownsample(in_dim=C // 2, out_dim=C, grid=config.grids[s - 1])
-            blocks = [
-                MixerBlock(
-                    token=token_block(dim=C, grid=H, neuron=neuron, identity_bn=not config.spe),
-                    channel=channel_block(
-                        dim=C, hidden=config.hidden_dim(C), num_tokens=H * H, neuron=neuron
-                    ),
-                    neuron=neuron,
-                )
-                for _ in range(depth)
-            ]
-            stages.append(Stage(embed=embed, blocks=blocks, neuron=neuron))
-        self.stages = nn.ModuleList(stages)
-        self.head = ClassifierHead(dim=config.widths[-1], num_classes=config.num_classes)
+        self.stages = build_stages(config, neuron=neuron, token_block=token_block, channel_block=channel_block,
+                                   patch_embed=patch_embed, spe_embed=spe_embed, downsample=downsample)
+        self.head = head(dim=config.widths[-1], num_classes=config.num_classes)
 
     @property
     def T(self) -> int:
