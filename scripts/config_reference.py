@@ -220,8 +220,8 @@ def _training_yaml() -> list[str]:
 
 
 def _search_yaml() -> list[str]:
-    from search.config import (ARCH_KEYS, TRAIN_KEYS, Asha, Baseline, Budget, Constraints, Objective, ParamSpec,
-                               SearchConfig, Select)
+    from search.config import (ARCH_KEYS, TRAIN_KEYS, Asha, Baseline, Budget, Constraints, Objective, OneShot,
+                               ParamSpec, Prescreen, SearchConfig, Select)
 
     out = [
         "## Search YAML (`mixersnn search --config`)",
@@ -233,10 +233,11 @@ def _search_yaml() -> list[str]:
         "### Top level",
         "",
         *field_table(SearchConfig, skip=("shape",),
-                     sections=("space", "objective", "budget", "asha", "constraints", "select", "baselines")),
+                     sections=("space", "objective", "budget", "asha", "constraints", "select", "baselines",
+                               "oneshot", "prescreen")),
     ]
     for key, cls in (("objective", Objective), ("budget", Budget), ("asha", Asha), ("constraints", Constraints),
-                     ("select", Select)):
+                     ("select", Select), ("oneshot", OneShot), ("prescreen", Prescreen)):
         out += ["", f"### `{key}:`", "", _md((cls.__doc__ or "").strip().splitlines()[0]), "",
                 *field_table(cls, prefix=f"{key}.")]
     out += [

@@ -19,6 +19,10 @@ A search file has these sections (every one optional; see ``configs/search_fashi
     baselines:   fixed reference models, compared with the Pareto front (list of {model,
                  label, model_overrides, train, estimate_only}): trained as the experiment's
                  first trials with the trials' schedule, or (estimate_only) never trained
+    mode:        trials (each candidate trained, the default) or oneshot (a weight-sharing
+                 supernet trained once, subnets scored on it, finalists retrained)
+    oneshot:     the one-shot mode's supernet space, training, scoring and finalists
+    prescreen:   zero-cost pre-screen of trial candidates (SNASNet's Hamming-kernel score)
 
 Each ``space`` entry is a constant, a list of choices, or ``{low, high[, step][, log]}``.
 Keys left out take defaults that fit the data set's image size (:func:`default_space`).
@@ -43,6 +47,8 @@ __all__ = [
     "Constraints",
     "Select",
     "Baseline",
+    "OneShot",
+    "Prescreen",
     "SearchConfig",
     "DataShape",
     "default_space",
@@ -404,6 +410,68 @@ class Baseline:
 
 
 @dataclass(frozen=True)
+class OneShot:
+    """The one-shot mode (``mode: oneshot``, :mod:`search.oneshot`): a weight-sharing supernet
+    is trained once (sandwich rule, through Ray Train), its subnets are scored in seconds each
+    (BatchNorm recalibrated on training images, accuracy on held-out training shards, energy
+    from measured firing rates) by Optuna's samplers with evaluations fanned out as Ray tasks,
+    and the front's finalists are retrained stand-alone as the search's trials.
+
+    Attributes:
+        space: the supernet's choices (:class:`mixersnn.models.SupernetSpace`): ``embed_dims``
+            (stage-1 widths; multiples of 3 with SPE), ``depths`` (per stage, the block
+            counts allowed), ``mlp_ratios``, ``Ts``. Patch size and SPE come from ``base_model``.
+        train: TrainConfig fields of the supernet run, over the search's ``train:`` (e.g.
+            ``time_budget_s``, ``epochs``, ``lr``, ``sandwich_random``).
+        holdout_shards: the last N shards of the training split: the supernet never trains on
+            them and subnets are ranked on them (the test split is never used for selection).
+        calib_images: training images that re-estimate each subnet's BatchNorm statistics.
+        eval_images: held-out images each subnet is scored on; None: every held-out image.
+        num_evals: subnets the sampler proposes and scores.
+        parallel: evaluations in flight at once, each a Ray task.
+        cpus_per_eval: CPUs each evaluation task reserves.
+        finalists: subnets of the scored front retrained stand-alone (spread along the front).
+        finalist_train: TrainConfig fields of each finalist's retraining, over ``train:``.
+    """
+
+    space: dict[str, Any] = field(default_factory=lambda: {
+        "embed_dims": [12, 18, 24], "depths": [[1], [1], [1, 2], [1]], "mlp_ratios": [2, 3], "Ts": [1, 2, 3]})
+    train: dict[str, Any] = field(default_factory=dict)
+    holdout_shards: int = 1
+    calib_images: int = 512
+    eval_images: Optional[int] = 2000
+    num_evals: int = 120
+    parallel: int = 2
+    cpus_per_eval: float = 1.0
+    finalists: int = 3
+    finalist_train: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Prescreen:
+    """Zero-cost pre-screen of the trial mode's candidates (:mod:`mixersnn.accounting.zero_cost`).
+
+    Each proposed candidate is scored before it trains by SNASNet's sparsity-aware
+    Hamming-kernel score (one batch through the untrained network, no training); a candidate
+    scoring in the lowest ``drop_fraction`` of the candidates scored so far never trains
+    (its run is recorded as ``screened``). The report gives the score's rank correlation
+    with trained accuracy on the search's own trials, so users see whether it helps on their
+    data.
+
+    Attributes:
+        enabled: score and screen candidates.
+        drop_fraction: share of candidates, by score, that never train, in [0, 1).
+        warmup: candidates scored (and all trained) before screening starts.
+        batch_size: training images in the scoring batch.
+    """
+
+    enabled: bool = False
+    drop_fraction: float = 0.3
+    warmup: int = 4
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
 class SearchConfig:
     """One search, read from YAML (:func:`load_search_config`).
 
@@ -424,6 +492,10 @@ class SearchConfig:
         shape: image size, channels and classes of the data.
         baselines: reference models, trained as the search's first trials or estimated only
             (see :class:`Baseline`).
+        mode: "trials" (every candidate trains; successive halving) or "oneshot" (see
+            :class:`OneShot`).
+        oneshot: the one-shot mode's settings.
+        prescreen: the zero-cost pre-screen (see :class:`Prescreen`).
     """
 
     name: str = "search"
@@ -443,6 +515,9 @@ class SearchConfig:
     scale: dict[str, Any] = field(default_factory=dict)
     shape: DataShape = field(default_factory=lambda: DataShape(28, 1, 10))
     baselines: tuple[Baseline, ...] = ()
+    mode: str = "trials"
+    oneshot: OneShot = field(default_factory=OneShot)
+    prescreen: Prescreen = field(default_factory=Prescreen)
 
     def search_dir(self) -> Path:
         return Path(self.storage_path).resolve() / self.name
@@ -468,6 +543,7 @@ class SearchConfig:
             "select": asdict(self.select), "space": self.space.to_yaml(),
             "train": dict(self.train), "scale": dict(self.scale),
             "baselines": [b.to_dict() for b in self.baselines],
+            "mode": self.mode, "oneshot": asdict(self.oneshot), "prescreen": asdict(self.prescreen),
         }
 
     def replace_budget(self, **kw: Any) -> "SearchConfig":
@@ -596,6 +672,59 @@ def _validate(cfg: SearchConfig) -> None:
     _validate_space(cfg)
     _validate_baselines(cfg)
     _validate_reachable(cfg)
+    _validate_prescreen(cfg.prescreen)
+    _check(cfg.mode in ("trials", "oneshot"),
+           f"mode={cfg.mode!r} must be 'trials' (each candidate trained) or 'oneshot' (a supernet trained once)")
+    if cfg.mode == "oneshot":
+        _validate_oneshot(cfg)
+
+
+def _validate_prescreen(p: Prescreen) -> None:
+    _check(isinstance(p.enabled, bool), f"prescreen.enabled={p.enabled!r} must be true or false")
+    _check(not isinstance(p.drop_fraction, bool) and isinstance(p.drop_fraction, (int, float))
+           and 0 <= p.drop_fraction < 1,
+           f"prescreen.drop_fraction={p.drop_fraction!r} must be in [0, 1) (0.3: the lowest-scoring 30% never train)")
+    for name in ("warmup", "batch_size"):
+        v = getattr(p, name)
+        lo = 0 if name == "warmup" else 2
+        _check(isinstance(v, int) and not isinstance(v, bool) and v >= lo,
+               f"prescreen.{name}={v!r} must be an integer >= {lo}"
+               + (" (the score's kernel compares images pairwise)" if name == "batch_size" else ""))
+
+
+def _validate_oneshot(cfg: SearchConfig) -> None:
+    """``oneshot:``: a supernet space that fits the base model and the data, training fields
+    TrainConfig accepts, and positive counts."""
+    from mixersnn.models import model_config
+    from mixersnn.models.supernet import SupernetSpace
+    from trainers.config import TrainConfig
+
+    o = cfg.oneshot
+    _check(isinstance(o.space, dict), f"oneshot.space={o.space!r} must be a mapping of embed_dims, depths, mlp_ratios, Ts")
+    base = model_config(cfg.base_model, img_size=cfg.shape.img_size, in_chans=cfg.shape.in_chans,
+                        num_classes=cfg.shape.num_classes)
+    try:
+        SupernetSpace.from_dict(o.space).validate(base)
+    except ConfigError as err:
+        raise ConfigError(f"oneshot.space: {err}") from None
+    for name in ("train", "finalist_train"):
+        d = getattr(o, name)
+        _check(isinstance(d, dict), f"oneshot.{name}={d!r} must be a mapping of training fields")
+        owned = sorted(set(d) & (_owned(cfg) | {"supernet", "holdout_shards"}))
+        _check(not owned, f"oneshot.{name}: {owned} are set by the search; remove them")
+        try:
+            TrainConfig.from_dict({**cfg.train, **d, "model": cfg.base_model, "data": cfg.data,
+                                   "model_overrides": {"img_size": cfg.shape.img_size, "in_chans": cfg.shape.in_chans,
+                                                       "num_classes": cfg.shape.num_classes}})
+        except ConfigError as err:
+            raise ConfigError(f"oneshot.{name}: {err}") from None
+    for name, lo in (("holdout_shards", 1), ("calib_images", 1), ("num_evals", 1), ("parallel", 1), ("finalists", 1)):
+        v = getattr(o, name)
+        _check(isinstance(v, int) and not isinstance(v, bool) and v >= lo, f"oneshot.{name}={v!r} must be an integer >= {lo}")
+    _check(o.eval_images is None or (isinstance(o.eval_images, int) and o.eval_images >= 1),
+           f"oneshot.eval_images={o.eval_images!r} must be an integer >= 1, or null for every held-out image")
+    _check(not isinstance(o.cpus_per_eval, bool) and isinstance(o.cpus_per_eval, (int, float)) and o.cpus_per_eval > 0,
+           f"oneshot.cpus_per_eval={o.cpus_per_eval!r} must be > 0 (fractions like 0.5 are fine)")
 
 
 def _validate_objective(o: Objective) -> None:
@@ -647,11 +776,17 @@ def _validate_select(s: Select) -> None:
         parse_member(entry, f"select.scale_family[{i}]")  # raises ConfigError naming the entry and the fix
 
 
+def _owned(cfg: SearchConfig) -> set[str]:
+    """TrainConfig fields the search sets itself: in the one-shot mode, which samples no
+    hyperparameters, ``lr``, ``batch_size``, ... are the file's to fix."""
+    return _SEARCH_OWNED - set(TRAIN_KEYS) if cfg.mode == "oneshot" else _SEARCH_OWNED
+
+
 def _validate_train(cfg: SearchConfig) -> None:
     """``train:``: fixed fields only (the search owns the sampled and tracking ones), valid for TrainConfig."""
     from trainers.config import TrainConfig
 
-    owned = sorted(set(cfg.train) & _SEARCH_OWNED)
+    owned = sorted(set(cfg.train) & _owned(cfg))
     _check(not owned, f"train: {owned} are set by the search (sample them under 'space:' or set them at the top level)")
     try:
         TrainConfig.from_dict({**cfg.train, "model": cfg.base_model, "data": cfg.data,
@@ -795,10 +930,14 @@ def load_search_config(path: Union[str, Path, None] = None, **overrides: Any) ->
             raise ConfigError(f"{where} must hold a mapping, got {type(raw).__name__}")
     raw.update({k: v for k, v in overrides.items() if v is not None})
     top = {"name", "experiment", "data", "tracking_uri", "storage_path", "base_model", "seed", "space",
-           "objective", "budget", "asha", "constraints", "select", "train", "scale", "baselines"}
+           "objective", "budget", "asha", "constraints", "select", "train", "scale", "baselines", "mode", "oneshot",
+           "prescreen"}
     unknown = sorted(set(raw) - top)
     if unknown:
         raise ConfigError(f"{where}: unknown top-level keys {unknown}; valid: {sorted(top)}")
+    if raw.get("mode") == "oneshot" and raw.get("space"):
+        raise ConfigError(f"{where}: 'space:' is the trial mode's; a one-shot search's choices are 'oneshot: space:' "
+                          f"(embed_dims, depths, mlp_ratios, Ts) and its hyperparameters are fixed under 'train:'")
     data = str(raw.get("data", "fashion-mnist"))
     shape = data_shape(data)
     space_raw = raw.get("space") or {}
@@ -843,6 +982,9 @@ def load_search_config(path: Union[str, Path, None] = None, **overrides: Any) ->
         scale=scale,
         shape=shape,
         baselines=_baselines(raw.get("baselines"), where),
+        mode=str(raw.get("mode", "trials")),
+        oneshot=_section(raw, "oneshot", OneShot, where),
+        prescreen=_section(raw, "prescreen", Prescreen, where),
     )
     _validate(cfg)
     return cfg

@@ -77,6 +77,15 @@ class TrainConfig:
             ("reduce-overhead": CUDA graphs, for CUDA runs). Evaluation stays eager. Needs a
             C++ compiler on CPU, Triton on CUDA: where these are missing the run stops at once
             with the reason. Costs a compile of minutes on a small CPU; docs/benchmarks.md.
+        supernet: train a weight-sharing supernet instead of one model: the choices of a
+            :class:`mixersnn.models.SupernetSpace` (``embed_dims``, ``depths`` per stage,
+            ``mlp_ratios``, ``Ts``) around ``model`` (which fixes patch size, SPE and neuron).
+            Each step follows the sandwich rule: the largest subnet learns from the labels,
+            the smallest and ``sandwich_random`` random subnets from the largest's
+            predictions (in-place distillation). None: an ordinary run.
+        sandwich_random: random subnets per supernet step (besides largest and smallest).
+        holdout_shards: hold out the last N shards of the training split: the run never trains
+            on them (the one-shot search ranks subnets there, not on the test split).
     """
 
     model: str = "mlp_spe_t"
@@ -112,6 +121,9 @@ class TrainConfig:
     log_model: bool = True
     measure_energy: bool = True
     compile: Union[bool, str] = False
+    supernet: Optional[dict[str, Any]] = None
+    sandwich_random: int = 2
+    holdout_shards: int = 0
 
     def __post_init__(self) -> None:
         # YAML booleans stay valid: true is "auto" (crops, flips where the data allows), false "none".
@@ -158,6 +170,19 @@ class TrainConfig:
             check(v is None or (isinstance(v, int) and v >= 1), f"{name}={v!r} must be an integer >= 1 or None")
         check(self.time_budget_s is None or self.time_budget_s > 0, f"time_budget_s={self.time_budget_s} must be > 0 or None")
         check(isinstance(self.model_overrides, dict), f"model_overrides={self.model_overrides!r} must be a mapping")
+        check(isinstance(self.sandwich_random, int) and self.sandwich_random >= 0,
+              f"sandwich_random={self.sandwich_random!r} must be an integer >= 0 (random subnets per supernet step)")
+        check(isinstance(self.holdout_shards, int) and self.holdout_shards >= 0,
+              f"holdout_shards={self.holdout_shards!r} must be an integer >= 0 (0: train on every shard)")
+        if self.supernet is not None:
+            check(not self.compile, f"compile={self.compile!r} with a supernet: subnets change shape every step, "
+                                    f"which torch.compile would recompile each time; set compile: false")
+            from mixersnn.models import model_config
+            from mixersnn.models.supernet import SupernetSpace
+
+            check(isinstance(self.supernet, dict), f"supernet={self.supernet!r} must be a mapping of the space's "
+                                                   f"choices (embed_dims, depths, mlp_ratios, Ts)")
+            SupernetSpace.from_dict(self.supernet).validate(model_config(self.model, **self._model_overrides_for_check()))
         # The model config validates itself (widths, grids, T, neuron), with the same messages
         # the model library gives; catch a bad architecture here, before any worker starts.
         from mixersnn.models import model_config

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import random
 import shutil
 import tempfile
 import time
@@ -341,7 +342,7 @@ def build_loaders(cfg: TrainConfig, spec: DataSpec, img_size: int, ctx: WorkerCo
 
     eval_tf = eval_preset(img_size, source_size=spec.img_size)
     common = dict(num_workers=cfg.data_workers, rank=ctx.rank, world_size=ctx.world_size)
-    train = build_loader(spec.train, batch_size=cfg.batch_size, train=True, seed=cfg.seed,
+    train = build_loader(train_source(spec, cfg.holdout_shards), batch_size=cfg.batch_size, train=True, seed=cfg.seed,
                          transform=augment_preset(cfg.augment, img_size, flip_safe=spec.flip_safe,
                                                   source_size=spec.img_size), **common)
     evaluation = build_loader(spec.eval, batch_size=cfg.eval_batch_size, train=False, transform=eval_tf, **common)
@@ -356,6 +357,22 @@ def build_loaders(cfg: TrainConfig, spec: DataSpec, img_size: int, ctx: WorkerCo
     reads = {id(train): cfg.epochs * per_epoch, id(evaluation): cfg.epochs * evals * cfg.eval_batch_size}
     return tuple(MemoryLoader(ld) if is_cached(ld) or reads[id(ld)] >= ld.num_samples else ld  # type: ignore[return-value]
                  for ld in (train, evaluation))
+
+
+def train_source(spec: DataSpec, holdout_shards: int) -> Any:
+    """The training split, less its last ``holdout_shards`` shards (``Manifest.holdout``)."""
+    if not holdout_shards:
+        return spec.train
+    from mixersnn.data import read_manifest
+
+    return read_manifest(spec.train).holdout(holdout_shards)[0]
+
+
+def holdout_source(spec: DataSpec, holdout_shards: int) -> Any:
+    """The held-out last ``holdout_shards`` shards of the training split."""
+    from mixersnn.data import read_manifest
+
+    return read_manifest(spec.train).holdout(holdout_shards)[1]
 
 
 def epoch_steps(cfg: TrainConfig, batches: int, world_size: int) -> int:
@@ -375,7 +392,7 @@ class _Run:
     """What one rank trains with: built by :func:`_setup`, advanced by the epoch loop."""
 
     spec: DataSpec
-    model: MixerSNN
+    model: nn.Module  # a MixerSNN, or a MixerSNNSupernet (cfg.supernet)
     ddp_model: nn.Module  # what evaluation calls
     step_model: nn.Module  # what the training step calls: ddp_model, compiled when asked
     train_loader: Any
@@ -426,7 +443,9 @@ def _setup(cfg: TrainConfig, ctx: WorkerContext) -> _Run:
     spec = resolve_data(cfg.data)
     overrides = {"img_size": spec.img_size, "in_chans": spec.in_chans, "num_classes": spec.num_classes}
     overrides.update(cfg.model_overrides)
-    model = create_model(cfg.model, **overrides).to(device)
+    model = _build_model(cfg, overrides).to(device)
+    if cfg.supernet is not None:
+        _broadcast_from_rank0(model)
 
     train_loader, eval_loader = build_loaders(cfg, spec, model.config.img_size, ctx)
     steps_per_epoch = epoch_steps(cfg, len(train_loader), ctx.world_size)
@@ -448,10 +467,14 @@ def _setup(cfg: TrainConfig, ctx: WorkerContext) -> _Run:
     run = _Run(spec=spec, model=model, ddp_model=model, step_model=model, train_loader=train_loader,
                eval_loader=eval_loader, steps_per_epoch=steps_per_epoch, opt=opt, sched=sched, scaler=scaler,
                clock=clock, autocast=autocast, gen=torch.Generator().manual_seed(cfg.seed * 1000 + ctx.rank),
-               meter=_energy_meter(model) if cfg.measure_energy else None)
+               # A supernet's subnets run through per-subnet templates the meter cannot hook;
+               # the one-shot search measures each subnet it scores instead.
+               meter=_energy_meter(model) if cfg.measure_energy and cfg.supernet is None else None)
     if state is not None:
         _resume(run, state, ctx)
-    run.ddp_model = ctx.wrap_model(model)
+    # A supernet is not wrapped for DDP: each step runs several subnets, each using part of
+    # the weights, and _sandwich_step averages the accumulated gradients over ranks itself.
+    run.ddp_model = ctx.wrap_model(model) if cfg.supernet is None else model
     # Evaluation stays eager: its eval-mode graph would be a second compile.
     run.step_model = (compile_model(run.ddp_model, mode=cfg.compile, device_type=device.type)
                       if cfg.compile else run.ddp_model)  # fmt: skip
@@ -461,6 +484,7 @@ def _setup(cfg: TrainConfig, ctx: WorkerContext) -> _Run:
                 {**{f"train.{k}": v for k, v in cfg.to_dict().items() if k != "model_overrides"},
                  **{f"model.{k}": v for k, v in model.config.to_dict().items()},
                  "model.num_params": sum(p.numel() for p in model.parameters()),
+                 **({"supernet.subnets": model.space.size()} if cfg.supernet is not None else {}),
                  "scale.world_size": ctx.world_size}
             )
         # Epochs this run has already logged. An epoch's metrics go to MLflow before its
@@ -500,7 +524,8 @@ def _train_epoch(run: _Run, cfg: TrainConfig, ctx: WorkerContext, epoch: int) ->
             out_of_time = True
             break
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        loss, logits = _train_step(run, cfg, x, y, epoch, step)
+        step_fn = _train_step if cfg.supernet is None else _sandwich_step
+        loss, logits = step_fn(run, cfg, x, y, epoch, step)
         loss_sum += float(loss.detach()) * y.shape[0]
         correct += float((logits.argmax(1) == y).sum())
         seen += y.shape[0]
@@ -534,6 +559,90 @@ def _train_step(run: _Run, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor, e
     run.scaler.update()
     run.sched.step()
     return loss, logits
+
+
+def _sandwich_step(run: _Run, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor, epoch: int,
+                   step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One supernet step by the sandwich rule (BigNAS, Yu et al. 2020): the largest subnet
+    learns from the labels, then the smallest and ``cfg.sandwich_random`` random subnets from
+    the largest's predictions (in-place distillation); their gradients accumulate into one
+    optimiser step. Every subnet's backward runs before the next forward, so memory is that of
+    one subnet. Returns the largest subnet's loss and logits.
+
+    Only the largest subnet updates BatchNorm running statistics, so the per-epoch evaluation
+    (of the largest) is on its own statistics; subnets are scored after recalibration. Over
+    several ranks the subnets are the same on every rank (drawn from the step's seed) and the
+    gradients are averaged here, not by DDP (which expects every weight used once per step).
+    """
+    supernet = run.model
+    targets = soft_targets(y, run.spec.num_classes, cfg.label_smoothing)
+    x, targets = mix_batch(x, targets, cfg, run.gen)
+    rng = random.Random(f"{cfg.seed}:{epoch}:{step}")
+    space = supernet.space  # type: ignore[attr-defined]
+    specs = [space.largest(), space.smallest()] + [space.sample(rng) for _ in range(cfg.sandwich_random)]
+    run.opt.zero_grad(set_to_none=True)
+    teacher: Optional[torch.Tensor] = None
+    first: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+    for i, spec in enumerate(specs):
+        with torch.autocast(x.device.type, dtype=run.autocast, enabled=run.autocast is not None):
+            logits = supernet(x, spec, update_bn_stats=i == 0).float().mean(0)
+            soft = targets if teacher is None else teacher
+            loss = torch.sum(-soft * F.log_softmax(logits, dim=1), dim=1).mean()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"loss of subnet {spec} is {float(loss.detach())} at epoch {epoch} step {step}; lower lr "
+                f"(now {run.sched.get_last_lr()[0]:.3g}) or turn on grad_clip"
+            )
+        run.scaler.scale(loss).backward()
+        if teacher is None:
+            teacher = F.softmax(logits.detach(), dim=1)
+            first = (loss, logits)
+    _average_gradients(supernet)
+    if cfg.grad_clip is not None:
+        run.scaler.unscale_(run.opt)
+        torch.nn.utils.clip_grad_norm_(supernet.parameters(), cfg.grad_clip)
+    run.scaler.step(run.opt)
+    run.scaler.update()
+    run.sched.step()
+    assert first is not None
+    return first
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _broadcast_from_rank0(model: nn.Module) -> None:
+    """Make every rank start from rank 0's weights and statistics (what DDP does on wrapping)."""
+    if not _distributed():
+        return
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            dist.broadcast(t.data, src=0)
+
+
+def _average_gradients(model: nn.Module) -> None:
+    """Average the accumulated gradients over ranks in one flat all-reduce."""
+    if not _distributed():
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for g, avg in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+        g.copy_(avg)
+
+
+def _build_model(cfg: TrainConfig, overrides: dict[str, Any]) -> nn.Module:
+    """``cfg.model`` with ``overrides``, or the supernet over ``cfg.supernet`` around it."""
+    if cfg.supernet is None:
+        return create_model(cfg.model, **overrides)
+    from mixersnn.models import model_config
+    from mixersnn.models.supernet import MixerSNNSupernet, SupernetSpace
+
+    return MixerSNNSupernet(model_config(cfg.model, **overrides), SupernetSpace.from_dict(cfg.supernet))
 
 
 def _epoch_metrics(run: _Run, cfg: TrainConfig, epoch: int, totals: list[float], epoch_time: float, *,
@@ -582,6 +691,7 @@ def _checkpoint_and_report(run: _Run, cfg: TrainConfig, ctx: WorkerContext, epoc
                 "config": run.model.config.to_dict(),
                 "model_name": cfg.model,
                 "model": run.model.state_dict(),
+                "supernet": cfg.supernet,
                 "optimizer": run.opt.state_dict(),
                 "scheduler": run.sched.state_dict(),
                 "scaler": run.scaler.state_dict(),
@@ -623,10 +733,12 @@ def _log_final_model(
         path = Path(d) / "model.pt"
         atomic_torch_save(
             {"format": CHECKPOINT_FORMAT, "config": model.config.to_dict(), "model_name": cfg.model,
-             "model": model.state_dict(), "metrics": metrics},
+             "model": model.state_dict(), "supernet": cfg.supernet, "metrics": metrics},
             path,
         )
         tracker.log_artifact(str(path), "model")
-    report = mfi_report(model, sample)
+    # A supernet is logged whole (load it with trainers.loop.load_supernet); its MFI check is
+    # that of its largest subnet, a stand-alone MixerSNN.
+    report = mfi_report(model.extract() if cfg.supernet is not None else model, sample)
     tracker.log_dict(report, "model/mfi_report.json")
     tracker.set_tags({"mixersnn.mfi_ok": report.get("ok")})

@@ -606,8 +606,10 @@ def _shards_of(source: Union[str, Path, Manifest, Sequence[str]],
     """Shard URLs, their sample counts and the manifest (None for bare URLs without one) of
     a ``build_loader`` source."""
     if isinstance(source, Manifest):
-        manifest = read_manifest(source.root, verify=verify) if source.root is not None else source  # type: ignore[arg-type]
-        return manifest.shard_urls(), [s.num_samples for s in manifest.shards], manifest
+        # A Manifest may be part of a split (Manifest.holdout): its own shards are the source.
+        if verify and source.root is not None:
+            read_manifest(source.root, verify=True)  # type: ignore[arg-type]
+        return source.shard_urls(), [s.num_samples for s in source.shards], source
     if isinstance(source, Path) or (
         isinstance(source, str)
         and (

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -131,6 +131,31 @@ class Manifest:
 
             return [remote.join(self.root, s.name) for s in self.shards]
         return [str(p) for p in self.shard_paths()]
+
+    def holdout(self, num_shards: int) -> tuple["Manifest", "Manifest"]:
+        """Split off the last ``num_shards`` shards as a held-out part of this split.
+
+        Returns ``(rest, held_out)``, two manifests over the same root (nothing is written;
+        ``held_out.split`` is ``"<split>-holdout"``). Shards are the unit, so the split works
+        alike for local and object-store data and for any number of ranks; the shards of a
+        split made by ``mixersnn data make-shards`` are shuffled, so the last ones are a random
+        sample. The one-shot search trains its supernet on ``rest`` and ranks subnets on
+        ``held_out``, never on the test split.
+
+        Raises:
+            ManifestError: ``num_shards`` is not in ``[1, len(shards) - 1]``.
+        """
+        n = len(self.shards)
+        if not isinstance(num_shards, int) or isinstance(num_shards, bool) or not 1 <= num_shards < n:
+            raise ManifestError(
+                f"holdout of {num_shards!r} shard(s) from the {n}-shard split {self.split!r}: allowed 1 to "
+                f"{n - 1} (some shards must stay for training); make more, smaller shards with "
+                f"`mixersnn data make-shards --samples-per-shard N` to hold out a finer share"
+            )
+        rest, held = self.shards[: n - num_shards], self.shards[n - num_shards:]
+        return (replace(self, shards=rest, num_samples=sum(s.num_samples for s in rest)),
+                replace(self, split=f"{self.split}-holdout", shards=held,
+                        num_samples=sum(s.num_samples for s in held)))
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object written to ``manifest.json`` (no ``root``)."""

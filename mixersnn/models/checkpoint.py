@@ -17,7 +17,7 @@ from mixersnn._atomic import atomic_path
 from mixersnn.models.config import MixerSNNConfig
 from mixersnn.models.mixer_snn import MixerSNN
 
-__all__ = ["CHECKPOINT_FORMAT", "save_checkpoint", "load_checkpoint", "load_model", "atomic_torch_save"]
+__all__ = ["CHECKPOINT_FORMAT", "save_checkpoint", "load_checkpoint", "load_model", "load_supernet", "atomic_torch_save"]
 
 CHECKPOINT_FORMAT = "mixersnn-checkpoint/1"
 
@@ -73,7 +73,27 @@ def load_model(path: Union[str, Path], *, map_location: Union[str, torch.device]
         **neuron_overrides: e.g. ``backend="torch"``, applied to the stored config.
     """
     obj = load_checkpoint(path, map_location=map_location)
+    if obj.get("supernet"):
+        raise ValueError(
+            f"{path} holds a supernet (a one-shot search's shared weights), not one model; load it "
+            f"with mixersnn.models.load_supernet and take a subnet with .extract(spec)"
+        )
     cfg = MixerSNNConfig.from_dict(obj["config"]).replace(**neuron_overrides)
     model = MixerSNN(cfg)
     model.load_state_dict(obj["model"])
     return model
+
+
+def load_supernet(path: Union[str, Path], *, map_location: Union[str, torch.device] = "cpu",
+                  **neuron_overrides: Any) -> Any:  # fmt: skip
+    """Rebuild the :class:`~mixersnn.models.supernet.MixerSNNSupernet` of a supernet training
+    run's checkpoint (``train.supernet`` set) and load its weights (strictly)."""
+    from mixersnn.models.supernet import MixerSNNSupernet, SupernetSpace
+
+    obj = load_checkpoint(path, map_location=map_location)
+    if not obj.get("supernet"):
+        raise ValueError(f"{path} holds one model, not a supernet; load it with mixersnn.models.load_model")
+    base = MixerSNNConfig.from_dict(obj["config"]).replace(**neuron_overrides)
+    supernet = MixerSNNSupernet(base, SupernetSpace.from_dict(obj["supernet"]))
+    supernet.load_state_dict(obj["model"])
+    return supernet
