@@ -100,8 +100,15 @@ def run(args: argparse.Namespace) -> int:
     if args.verbose:
         kw["log_to_driver"] = True
     try:
-        res = run_search(cfg, resume=args.resume, ray_init_kwargs=kw, quiet=args.quiet or args.json,
-                         register=not args.no_register, system_metrics=args.system_metrics)
+        if cfg.mode == "oneshot":
+            from search.oneshot import run_oneshot
+
+            res = run_oneshot(cfg, resume=args.resume, ray_init_kwargs=kw, register=not args.no_register,
+                              system_metrics=args.system_metrics,
+                              log=(lambda s: None) if args.json else print)  # fmt: skip
+        else:
+            res = run_search(cfg, resume=args.resume, ray_init_kwargs=kw, quiet=args.quiet or args.json,
+                             register=not args.no_register, system_metrics=args.system_metrics)
     except SearchExistsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

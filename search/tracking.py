@@ -126,6 +126,8 @@ def collect_trials(uri: str, parent_run_id: str) -> list[TrialRow]:
                               filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=5000)
     rows = []
     for r in runs:
+        if r.data.tags.get("mixersnn.kind") == "supernet":
+            continue  # a one-shot search's shared weights (search.oneshot), not a candidate
         m, t, p = r.data.metrics, r.data.tags, r.data.params
         status = t.get(STATUS_TAG, "running")
         # Measured energy; before training, the estimate (an estimate-only baseline: the

@@ -23,6 +23,7 @@ from mixersnn.accounting.ops import (
     dense_op_counts,
     model_size,
 )
+from mixersnn.accounting.zero_cost import hamming_kernel, hamming_score, rank_correlation, score_config
 
 __all__ = [
     "CLASSIFIER",
@@ -45,9 +46,13 @@ __all__ = [
     "dense_op_counts",
     "energy_report",
     "fold_mfi",
+    "hamming_kernel",
+    "hamming_score",
     "load_mfi",
     "measure_energy",
     "model_size",
+    "rank_correlation",
     "runtime_ops",
     "save_mfi",
+    "score_config",
 ]
