@@ -20,6 +20,9 @@ Measured, not asserted. In one run:
     .venv/bin/python benchmarks/oneshot.py --budget-min 60 --compare-config configs/search_fashion_mnist_60min.yaml
     .venv/bin/python benchmarks/oneshot.py --compare-search fmnist-demo --compare-tracking-uri sqlite:///mlflow.db
     .venv/bin/python benchmarks/oneshot.py --smoke      # a minute of each part, for CI
+    # parts 2 and 3 for a one-shot search already run (by `mixersnn search --config ...`)
+    .venv/bin/python benchmarks/oneshot.py --oneshot-tracking-uri sqlite:////path/mlflow.db \
+        --compare-search fmnist-demo --compare-tracking-uri sqlite:////other/mlflow.db
 """
 
 from __future__ import annotations
@@ -125,6 +128,31 @@ def _trial_front(uri: str, experiment: str, name: str) -> list[tuple[float, floa
     return [(r.test_acc, r.energy_uj) for r in pareto_front(rows)]
 
 
+def _finished_oneshot(uri: str, cfg: Any) -> tuple[list[Any], list[tuple[float, float]], dict[str, Any]]:
+    """The scores (from the parent run's ``search/oneshot_scores.csv``), the finalists' (test
+    accuracy, energy) and the parent's metrics of the newest one-shot search named ``cfg.name``."""
+    import csv
+
+    from search.oneshot import Score
+    from search.tracking import collect_trials, find_search_runs
+    from trainers.tracking import mlflow_client
+
+    runs = find_search_runs(uri, cfg.experiment, cfg.name)
+    if not runs:
+        raise SystemExit(f"no search named {cfg.name!r} in experiment {cfg.experiment!r} at {uri}")
+    parent = runs[0].info.run_id
+    with tempfile.TemporaryDirectory() as d:
+        text = Path(mlflow_client(uri).download_artifacts(parent, "search/oneshot_scores.csv", d)).read_text()
+    scores = [Score(spec={"embed_dim": int(r["embed_dim"]), "depths": [int(x) for x in r["depths"].split("-")],
+                          "mlp_ratio": float(r["mlp_ratio"]), "T": int(r["T"])},
+                    acc=float(r["heldout_acc"]), energy_uj=float(r["energy_uj"]), num_params=int(r["num_params"]),
+                    firing_rate=float(r["firing_rate"]), seconds=float(r["seconds"]), number=int(r["number"]))
+              for r in csv.DictReader(text.splitlines())]
+    rows = collect_trials(uri, parent)
+    finalists = [(r.test_acc, r.energy_uj) for r in rows if r.scored and not r.is_baseline]
+    return scores, finalists, dict(runs[0].data.metrics)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(REPO / "configs/search_oneshot_fashion_mnist.yaml"))
@@ -135,6 +163,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--compare-search", default=None, help="a finished trial-mode search (by name) to compare with")
     p.add_argument("--compare-experiment", default="mixersnn-search")
     p.add_argument("--compare-tracking-uri", default=None)
+    p.add_argument("--oneshot-tracking-uri", default=None,
+                   help="take the finished one-shot search of --config's name from this MLflow store instead of running it")
     p.add_argument("--root", default=None, help="folder for the runs and the MLflow store (default: a temporary one)")
     p.add_argument("--json", default=None, help="write the figures here")
     p.add_argument("--smoke", action="store_true", help="tiny budgets: checks the script runs")
@@ -153,16 +183,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     cfg = _rescale(cfg, args.budget_min, args.smoke)
     out: dict[str, Any] = {"config": args.config, "budget_min": args.budget_min, "smoke": args.smoke}
 
-    t0 = time.time()
-    res = run_oneshot(cfg, register=False)
-    out["oneshot_wall_s"] = time.time() - t0
-    out["oneshot_summary"] = res.summary
-    import optuna
+    if args.oneshot_tracking_uri:
+        scores, finalists, out["oneshot_summary"] = _finished_oneshot(args.oneshot_tracking_uri, cfg)
+        out["oneshot_wall_s"] = out["oneshot_summary"].get("search_wall_s")
+    else:
+        t0 = time.time()
+        res = run_oneshot(cfg, register=False)
+        out["oneshot_wall_s"] = time.time() - t0
+        out["oneshot_summary"] = res.summary
+        import optuna
 
-    study = optuna.load_study(study_name=f"{cfg.name}-oneshot", storage=cfg.optuna_storage())
-    stages = len(cfg.oneshot.space["depths"])
-    scores = [_score_of(t, stages) for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))]
-    finalists = [(r.test_acc, r.energy_uj) for r in res.rows if r.scored and not r.is_baseline]
+        study = optuna.load_study(study_name=f"{cfg.name}-oneshot", storage=cfg.optuna_storage())
+        stages = len(cfg.oneshot.space["depths"])
+        scores = [_score_of(t, stages) for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))]
+        finalists = [(r.test_acc, r.energy_uj) for r in res.rows if r.scored and not r.is_baseline]
     out["oneshot_front"] = finalists
 
     n = 3 if args.smoke else args.tau_subnets
@@ -190,8 +224,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         out["trial_front"] = trial_front
         out["fronts"] = compare_fronts(finalists, trial_front)  # a = one-shot, b = trial-by-trial
 
+    _print(out, len(scores), finalists, trial_front)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2, default=str))
+    return 0
+
+
+def _print(out: dict[str, Any], scored: int, finalists: list, trial_front: Optional[list]) -> None:
     ra = out["rank_agreement"]
-    print(f"\none-shot search: {out['oneshot_wall_s']:.0f} s; {len(scores)} subnets scored")
+    wall = out.get("oneshot_wall_s")
+    print(f"\none-shot search: {wall:.0f} s; {scored} subnets scored" if wall else f"\none-shot search: {scored} subnets scored")
     print(f"rank agreement over {ra['n']} subnets: Kendall tau {ra['kendall_tau']:.3f}, Spearman {ra['spearman_rho']:.3f}")
     if "fronts" in out:
         f = out["fronts"]
@@ -200,9 +242,6 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"{f['hypervolume_a']:.4f} vs {f['hypervolume_b']:.4f}")
         for name, front in (("one-shot", finalists), ("trial-by-trial", trial_front)):
             print(f"  {name:>15}: " + ", ".join(f"{a:.4f}@{e:.3f}uJ" for a, e in sorted(front, key=lambda x: x[1])))
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2, default=str))
-    return 0
 
 
 if __name__ == "__main__":

@@ -676,6 +676,9 @@ def _validate(cfg: SearchConfig) -> None:
     _check(cfg.mode in ("trials", "oneshot"),
            f"mode={cfg.mode!r} must be 'trials' (each candidate trained) or 'oneshot' (a supernet trained once)")
     if cfg.mode == "oneshot":
+        _check(not cfg.prescreen.enabled,
+               "prescreen.enabled=true with mode: oneshot: the pre-screen spares trials their training, and a one-shot "
+               "search trains no candidate (it scores each on the supernet in about a second); set prescreen.enabled: false")
         _validate_oneshot(cfg)
 
 
@@ -940,14 +943,7 @@ def load_search_config(path: Union[str, Path, None] = None, **overrides: Any) ->
                           f"(embed_dims, depths, mlp_ratios, Ts) and its hyperparameters are fixed under 'train:'")
     data = str(raw.get("data", "fashion-mnist"))
     shape = data_shape(data)
-    space_raw = raw.get("space") or {}
-    if not isinstance(space_raw, dict):
-        raise ConfigError(f"{where}: 'space:' must be a mapping of parameter -> value/choices/range")
-    bad = sorted(set(space_raw) - set(ARCH_KEYS + TRAIN_KEYS))
-    if bad:
-        raise ConfigError(f"{where}: unknown space parameters {bad}; searchable: {list(ARCH_KEYS + TRAIN_KEYS)}")
-    params = default_space(shape.img_size)
-    params.update({k: ParamSpec.parse(k, v) for k, v in space_raw.items()})
+    params = _space_params(raw.get("space") or {}, shape, where)
     budget = _section(raw, "budget", Budget, where)
     if budget.time_budget_s is not None:
         from dataclasses import replace
@@ -988,6 +984,18 @@ def load_search_config(path: Union[str, Path, None] = None, **overrides: Any) ->
     )
     _validate(cfg)
     return cfg
+
+
+def _space_params(space_raw: Any, shape: DataShape, where: str) -> dict[str, ParamSpec]:
+    """``space:`` over the defaults for the data's image size."""
+    if not isinstance(space_raw, dict):
+        raise ConfigError(f"{where}: 'space:' must be a mapping of parameter -> value/choices/range")
+    bad = sorted(set(space_raw) - set(ARCH_KEYS + TRAIN_KEYS))
+    if bad:
+        raise ConfigError(f"{where}: unknown space parameters {bad}; searchable: {list(ARCH_KEYS + TRAIN_KEYS)}")
+    params = default_space(shape.img_size)
+    params.update({k: ParamSpec.parse(k, v) for k, v in space_raw.items()})
+    return params
 
 
 _BASELINE_KEYS = ("model", "label", "model_overrides", "train", "estimate_only")

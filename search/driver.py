@@ -116,6 +116,9 @@ def _tune_callback_cls() -> type:
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             res = trial.last_result or {}
+            if res.get("screened"):
+                self._line(trials, trial, "screened", "(zero-cost score too low: never trained)")
+                return
             if res.get("infeasible"):
                 self._line(trials, trial, "infeasible", f"({(trial.config['resolved']['infeasible'] or '')[:80]})")
                 return
@@ -392,7 +395,7 @@ def _ctx(cfg: SearchConfig, uri: str, parent_run_id: str, resume: bool) -> Searc
     return SearchContext(tracking_uri=uri, experiment=cfg.experiment, parent_run_id=parent_run_id, search=cfg.name,
                          base_model=cfg.base_model, data=cfg.data, train=dict(cfg.train), scale=dict(cfg.scale),
                          train_storage=str(cfg.search_dir() / "train"), max_energy_uj=cfg.constraints.max_energy_uj,
-                         resume=resume)
+                         resume=resume, prescreen=cfg.prescreen if cfg.prescreen.enabled else None)
 
 
 def _record_estimates(cfg: SearchConfig, uri: str, parent: str) -> None:
@@ -706,8 +709,8 @@ def _restore(directory: Path, trainable: Any) -> Any:
 def finalize(cfg: SearchConfig, uri: str, parent: str, *, register: bool = True,
              log: Callable[[str], None] = print) -> SearchResult:
     """Settle leftover statuses, then log the Pareto front, plots and registry entry."""
-    from search.tracking import (compare_baselines, format_comparison, format_table, log_summary, pareto_front,
-                                 register_best, select_best)
+    from search.tracking import (compare_baselines, format_comparison, format_prescreen, format_table, log_summary,
+                                 pareto_front, prescreen_summary, register_best, select_best)
     from trainers.tracking import MLflowTracker
 
     rows = collect_trials(uri, parent)
@@ -748,6 +751,10 @@ def finalize(cfg: SearchConfig, uri: str, parent: str, *, register: bool = True,
     if comparison:
         log("")
         log(comparison)
+    prescreen = format_prescreen(prescreen_summary(rows))
+    if prescreen:
+        log("")
+        log(prescreen)
     if best is not None:
         log(f"\nselected ({cfg.select.criterion}): trial-{best.trial_id} acc {best.test_acc:.4f}, "
             f"{best.energy_uj:.3f} uJ/image, {best.num_params:,} params"

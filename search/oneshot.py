@@ -27,6 +27,7 @@ import csv
 import io
 import json
 import math
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -36,7 +37,8 @@ from typing import Any, Callable, Optional, Sequence
 from search.config import SearchConfig
 from search.tracking import SEARCH_TAG
 
-__all__ = ["run_oneshot", "Score", "score_subnets", "pick_finalists", "nondominated_layers", "STATE_FILE"]
+__all__ = ["run_oneshot", "Score", "score_subnets", "pick_finalists", "nondominated_layers", "format_finalists",
+           "load_finalists", "STATE_FILE"]
 
 #: Phase record of a one-shot search, in its folder.
 STATE_FILE = "oneshot.json"
@@ -229,8 +231,6 @@ def run_oneshot(cfg: SearchConfig, *, resume: bool = False, ray_init_kwargs: Opt
                                _record_estimates, finalize)
     from trainers.tracking import SYSTEM_METRICS_ENV, MLflowTracker, end_run, resolve_tracking_uri
 
-    import os
-
     if system_metrics:
         os.environ[SYSTEM_METRICS_ENV] = "true"
     t0 = time.time()
@@ -307,9 +307,19 @@ def _train_supernet(cfg: SearchConfig, uri: str, parent: str, state: _State, log
             f"{res.metrics.get('test_acc', float('nan')):.4f}")
     rid = state.data["supernet_run_id"]
     # From MLflow, not Ray Train's storage: the driver of a cluster search may not see that.
-    with tempfile.TemporaryDirectory() as d:
-        path = mlflow_client(uri).download_artifacts(rid, "model/model.pt", d)
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+    from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
+
+    bar = os.environ.get(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name)
+    os.environ[MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name] = "false"  # one file: no bar in the search's output
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            path = mlflow_client(uri).download_artifacts(rid, "model/model.pt", d)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    finally:
+        if bar is None:
+            os.environ.pop(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name, None)
+        else:
+            os.environ[MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name] = bar
     return {"key": rid, "config": obj["config"], "space": obj["supernet"], "model": obj["model"]}
 
 
@@ -538,10 +548,29 @@ def _summarise(cfg: SearchConfig, uri: str, parent: str, scores: list[Score], fi
     log("")
     log(f"one-shot: supernet {summary['oneshot_supernet_s']:.0f} s, {len(scores)} subnets scored in "
         f"{summary['oneshot_scoring_s']:.0f} s ({summary['oneshot_eval_s_mean']:.1f} s each)")
-    log(f"{'finalist':<12} {'architecture':<28} {'predicted':>9} {'real':>7}")
-    for p in pairs:
-        log(f"{p['trial_id']:<12} {p['architecture']:<28} {p['predicted_acc']:>9.4f} {p['real_test_acc']:>7.4f}")
-    log(f"predicted vs real accuracy over {corr['n']} finalists: Kendall tau {corr['kendall_tau']:.2f}"
-        + (" (too few finalists for a meaningful correlation; benchmarks/oneshot.py measures it over 12+)"
-           if corr["n"] < 5 else ""))
+    for line in format_finalists(pairs, corr):
+        log(line)
     return summary
+
+
+def format_finalists(pairs: Sequence[dict[str, Any]], corr: dict[str, Any]) -> list[str]:
+    """The finalists' predicted (supernet, held-out) against real (stand-alone, test) accuracy."""
+    lines = [f"{'finalist':<12} {'architecture':<28} {'predicted':>9} {'real':>7}"]
+    for p in pairs:
+        lines.append(f"{p['trial_id']:<12} {p['architecture']:<28} {p['predicted_acc']:>9.4f} {p['real_test_acc']:>7.4f}")
+    lines.append(f"predicted vs real accuracy over {corr['n']} finalists: Kendall tau {corr['kendall_tau']:.2f}"
+                 + (" (too few finalists for a meaningful correlation; benchmarks/oneshot.py measures it over 12+)"
+                    if corr["n"] < 5 else ""))
+    return lines
+
+
+def load_finalists(uri: str, parent_run_id: str) -> Optional[dict[str, Any]]:
+    """A one-shot search's ``search/oneshot_finalists.json`` (``finalists``, ``rank_correlation``),
+    or None for a trial-mode search (or one that has not reached its summary)."""
+    from trainers.tracking import mlflow_client
+
+    client = mlflow_client(uri)
+    if "search/oneshot_finalists.json" not in [f.path for f in client.list_artifacts(parent_run_id, "search")]:
+        return None
+    with tempfile.TemporaryDirectory() as d:
+        return json.loads(Path(client.download_artifacts(parent_run_id, "search/oneshot_finalists.json", d)).read_text())

@@ -20,16 +20,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="Pareto plot file (default <search>-pareto.png)")
     p.add_argument("--params", action="store_true", help="parameters as a third objective of the front")
     p.add_argument("--json", action="store_true",
-                   help="print the search's trials, Pareto front and baseline comparison as one JSON object instead "
-                   "of the tables (the plot is written only with --out)")
+                   help="print the search's trials, Pareto front, baseline comparison and zero-cost pre-screen "
+                   "correlation as one JSON object instead of the tables (the plot is written only with --out)")
 
 
 def run(args: argparse.Namespace) -> int:
     """The tables and plot, or with ``--json`` the same facts as one JSON object."""
     import matplotlib.pyplot as plt
 
-    from search.tracking import (collect_trials, compare_baselines, format_comparison, format_table, pareto_figure,
-                                 pareto_front)
+    from search.tracking import (collect_trials, compare_baselines, format_comparison, format_prescreen, format_table,
+                                 pareto_figure, pareto_front, prescreen_summary)
 
     uri, parent = find_parent(args, notes=not getattr(args, "json", False))
     if getattr(args, "json", False):
@@ -39,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
     front = pareto_front(rows, with_params=args.params)
     board = sorted(rows, key=lambda r: -(r.test_acc if r.test_acc is not None else -1))[: args.top]
     trials = [r for r in rows if not r.is_baseline]
-    counts = {s: sum(r.status == s for r in trials) for s in ("ok", "stopped", "failed", "infeasible", "running")}
+    counts = {s: sum(r.status == s for r in trials)
+              for s in ("ok", "stopped", "failed", "infeasible", "screened", "running")}
     nb = len(rows) - len(trials)
     print(f"search {name!r} ({parent.info.status}) in {args.experiment!r}: {len(trials)} trials "
           + ", ".join(f"{v} {k}" for k, v in counts.items() if v) + (f"; {nb} baseline(s)" if nb else ""))
@@ -53,6 +54,16 @@ def run(args: argparse.Namespace) -> int:
     if comparison:
         print()
         print(comparison)
+    prescreen = format_prescreen(prescreen_summary(rows))
+    if prescreen:
+        print()
+        print(prescreen)
+    from search.oneshot import format_finalists, load_finalists
+
+    oneshot = load_finalists(uri, parent.info.run_id)
+    if oneshot is not None:
+        print()
+        print("\n".join(format_finalists(oneshot["finalists"], oneshot["rank_correlation"])))
     reg = parent.data.tags.get("mixersnn.registered_model")
     if reg:
         print(f"\nregistered model: {reg} (trial {parent.data.tags.get('mixersnn.best_trial')})")
@@ -105,11 +116,14 @@ def find_parent(args: argparse.Namespace, *, notes: bool = True):  # type: ignor
 
 
 def _print_json(args: argparse.Namespace, uri: str, parent) -> int:  # type: ignore[no-untyped-def]
-    """``--json``: trials, front, baselines (and the plot, only with ``--out``) as one object."""
+    """``--json``: trials, front, baselines, the zero-cost pre-screen's rank correlation
+    (``prescreen``: :func:`search.tracking.prescreen_summary`, null without a pre-screen) and
+    the plot, only with ``--out``, as one object."""
     import json
 
     from search.cli import _row_json
-    from search.tracking import collect_trials, compare_baselines, pareto_figure, pareto_front
+    from search.oneshot import load_finalists
+    from search.tracking import collect_trials, compare_baselines, pareto_figure, pareto_front, prescreen_summary
 
     rows = collect_trials(uri, parent.info.run_id)
     front = pareto_front(rows, with_params=args.params)
@@ -127,6 +141,8 @@ def _print_json(args: argparse.Namespace, uri: str, parent) -> int:  # type: ign
         "front": [_row_json(r, ids) for r in front],
         "trials": [_row_json(r, ids) for r in rows],
         "baselines": compare_baselines(rows, front, with_params=args.params),
+        "prescreen": prescreen_summary(rows),
+        "oneshot": load_finalists(uri, parent.info.run_id),
         **({"plot": args.out} if args.out else {}),
     }, default=str))
     return 0

@@ -37,12 +37,18 @@ __all__ = [
     "STATUS_TAG",
     "settle_run",
     "stop_reason",
+    "SCORE_METRIC",
+    "prescreen_summary",
+    "format_prescreen",
 ]
 
-STATUS_TAG = "mixersnn.trial_status"  # ok | failed | infeasible | stopped | running | estimate
+STATUS_TAG = "mixersnn.trial_status"  # ok | failed | infeasible | screened | stopped | running | estimate
 REASON_TAG = "mixersnn.reason"
 SEARCH_TAG = "mixersnn.search"
 BASELINE_TAG = "mixersnn.baseline"  # the label of a baseline run (tag mixersnn.kind=baseline)
+#: A trial's zero-cost pre-screen score (``prescreen:``; :mod:`mixersnn.accounting.zero_cost`),
+#: logged at step 0 before it trains.
+SCORE_METRIC = "search.zero_cost_score"
 
 
 @dataclass
@@ -52,7 +58,9 @@ class TrialRow:
     Attributes:
         run_id: the child run.
         trial_id: Tune's trial id.
-        status: ok, failed, infeasible, stopped (by ASHA or the time budget) or running.
+        status: ok, failed, infeasible, screened (its zero-cost score was in the lowest
+            ``prescreen.drop_fraction`` of the candidates scored before it: never trained),
+            stopped (by ASHA or the time budget) or running.
         test_acc: last test accuracy (None if no epoch finished).
         energy_uj: measured energy per image (last epoch), or the estimate if it never trained.
         num_params: parameter count.
@@ -63,6 +71,8 @@ class TrialRow:
         kind: "trial" (proposed by the sampler) or "baseline" (a fixed reference model from
             the search file's ``baselines:``; never on the front, never registered).
         label: the baseline's label ("" for trials).
+        zero_cost_score: the zero-cost pre-screen score (``search.zero_cost_score``), or None
+            when the trial was not scored (no ``prescreen:``, a baseline, infeasible).
     """
 
     run_id: str
@@ -77,6 +87,7 @@ class TrialRow:
     over_energy: bool = False
     kind: str = "trial"
     label: str = ""
+    zero_cost_score: Optional[float] = None
 
     @property
     def is_baseline(self) -> bool:
@@ -139,7 +150,7 @@ def collect_trials(uri: str, parent_run_id: str) -> list[TrialRow]:
             run_id=r.info.run_id,
             trial_id=t.get("mixersnn.trial_id", r.info.run_name),
             status=status,
-            test_acc=m.get("test_acc") if status not in ("infeasible",) else None,
+            test_acc=m.get("test_acc") if status not in ("infeasible", "screened") else None,
             energy_uj=energy,
             num_params=int(n) if n is not None else None,
             epochs=int(m.get("epochs_completed", 0)),
@@ -148,12 +159,14 @@ def collect_trials(uri: str, parent_run_id: str) -> list[TrialRow]:
             over_energy=t.get("mixersnn.over_energy_limit") == "True",
             kind="baseline" if t.get("mixersnn.kind") == "baseline" else "trial",
             label=t.get(BASELINE_TAG, ""),
+            zero_cost_score=m.get(SCORE_METRIC),
         ))
     return sorted(rows, key=lambda r: r.trial_id)
 
 
 #: The MLflow run status that goes with each final trial status.
-RUN_STATUS = {"ok": "FINISHED", "estimate": "FINISHED", "stopped": "KILLED", "infeasible": "KILLED", "failed": "FAILED"}
+RUN_STATUS = {"ok": "FINISHED", "estimate": "FINISHED", "stopped": "KILLED", "infeasible": "KILLED",
+              "screened": "KILLED", "failed": "FAILED"}
 
 
 def settle_run(uri: str, run_id: str, status: str, reason: Optional[str] = None, *,
@@ -161,9 +174,9 @@ def settle_run(uri: str, run_id: str, status: str, reason: Optional[str] = None,
     """Record a trial run's outcome: the one place a run's status is decided.
 
     Sets ``mixersnn.trial_status`` to ``status`` (``ok``, ``stopped``, ``failed``,
-    ``infeasible``), the reason when given, ``epochs_completed`` when given (the epochs its
-    record holds, :func:`epochs_logged`, if more), extra ``tags``, and closes the MLflow run
-    with the matching status (:data:`RUN_STATUS`). Safe to call again: a second settlement
+    ``infeasible``, ``screened``, ``estimate``), the reason when given, ``epochs_completed``
+    when given (the epochs its record holds, :func:`epochs_logged`, if more), extra ``tags``,
+    and closes the MLflow run with the matching status (:data:`RUN_STATUS`). Safe to call again: a second settlement
     updates the count and the run's closing status.
 
     One rule spans the callers: a failure never overwrites a stop. A stopped trial can reach
@@ -172,9 +185,14 @@ def settle_run(uri: str, run_id: str, status: str, reason: Optional[str] = None,
 
     Returns:
         The status on record afterwards.
+
+    Raises:
+        ValueError: ``status`` is not one of :data:`RUN_STATUS`.
     """
     from trainers.tracking import MLflowTracker, end_run
 
+    if status not in RUN_STATUS:
+        raise ValueError(f"status={status!r} is not a final trial status; use one of {sorted(RUN_STATUS)}")
     tr = MLflowTracker(uri, run_id)
     if status == "failed" and tr.client.get_run(run_id).data.tags.get(STATUS_TAG) == "stopped":
         status = "stopped"
@@ -290,6 +308,52 @@ def format_comparison(comps: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def prescreen_summary(rows: Sequence[TrialRow]) -> Optional[dict[str, Any]]:
+    """How well the zero-cost pre-screen's score ranked this search's candidates.
+
+    The rank correlation (:func:`mixersnn.accounting.zero_cost.rank_correlation`) of the score
+    with test accuracy over the trials that trained and have both (:attr:`TrialRow.scored`:
+    finished, or stopped by successive halving or the time budget with the accuracy they
+    reached). Baselines are never scored. A singular kernel's score is recorded as the lowest
+    float (MLflow stores no infinities) and so ranks last.
+
+    Returns:
+        None when no trial has a score (no ``prescreen:``), else ``{"kendall_tau",
+        "spearman_rho", "kendall_p", "spearman_p"`` (None where undefined: fewer than 3 trained
+        trials with a score, or all scores or accuracies equal), ``"n"`` (trials correlated),
+        ``"scored"`` (candidates scored) and ``"screened"`` (candidates that never trained)}.
+    """
+    from mixersnn.accounting.zero_cost import rank_correlation
+
+    cands = [r for r in rows if not r.is_baseline and r.zero_cost_score is not None]
+    if not cands:
+        return None
+    trained = [r for r in cands if r.scored]
+    corr = rank_correlation([r.zero_cost_score for r in trained], [r.test_acc for r in trained])
+    out: dict[str, Any] = {k: (float(corr[k]) if math.isfinite(corr[k]) else None)
+                           for k in ("kendall_tau", "spearman_rho", "kendall_p", "spearman_p")}
+    out.update(n=int(corr["n"]), scored=len(cands),
+               screened=sum(r.status == "screened" for r in rows if not r.is_baseline))
+    return out
+
+
+def format_prescreen(summary: Optional[dict[str, Any]]) -> str:
+    """The pre-screen's line for the search's summary and ``mixersnn report`` ("" without a
+    pre-screen): the score's rank correlation with trained accuracy, and what it screened out."""
+    if summary is None:
+        return ""
+
+    def plural(n: int, word: str) -> str:
+        return f"{n} {word}" + ("" if n == 1 else "s")
+
+    out = f"{plural(summary['screened'], 'candidate')} screened out"
+    if summary["kendall_tau"] is None:
+        return (f"zero-cost pre-screen: no rank correlation yet ({plural(summary['n'], 'trained trial')} with a "
+                f"score; it needs 3 with differing scores and accuracies); {out}")
+    return (f"zero-cost pre-screen: Kendall tau {summary['kendall_tau']:.2f} (Spearman "
+            f"{summary['spearman_rho']:.2f}) over {plural(summary['n'], 'trained trial')}; {out}")
+
+
 def format_table(rows: Sequence[TrialRow], *, title: str = "", mark: Optional[set[str]] = None) -> str:
     """A fixed-width table: trial, status, accuracy, energy, parameters, epochs, architecture.
     The first column marks rows in ``mark`` with ``*`` and baselines with ``B``."""
@@ -309,7 +373,7 @@ def format_table(rows: Sequence[TrialRow], *, title: str = "", mark: Optional[se
 def rows_to_csv(rows: Sequence[TrialRow]) -> str:
     buf = io.StringIO()
     keys = ["trial_id", "run_id", "kind", "label", "status", "test_acc", "energy_uj", "num_params", "epochs", "reason",
-            "over_energy"]
+            "over_energy", "zero_cost_score"]
     pkeys = sorted({k for r in rows for k in r.params})
     w = csv.writer(buf)
     w.writerow(keys + pkeys)
@@ -469,7 +533,8 @@ LEADERBOARD_FILE = "search/leaderboard.json"
 def leaderboard(rows: Sequence[TrialRow], front: Sequence[TrialRow]) -> dict[str, list[Any]]:
     """Every trial and baseline, best test accuracy first, as table columns: rank, trial,
     status, whether it is on the Pareto front, accuracy, energy, parameters, epochs, the
-    architecture, the reason of a stop or failure, and the child run's id."""
+    architecture, the reason of a stop or failure, and the child run's id; with a zero-cost
+    pre-screen, each row's score too (``zero_cost_score``, None where not scored)."""
     on_front = {r.run_id for r in front}
     ranked = sorted(rows, key=lambda r: (r.test_acc is None, -(r.test_acc or 0.0), r.trial_id))
     cols: dict[str, list[Any]] = {k: [] for k in ("rank", "trial", "status", "pareto", "test_acc",
@@ -480,13 +545,18 @@ def leaderboard(rows: Sequence[TrialRow], front: Sequence[TrialRow]) -> dict[str
                      ("test_acc", r.test_acc), ("energy_per_image_uj", r.energy_uj), ("num_params", r.num_params),
                      ("epochs", r.epochs), ("architecture", r.arch()), ("reason", r.reason), ("run_id", r.run_id)):
             cols[k].append(v)
+    if any(r.zero_cost_score is not None for r in rows):
+        cols["zero_cost_score"] = [r.zero_cost_score for r in ranked]
     return cols
 
 
 def log_summary(uri: str, parent_run_id: str, rows: Sequence[TrialRow], front: Sequence[TrialRow], *,
                 title: str, directions: list[str]) -> dict[str, Any]:
     """Log the trial table, the Pareto front (CSV + JSON + PNG) and Optuna's plots on the
-    parent run; returns the summary metrics also logged there."""
+    parent run; returns the summary metrics also logged there: trial counts by status, the
+    front's size, the best accuracy and energy and, with a zero-cost pre-screen,
+    ``prescreen_n``, ``prescreen_kendall_tau`` and ``prescreen_spearman_rho``
+    (:func:`prescreen_summary`; the coefficients only where defined)."""
     import matplotlib.pyplot as plt
 
     from trainers.tracking import MLflowTracker
@@ -535,5 +605,11 @@ def log_summary(uri: str, parent_run_id: str, rows: Sequence[TrialRow], front: S
     if scored:
         summary["best_test_acc"] = max(r.test_acc for r in scored)
         summary["min_energy_per_image_uj"] = min(r.energy_uj for r in scored)
+    pre = prescreen_summary(rows)
+    if pre is not None:
+        summary["prescreen_n"] = float(pre["n"])
+        for k in ("kendall_tau", "spearman_rho"):
+            if pre[k] is not None:
+                summary[f"prescreen_{k}"] = pre[k]
     tr.log_metrics(summary, step=0)
     return summary

@@ -201,6 +201,9 @@ def test_report_json_prints_the_front(monkeypatch: pytest.MonkeyPatch, capsys: p
     monkeypatch.setattr(ttracking, "check_tracking_server", lambda uri: None)
     monkeypatch.setattr(tracking, "find_search_runs", lambda uri, exp, name: [Parent()])
     monkeypatch.setattr(tracking, "collect_trials", lambda uri, run_id: rows)
+    import search.oneshot as oneshot
+
+    monkeypatch.setattr(oneshot, "load_finalists", lambda uri, run_id: None)  # a trial-mode search
     args = _parse("report", "exp", "--search", "demo", "--tracking-uri", "http://127.0.0.1:1", "--json")
     assert run_report(args) == 0
     out = json.loads(capsys.readouterr().out)

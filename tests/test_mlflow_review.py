@@ -88,7 +88,7 @@ def test_the_search_is_recorded_for_review(search, mlflow_server: str) -> None: 
 
     from search.tracking import LEADERBOARD_FILE
 
-    client = MlflowClient(mlflow_server)
+    client = MlflowClient(mlflow_server, registry_uri=mlflow_server)  # not the process-wide registry
     parent = client.get_run(search.parent_run_id)
     exp = client.get_experiment(parent.info.experiment_id)
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
@@ -148,7 +148,7 @@ def test_the_search_in_a_headless_browser(search, mlflow_server: str, tmp_path: 
     from trainers.tracking import UI_WORKFLOW_QUERY, mlflow_ui_hint
 
     chromium = _chromium()
-    client = MlflowClient(mlflow_server)
+    client = MlflowClient(mlflow_server, registry_uri=mlflow_server)  # not the process-wide registry
     parent = client.get_run(search.parent_run_id)
     exp_id = parent.info.experiment_id
     hint = mlflow_ui_hint(mlflow_server, exp_id)

@@ -69,6 +69,8 @@ def test_oneshot_config_errors_name_the_value_and_the_fix() -> None:
         load_search_config(None, mode="oneshot", oneshot={"space": SPACE, "train": {"epochs": 0}})
     with pytest.raises(ConfigError, match="unknown keys"):
         load_search_config(None, mode="oneshot", oneshot={"space": SPACE, "evals": 3})
+    with pytest.raises(ConfigError, match=r"prescreen.enabled=true with mode: oneshot"):
+        load_search_config(None, mode="oneshot", prescreen={"enabled": True})
     with pytest.raises(ConfigError, match=r"'space:' is the trial mode's"):
         load_search_config(None, mode="oneshot", space={"T": 2})
     # The one-shot mode samples no hyperparameters: the file fixes them under train:.
@@ -81,7 +83,7 @@ def test_oneshot_config_errors_name_the_value_and_the_fix() -> None:
 
 
 @pytest.mark.slow
-def test_oneshot_search_end_to_end(fmnist_shards: Path, tmp_path: Path) -> None:
+def test_oneshot_search_end_to_end(fmnist_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """Supernet, scoring as Ray tasks, finalists retrained through Ray Train, the summary and
     the registry; then --resume of the finished search trains nothing again."""
     import ray
@@ -125,6 +127,20 @@ def test_oneshot_search_end_to_end(fmnist_shards: Path, tmp_path: Path) -> None:
         state = json.loads((cfg.search_dir() / "oneshot.json").read_text())
         assert state["finalists_done"] == ["finalist-0", "finalist-1"]
         assert any("predicted vs real accuracy over 2 finalists" in line for line in logs)
+        # mixersnn report shows predicted against real accuracy, as text and as JSON.
+        from mixersnn.cli import build_parser
+        from search.report import run as report
+
+        capsys.readouterr()
+        args = build_parser().parse_args(["report", "exp-os", "--search", "os", "--tracking-uri", uri,
+                                          "--out", str(tmp_path / "front.png")])
+        assert report(args) == 0
+        assert "predicted vs real accuracy over 2 finalists" in capsys.readouterr().out
+        args = build_parser().parse_args(["report", "exp-os", "--search", "os", "--tracking-uri", uri, "--json"])
+        assert report(args) == 0
+        got = json.loads(capsys.readouterr().out)["oneshot"]
+        assert [p["trial_id"] for p in got["finalists"]] == ["finalist-0", "finalist-1"]
+        assert all(0 <= p["predicted_acc"] <= 1 and 0 <= p["real_test_acc"] <= 1 for p in got["finalists"])
         # A finished search resumed: no phase runs again.
         logs.clear()
         res2 = run_oneshot(cfg, resume=True, log=logs.append)

@@ -169,7 +169,7 @@ def test_killed_driver_resumes_a_halving_search_without_duplicates(shards: Path,
         budget={"num_trials": 3, "max_concurrent_trials": 2}, constraints={}))
     cmd = [sys.executable, "-m", "mixersnn.cli", "search", "--config", str(path), "--quiet"]
     env = {**os.environ, **WORKER_ENV, "PYTHONPATH": str(REPO)}
-    client = MlflowClient(mlflow_server)
+    client = MlflowClient(mlflow_server, registry_uri=mlflow_server)  # not the process-wide registry
     rungs = tmp_path / "runs" / name / "mo_asha.json"
 
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, start_new_session=True,
@@ -238,7 +238,7 @@ def test_killed_driver_resumes_a_halving_search_without_duplicates(shards: Path,
             assert c.info.status == "KILLED" and 1 <= len(steps) <= 2
     # The trials the kill interrupted continued from their checkpoints instead of starting again.
     assert any(c.data.metrics.get("resumed_from_epoch") is not None for c in children)
-    assert len(client.search_model_versions(f"name='{name}-best'")) == 1
+    assert len(client.search_model_versions(f"name='{name}-best'")) == 1, done.stdout[-2000:]
     # The sampler's study (objective.storage's default, beside Tune's state) outlived the
     # killed driver and was continued: each of Tune's trials scored once, at the rung; a
     # proposal the killed driver asked after Tune's last save is closed as failed, none waits.
@@ -335,7 +335,7 @@ def test_search_end_to_end_on_mlflow_server(shards: Path, tmp_path: Path, mlflow
     classes = {a.class_name for a in list_actors(limit=1000, raise_on_missing_output=False)}
     assert not classes & {"TrainController", "SynchronizationActor", "PlacementGroupCleaner"}, classes
 
-    client = MlflowClient(mlflow_server)
+    client = MlflowClient(mlflow_server, registry_uri=mlflow_server)  # not the process-wide registry
     exp = client.get_experiment_by_name("exp-e2e")
     runs = client.search_runs([exp.experiment_id], max_results=100)
     parents = [r for r in runs if r.data.tags.get("mixersnn.kind") == "search"]
@@ -485,7 +485,7 @@ def test_asha_stops_a_weak_trial_early(shards: Path, tmp_path: Path, mlflow_serv
 
     res = run_search(cfg, quiet=True)
 
-    client = MlflowClient(mlflow_server)
+    client = MlflowClient(mlflow_server, registry_uri=mlflow_server)  # not the process-wide registry
     parent, children = _children(client, "exp-asha")
     assert parent.info.status == "FINISHED" and len(children) == 3
     by_lr = {c.info.run_id: float(c.data.params["search.hp.lr"]) for c in children}

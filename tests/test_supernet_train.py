@@ -135,3 +135,26 @@ def test_bad_supernet_configs_name_the_value_and_the_fix(fmnist_shards: Path) ->
         _cfg(fmnist_shards, supernet={"embed_dims": [6]})
     # A supernet's base: image size etc. come from the data, widths from the space.
     assert model_config("mlp_spe_t", img_size=28, in_chans=1, num_classes=10).patch_size == 4
+
+
+def test_train_command_trains_a_supernet_from_yaml(fmnist_shards: Path, tmp_path: Path, monkeypatch,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    """`mixersnn train --no-ray --config` with a train.supernet section: a supernet checkpoint
+    and an MLflow run; --register refuses (the registry holds single models)."""
+    import yaml
+
+    from mixersnn.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    cfg = {"train": {"model": "mlp_spe_t", "data": str(fmnist_shards), "epochs": 1, "max_steps_per_epoch": 3,
+                     "max_eval_batches": 1, "batch_size": 32, "warmup_epochs": 0.0,
+                     "model_overrides": {"embed_dim": 12, "depths": [1, 2], "T": 2}, "supernet": SPACE,
+                     "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "run_name": "sn"}}
+    path = tmp_path / "supernet.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", "--no-ray", "--config", str(path)]) == 0
+    assert "test accuracy" in capsys.readouterr().out
+    net = load_supernet(tmp_path / "runs" / "local" / "sn" / CHECKPOINT_FILE)
+    assert net.space == SupernetSpace.from_dict(SPACE)
+    assert main(["train", "--no-ray", "--config", str(path), "--run-name", "sn2", "--register", "x"]) == 2
+    assert "with a supernet" in capsys.readouterr().err

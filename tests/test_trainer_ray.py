@@ -75,7 +75,7 @@ def test_two_workers_on_two_nodes_stay_identical_and_a_killed_one_resumes_logged
     assert m["replica_divergence"] == 0.0
     assert m["test_samples"] == 256  # eval covered every sample once
 
-    client = MlflowClient(mlflow_server)
+    client = MlflowClient(mlflow_server, registry_uri=mlflow_server)  # not the process-wide registry
     run = client.get_run(res.mlflow_run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "faulty"
     p = run.data.params

@@ -368,6 +368,10 @@ def run(args: argparse.Namespace) -> int:
 
         os.environ[SYSTEM_METRICS_ENV] = "true"  # MLflow's switch, read where the run starts
     train_cfg, scale_cfg, origin = _build(args)
+    if args.register and train_cfg.supernet is not None:
+        raise UserError(f"--register {args.register} with a supernet (train.supernet set): the registry holds single "
+                        f"models; register the one-shot search's finalists instead (mixersnn search with mode: "
+                        f"oneshot registers its best), or drop --register")
     preflight(train_cfg, track=not args.no_mlflow)
     if origin:
         _say_origin(train_cfg, scale_cfg, origin)

@@ -82,12 +82,16 @@ class SubnetSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SubnetSpec":
-        known = {"embed_dim", "depths", "mlp_ratio", "T"}
-        unknown = sorted(set(d) - known)
-        missing = sorted(known - set(d))
-        if unknown or missing:
-            raise ConfigError(f"subnet spec keys must be {sorted(known)}; unknown {unknown}, missing {missing}")
+        _check_keys(d, {"embed_dim", "depths", "mlp_ratio", "T"}, "subnet spec")
         return cls(embed_dim=int(d["embed_dim"]), depths=tuple(d["depths"]), mlp_ratio=d["mlp_ratio"], T=int(d["T"]))
+
+
+def _check_keys(d: dict[str, Any], known: set[str], what: str) -> None:
+    """Raise :class:`ConfigError` unless ``d`` has exactly the keys ``known``."""
+    unknown = sorted(set(d) - known)
+    missing = sorted(known - set(d))
+    if unknown or missing:
+        raise ConfigError(f"{what} keys must be {sorted(known)}; unknown {unknown}, missing {missing}")
 
 
 def _as_tuple(values: Any) -> tuple:
@@ -261,11 +265,7 @@ class SupernetSpace:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SupernetSpace":
-        known = {"embed_dims", "depths", "mlp_ratios", "Ts"}
-        unknown = sorted(set(d) - known)
-        missing = sorted(known - set(d))
-        if unknown or missing:
-            raise ConfigError(f"supernet space keys must be {sorted(known)}; unknown {unknown}, missing {missing}")
+        _check_keys(d, {"embed_dims", "depths", "mlp_ratios", "Ts"}, "supernet space")
         return cls(**d)
 
 
