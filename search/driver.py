@@ -355,16 +355,25 @@ def _label_study_trial(trial: Any, trial_id: str, config: dict[str, Any]) -> Non
         trial.set_user_attr("infeasible", str(why)[:500])
 
 
+#: The study attribute listing proposals lost with a killed driver (closed as failed), and why.
+LOST_TRIALS_ATTR = "lost_trials"
+LOST_REASON = "asked by a driver killed before Tune saved the trial; never run"
+
+
 def _fail_lost_trials(study: Any, *, known: set[int]) -> None:
     """Close as failed the study's RUNNING trials that Tune's searcher snapshot does not know
     (asked by a driver killed before Tune saved them; Tune never runs them)."""
     from optuna.trial import TrialState
 
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if t.number not in known:
-            study._storage.set_trial_user_attr(t._trial_id, "lost", "asked by a driver killed before Tune "
-                                                                    "saved the trial; never run")
-            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+    lost = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if t.number not in known]
+    for number in lost:
+        study.tell(number, state=TrialState.FAIL)
+    if lost:
+        # Optuna's public API sets user attributes only on running trials it handed out, so
+        # the record is the study's: which numbers were lost, and why.
+        before = list(study.user_attrs.get(LOST_TRIALS_ATTR, []))
+        study.set_user_attr(LOST_TRIALS_ATTR, sorted(set(before) | set(lost)))
+        study.set_user_attr(LOST_TRIALS_ATTR + "_reason", LOST_REASON)
 
 
 def _scheduler(cfg: SearchConfig, num_trials: int, log: Optional[Callable[[str], None]] = None) -> Any:
@@ -636,7 +645,9 @@ def _new_search(cfg: SearchConfig, trainable: Any, uri: str, parent: str, *, qui
         + ("in their own reused Tune processes" if in_process(cfg.scale) else "through Ray Train"))
     searcher = _searcher(cfg, baselines, cfg.asha.grace_period if pausing else None, storage)
     if storage is not None:
-        study = searcher.inner._ot_study
+        import optuna
+
+        study = optuna.load_study(study_name=cfg.name, storage=storage)  # the one the searcher created
         for k, v in {"search": cfg.name, "mlflow_experiment": cfg.experiment, "mlflow_parent_run_id": parent,
                      "tracking_uri": uri, "tune_state": str(cfg.search_dir())}.items():
             study.set_user_attr(k, v)

@@ -91,7 +91,9 @@ def test_the_study_is_recorded_as_it_runs_and_a_resumed_searcher_loads_it(tmp_pa
     fresh = _searcher(cfg, [], None, None)  # what Tune builds before restoring the snapshot
     fresh.restore(str(snapshot))
     trials = optuna.load_study(study_name="study", storage=url).trials
-    assert trials[3].state == TrialState.FAIL and "never run" in trials[3].user_attrs["lost"]
+    assert trials[3].state == TrialState.FAIL
+    study = optuna.load_study(study_name="study", storage=url)
+    assert study.user_attrs["lost_trials"] == [3] and "never run" in study.user_attrs["lost_trials_reason"]
     assert fresh.suggest("t4") is not None
     fresh.on_trial_complete("t4", result=_result(0.8, 0.5))
     trials = optuna.load_study(study_name="study", storage=url).trials
