@@ -510,7 +510,7 @@ def run_search(
     import ray
     from ray import tune
 
-    from trainers.tracking import SYSTEM_METRICS_ENV, MLflowTracker, end_run, resolve_tracking_uri
+    from trainers.tracking import SYSTEM_METRICS_ENV, end_run, resolve_tracking_uri
 
     if system_metrics:
         os.environ[SYSTEM_METRICS_ENV] = "true"  # MLflow's switch: this driver's runs, and (below) Ray's workers
@@ -546,6 +546,13 @@ def run_search(
         raise
     finally:
         end_run(uri, parent, status)
+    return timed(result, uri, parent, t0)
+
+
+def timed(result: SearchResult, uri: str, parent: str, t0: float) -> SearchResult:
+    """``result`` with its wall time since ``t0``, also logged on the parent run (``search_wall_s``)."""
+    from trainers.tracking import MLflowTracker
+
     result.wall_s = time.time() - t0
     MLflowTracker(uri, parent).log_metrics({"search_wall_s": result.wall_s}, step=0)
     return result

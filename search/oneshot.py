@@ -228,8 +228,8 @@ def run_oneshot(cfg: SearchConfig, *, resume: bool = False, ray_init_kwargs: Opt
     import ray
 
     from search.driver import (SearchExistsError, _init_local_ray, _log_search_config, _open_parent,
-                               _record_estimates, finalize)
-    from trainers.tracking import SYSTEM_METRICS_ENV, MLflowTracker, end_run, resolve_tracking_uri
+                               _record_estimates, finalize, timed)
+    from trainers.tracking import SYSTEM_METRICS_ENV, end_run, resolve_tracking_uri
 
     if system_metrics:
         os.environ[SYSTEM_METRICS_ENV] = "true"
@@ -265,9 +265,7 @@ def run_oneshot(cfg: SearchConfig, *, resume: bool = False, ray_init_kwargs: Opt
         raise
     finally:
         end_run(uri, parent, status)
-    result.wall_s = time.time() - t0
-    MLflowTracker(uri, parent).log_metrics({"search_wall_s": result.wall_s}, step=0)
-    return result
+    return timed(result, uri, parent, t0)
 
 
 def _arch(spec: dict[str, Any]) -> str:
