@@ -43,10 +43,6 @@ sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resol
 REPO = _HERE.parent
 
 
-def _dominates(a: Sequence[float], b: Sequence[float]) -> bool:
-    return a[0] >= b[0] and a[1] <= b[1] and (a[0] > b[0] or a[1] < b[1])
-
-
 def hypervolume(points: Sequence[tuple[float, float]], ref: tuple[float, float]) -> float:
     """Area dominated by ``(accuracy, energy)`` points and bounded by ``ref`` (accuracy floor,
     energy ceiling): larger is better."""
@@ -61,11 +57,16 @@ def hypervolume(points: Sequence[tuple[float, float]], ref: tuple[float, float])
 
 def compare_fronts(a: Sequence[tuple[float, float]], b: Sequence[tuple[float, float]]) -> dict[str, Any]:
     """Dominance counts and hypervolumes of two fronts of (accuracy, energy) points."""
+    from search.scheduler import dominates
+
+    def better(p: tuple[float, float], q: tuple[float, float]) -> bool:  # accuracy up, energy down
+        return dominates((-p[0], p[1]), (-q[0], q[1]))
+
     allp = list(a) + list(b)
     ref = (min(p[0] for p in allp) - 0.01, max(p[1] for p in allp) * 1.1)
     return {"reference": ref,
-            "a_dominates_b": sum(any(_dominates(p, q) for p in a) for q in b),
-            "b_dominates_a": sum(any(_dominates(q, p) for q in b) for p in a),
+            "a_dominates_b": sum(any(better(p, q) for p in a) for q in b),
+            "b_dominates_a": sum(any(better(q, p) for q in b) for p in a),
             "hypervolume_a": hypervolume(a, ref), "hypervolume_b": hypervolume(b, ref),
             "a_points": len(a), "b_points": len(b)}
 

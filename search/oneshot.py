@@ -37,7 +37,7 @@ from typing import Any, Callable, Optional, Sequence
 from search.config import SearchConfig
 from search.tracking import SEARCH_TAG
 
-__all__ = ["run_oneshot", "Score", "score_subnets", "pick_finalists", "nondominated_layers", "format_finalists",
+__all__ = ["run_oneshot", "Score", "score_subnets", "pick_finalists", "score_fronts", "format_finalists",
            "load_finalists", "STATE_FILE"]
 
 #: Phase record of a one-shot search, in its folder.
@@ -156,20 +156,12 @@ def score_subnets(state: dict[str, Any], specs: Sequence[dict[str, Any]], *, dat
 
 
 # ----------------------------------------------------------------------------- fronts
-def _dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:
-    """(accuracy to maximise, energy to minimise): a is no worse in both and better in one."""
-    return a[0] >= b[0] and a[1] <= b[1] and (a[0] > b[0] or a[1] < b[1])
+def score_fronts(scores: Sequence[Score]) -> list[list[int]]:
+    """Indices of ``scores`` by non-dominated sorting of (accuracy up, energy down), the front
+    first (MO-ASHA's sorting, :func:`search.scheduler.non_dominated_fronts`)."""
+    from search.scheduler import non_dominated_fronts
 
-
-def nondominated_layers(points: Sequence[tuple[float, float]]) -> list[list[int]]:
-    """Indices of ``(accuracy, energy)`` points by non-dominated sorting: the front first."""
-    left = list(range(len(points)))
-    layers = []
-    while left:
-        layer = [i for i in left if not any(_dominates(points[j], points[i]) for j in left if j != i)]
-        layers.append(layer)
-        left = [i for i in left if i not in layer]
-    return layers
+    return non_dominated_fronts([(-s.acc, s.energy_uj) for s in scores])
 
 
 def pick_finalists(scores: Sequence[Score], k: int) -> list[Score]:
@@ -180,7 +172,7 @@ def pick_finalists(scores: Sequence[Score], k: int) -> list[Score]:
     for s in scores:
         unique.setdefault(json.dumps(s.spec, sort_keys=True), s)
     pool = list(unique.values())
-    layers = nondominated_layers([(s.acc, s.energy_uj) for s in pool])
+    layers = score_fronts(pool)
     chosen: list[Score] = []
     for layer in layers:
         members = sorted((pool[i] for i in layer), key=lambda s: (s.energy_uj, -s.acc))
@@ -521,7 +513,7 @@ def _summarise(cfg: SearchConfig, uri: str, parent: str, scores: list[Score], fi
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     ax.scatter([s.energy_uj for s in scores], [s.acc for s in scores], s=12, c="0.6", label="scored subnets (held-out)")
-    front = nondominated_layers([(s.acc, s.energy_uj) for s in scores])[0] if scores else []
+    front = score_fronts(scores)[0] if scores else []
     fr = sorted((scores[i] for i in front), key=lambda s: s.energy_uj)
     ax.plot([s.energy_uj for s in fr], [s.acc for s in fr], "-o", c="tab:blue", ms=4, label="scored front")
     if pairs:

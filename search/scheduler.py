@@ -37,7 +37,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from mixersnn._atomic import atomic_path
 
-__all__ = ["MultiObjectiveASHA", "promotion_order", "non_dominated_fronts", "rung_milestones"]
+__all__ = ["MultiObjectiveASHA", "promotion_order", "dominates", "non_dominated_fronts", "rung_milestones"]
 
 
 def rung_milestones(grace_period: int, reduction_factor: int, max_t: int) -> list[int]:
@@ -49,7 +49,8 @@ def rung_milestones(grace_period: int, reduction_factor: int, max_t: int) -> lis
     return out
 
 
-def _dominates(a: Sequence[float], b: Sequence[float]) -> bool:
+def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
+    """Objectives to minimise: ``a`` is no worse than ``b`` in every one and better in one."""
     return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
 
 
@@ -62,10 +63,10 @@ def non_dominated_fronts(points: Sequence[Sequence[float]]) -> list[list[int]]:
     beats: list[list[int]] = [[] for _ in range(n)]
     for i in range(n):
         for j in range(i + 1, n):
-            if _dominates(points[i], points[j]):
+            if dominates(points[i], points[j]):
                 beats[i].append(j)
                 beaten_by[j] += 1
-            elif _dominates(points[j], points[i]):
+            elif dominates(points[j], points[i]):
                 beats[j].append(i)
                 beaten_by[i] += 1
     fronts, current = [], [i for i in range(n) if beaten_by[i] == 0]

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from search.scheduler import dominates
 from trainers.tracking import mlflow_client
 
 __all__ = [
@@ -249,10 +250,6 @@ def pareto_front(rows: Sequence[TrialRow], *, with_params: bool = False) -> list
     return sorted(front, key=lambda r: (r.energy_uj, -r.test_acc))
 
 
-def _dominates(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
-    return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
-
-
 def compare_baselines(rows: Sequence[TrialRow], front: Sequence[TrialRow], *,
                       with_params: bool = False) -> list[dict[str, Any]]:
     """Each baseline against the search's Pareto front.
@@ -269,7 +266,7 @@ def compare_baselines(rows: Sequence[TrialRow], front: Sequence[TrialRow], *,
                              "energy_uj": b.energy_uj, "num_params": b.num_params, "dominated_by": 0, "by": None}
         if b.scored:
             vb = _objectives(b, with_params)
-            dom = [f for f in front if _dominates(_objectives(f, with_params), vb)]
+            dom = [f for f in front if dominates(_objectives(f, with_params), vb)]
             d["dominated_by"] = len(dom)
             if dom:
                 f = min(dom, key=lambda r: (r.energy_uj, -r.test_acc))

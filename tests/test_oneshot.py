@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mixersnn.models import ConfigError, MixerSNNSupernet, SubnetSpec, SupernetSpace, model_config
-from search.oneshot import Score, nondominated_layers, pick_finalists, score_subnets
+from search.oneshot import Score, pick_finalists, score_fronts, score_subnets
 
 SPACE = {"embed_dims": [6, 12], "depths": [[1], [1, 2]], "mlp_ratios": [2, 3], "Ts": [1, 2]}
 
@@ -23,7 +23,7 @@ def _score(acc: float, energy: float) -> Score:
 
 def test_nondominated_layers_sort_accuracy_up_and_energy_down() -> None:
     pts = [(0.9, 1.0), (0.8, 0.5), (0.85, 2.0), (0.7, 0.6), (0.95, 3.0)]
-    layers = nondominated_layers(pts)
+    layers = score_fronts([_score(acc, energy) for acc, energy in pts])
     assert sorted(layers[0]) == [0, 1, 4]
     assert sorted(layers[1]) == [2, 3]
 
