@@ -6,6 +6,7 @@ noisy), so the pieces that make two rows comparable live here once.
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
@@ -81,6 +82,16 @@ def pool_mode(mode: Optional[str]) -> Iterator[str]:
     finally:
         set_pool_limit(before)
         empty_cache()
+
+
+def add_common_args(ap: argparse.ArgumentParser, *, smoke_help: str) -> None:
+    """The flags the kernel benchmarks share: ``--pool``, ``--smoke`` and ``--json``."""
+    ap.add_argument(
+        "--pool", choices=["both", *POOL_MODES], default="both",
+        help="the cpu backend's output pool: off (fresh), on (pool, the default), or both side by side",
+    )  # fmt: skip
+    ap.add_argument("--smoke", action="store_true", help=smoke_help)
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
 
 
 def pool_modes(choice: str) -> list[str]:

@@ -67,7 +67,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import interleaved_medians, pool_mode, pool_modes, write_json  # noqa: E402
+from _common import add_common_args, interleaved_medians, pool_mode, pool_modes, write_json  # noqa: E402
 
 from mixersnn.kernels.cpu import (  # noqa: E402
     _CpuLauncher,
@@ -391,15 +391,10 @@ def main(argv: list[str] | None = None) -> None:
         help="default: cpu, plus cuda when present",
     )  # fmt: skip
     ap.add_argument(
-        "--pool", choices=["both", "fresh", "pool"], default="both",
-        help="the cpu backend's output pool: off (fresh), on (pool, the default), or both side by side",
-    )  # fmt: skip
-    ap.add_argument(
         "--surrogate", choices=sorted(SURROGATES), default=NeuronConfig().surrogate,
         help=f"surrogate gradient of the backward pass (default {NeuronConfig().surrogate}, the models')",
     )  # fmt: skip
-    ap.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat (CI)")
-    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    add_common_args(ap, smoke_help="tiny sizes, one repeat (CI)")
     args = ap.parse_args(argv)
     if args.smoke:
         args.numel, args.repeats, args.warmup, args.copy_mib = 4096, 1, 1, 8

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import interleaved_medians, pool_mode, pool_modes, write_json  # noqa: E402
+from _common import add_common_args, interleaved_medians, pool_mode, pool_modes, write_json  # noqa: E402
 
 from mixersnn.models import create_model  # noqa: E402
 from mixersnn.models.mixer_snn import compile_model, compile_unavailable_reason  # noqa: E402
@@ -288,12 +288,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                     choices=["reference", "eager", "compiled", "compiled-blocks", "cudagraphs", "cudagraphs-model"],
                     default=None, help="CUDA variants (default: reference eager, plus compiled-blocks and "
                     "cudagraphs (per block) with --compile)")  # fmt: skip
-    ap.add_argument(
-        "--pool", choices=["both", "fresh", "pool"], default="both",
-        help="the cpu backend's output pool: off (fresh), on (pool, the default), or both side by side",
-    )  # fmt: skip
-    ap.add_argument("--smoke", action="store_true", help="batch 2, one repeat (CI)")
-    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    add_common_args(ap, smoke_help="batch 2, one repeat (CI)")
     args = ap.parse_args(argv)
     if args.smoke:
         args.batch, args.cuda_batch, args.repeats, args.warmup = 2, 2, 1, 1

@@ -32,11 +32,11 @@ before anything starts; the sampler over the space is :mod:`search.space`.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from mixersnn.models.config import ConfigError
+from mixersnn.models.config import ConfigError, from_known_keys
 
 __all__ = [
     "ParamSpec",
@@ -615,11 +615,7 @@ def _section(raw: dict[str, Any], key: str, cls: type, path: str) -> Any:
     d = raw.get(key) or {}
     if not isinstance(d, dict):
         raise ConfigError(f"{path}: '{key}:' must be a mapping, got {d!r}")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ConfigError(f"{path}: unknown keys {unknown} in '{key}:'; valid: {sorted(known)}")
-    return cls(**d)
+    return from_known_keys(cls, d, f"{path}: '{key}:'")
 
 
 def _check(ok: bool, msg: str) -> None:

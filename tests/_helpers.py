@@ -5,6 +5,7 @@
 - :func:`tiny_train_config`: the smallest sensible ``TrainConfig`` on a shard folder.
 - :func:`free_port`: a free loopback port for a test's server or Ray dashboard.
 - :data:`WORKER_ENV` / :func:`start_local_ray`: the Ray tests' worker environment and local runtime.
+- :func:`lif_option_grid`: neuron options over every reset x decay x detach x surrogate choice.
 - :func:`lif_inputs` / :func:`lif_grads`: LIF inputs that hit the threshold exactly, and one
   forward + backward of a LIF function (the CPU and GPU kernel suites).
 - :data:`KERNEL_TOL`: how far the fused kernels' stored results may be from the fp32 reference,
@@ -14,8 +15,9 @@
 from __future__ import annotations
 
 import functools
+import itertools
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -27,6 +29,17 @@ from search.driver import LOCAL_WORKER_ENV
 # everywhere, the only error is rounding to storage (u saved in 16 bits feeds the surrogate;
 # gradients are accumulated over up to 16 steps).
 KERNEL_TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def lif_option_grid(*constants: Callable[[Any, bool, bool, str], dict[str, Any]]) -> list:
+    """Resolved LIF options for every (hard or soft reset, decay_input, detach_reset,
+    surrogate) choice, once per ``constants``: a function of that choice, ``(v_reset (0.0 or
+    None), decay_input, detach_reset, surrogate)``, giving the rest (``v_reset`` included)."""
+    from mixersnn.neurons import make_lif_params
+
+    choices = itertools.product((0.0, None), (True, False), (True, False), ("sigmoid", "atan"))
+    return [make_lif_params(decay_input=decay, detach_reset=detach, surrogate=sg, **c(v_reset, decay, detach, sg))
+            for v_reset, decay, detach, sg in choices for c in constants]
 
 
 def lif_inputs(steps: int, n: int, seed: int, dtype: torch.dtype = torch.float32, device: str = "cpu") -> torch.Tensor:

@@ -7,7 +7,6 @@ GPU-less failure mode of "cupy", and the on-disk library cache.
 
 from __future__ import annotations
 
-import itertools
 import os
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _helpers import KERNEL_TOL, lif_grads, lif_inputs
+from _helpers import KERNEL_TOL, lif_grads, lif_inputs, lif_option_grid
 from mixersnn.kernels import cpu as cpu_kernels
 from mixersnn.neurons import LIF, lif_multistep, lif_reference, make_lif_params
 from mixersnn.neurons.backends import LIFParams, resolve_backend
@@ -30,32 +29,11 @@ pytestmark = pytest.mark.skipif(
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _options() -> list[LIFParams]:
-    """Every option combination, with non-default constants for half of them."""
-    out = []
-    for v_reset, decay, detach, surrogate in itertools.product(
-        (0.0, None), (True, False), (True, False), ("sigmoid", "atan")
-    ):
-        out.append(
-            make_lif_params(
-                v_reset=v_reset, decay_input=decay, detach_reset=detach, surrogate=surrogate
-            )
-        )
-        out.append(
-            make_lif_params(
-                tau=3.7,
-                v_threshold=0.6,
-                v_reset=None if v_reset is None else -0.2,
-                decay_input=decay,
-                detach_reset=detach,
-                surrogate=surrogate,
-                alpha=2.5,
-            )
-        )
-    return out
-
-
-OPTIONS = _options()
+#: Every option choice, once with the paper's constants and once with others.
+OPTIONS = lif_option_grid(
+    lambda v_reset, *_: {"v_reset": v_reset},
+    lambda v_reset, *_: {"tau": 3.7, "v_threshold": 0.6, "v_reset": None if v_reset is None else -0.2, "alpha": 2.5},
+)
 
 
 @pytest.fixture(params=["cached", "streamed"])

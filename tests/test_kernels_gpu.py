@@ -8,12 +8,11 @@ on the upcast values: the kernels compute in fp32, so spikes match exactly and o
 
 from __future__ import annotations
 
-import itertools
 
 import pytest
 import torch
 
-from _helpers import KERNEL_TOL, lif_grads, lif_inputs
+from _helpers import KERNEL_TOL, lif_grads, lif_inputs, lif_option_grid
 from mixersnn.neurons import LIF, lif_multistep, lif_reference, make_lif_params
 from mixersnn.neurons.backends import LIFParams, available_backends, resolve_backend
 
@@ -25,25 +24,11 @@ pytestmark = [
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def _options() -> list[LIFParams]:
-    out = []
-    for v_reset, decay, detach, surrogate in itertools.product(
-        (0.0, None), (True, False), (True, False), ("sigmoid", "atan")
-    ):
-        out.append(
-            make_lif_params(
-                tau=2.0 if decay else 3.7,
-                v_threshold=1.0 if surrogate == "sigmoid" else 0.6,
-                v_reset=v_reset if v_reset is None or detach else -0.2,
-                decay_input=decay,
-                detach_reset=detach,
-                surrogate=surrogate,
-            )
-        )
-    return out
-
-
-OPTIONS = _options()
+OPTIONS = lif_option_grid(lambda v_reset, decay, detach, surrogate: {
+    "tau": 2.0 if decay else 3.7,
+    "v_threshold": 1.0 if surrogate == "sigmoid" else 0.6,
+    "v_reset": v_reset if v_reset is None or detach else -0.2,
+})
 
 
 def _check(p: LIFParams, steps: int, n: int, dtype: torch.dtype, seed: int) -> None:

@@ -101,14 +101,9 @@ def test_held_out_shards_never_reach_training(fmnist_shards: Path) -> None:
 
 
 def test_supernet_resume_continues_the_same_run(fmnist_shards: Path, tmp_path: Path) -> None:
-    first = Recorder(tmp_path / "first")
-
-    def crash(metrics: dict, ckpt_dir) -> None:
-        first(metrics, ckpt_dir)
-        raise RuntimeError("simulated crash")
-
+    first = Recorder(tmp_path / "first", crash=True)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run_training(_cfg(fmnist_shards, epochs=2), WorkerContext(report=crash, log=lambda s: None))
+        run_training(_cfg(fmnist_shards, epochs=2), WorkerContext(report=first, log=lambda s: None))
     saved = torch.load(tmp_path / "first" / "epoch_0" / CHECKPOINT_FILE, weights_only=True)
     resumed = Recorder(tmp_path / "resumed")
     logs: list[str] = []

@@ -19,10 +19,12 @@ def _cfg(data: Path, **kw) -> TrainConfig:
 
 
 class Recorder:
-    """Keeps what the loop reports, like Ray Train keeps checkpoints."""
+    """Keeps what the loop reports, like Ray Train keeps checkpoints; with ``crash`` it raises
+    "simulated crash" right after keeping the first report (a worker lost after a checkpoint)."""
 
-    def __init__(self, keep: Path) -> None:
+    def __init__(self, keep: Path, *, crash: bool = False) -> None:
         self.keep = keep
+        self.crash = crash
         self.metrics: list[dict] = []
 
     def __call__(self, metrics: dict, ckpt_dir) -> None:
@@ -31,6 +33,8 @@ class Recorder:
             dst = self.keep / f"epoch_{metrics['epoch']}"
             dst.mkdir(parents=True, exist_ok=True)
             (dst / CHECKPOINT_FILE).write_bytes((Path(ckpt_dir) / CHECKPOINT_FILE).read_bytes())
+        if self.crash:
+            raise RuntimeError("simulated crash")
 
 
 def test_loop_learns_on_real_data_and_reports_every_epoch(fmnist_shards: Path, tmp_path: Path) -> None:
@@ -56,14 +60,9 @@ def test_resume_continues_without_retraining(fmnist_shards: Path, tmp_path: Path
     run_training(_cfg(fmnist_shards, epochs=3), WorkerContext(report=full, log=lambda s: None))
 
     # The first attempt crashes right after epoch 0 was checkpointed; resume from there.
-    first = Recorder(tmp_path / "first")
-
-    def crash_after_first_epoch(metrics: dict, ckpt_dir) -> None:
-        first(metrics, ckpt_dir)
-        raise RuntimeError("simulated crash")
-
+    first = Recorder(tmp_path / "first", crash=True)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run_training(_cfg(fmnist_shards, epochs=3), WorkerContext(report=crash_after_first_epoch, log=lambda s: None))
+        run_training(_cfg(fmnist_shards, epochs=3), WorkerContext(report=first, log=lambda s: None))
     assert [m["epoch"] for m in first.metrics] == [0]
     resumed = Recorder(tmp_path / "resumed")
     logs: list[str] = []

@@ -197,7 +197,8 @@ def _build(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
     """:func:`build_configs`, and where the run comes from: ``{"run_id", "model_uri",
     "scale"}`` (each only when set) for the run's spec and its links to the source."""
     from mixersnn.models.scale import SCALE_KEYS, parse_scale, scale_from_mapping
-    from trainers.config import ConfigError, ScaleConfig, TrainConfig, load_yaml_config
+    from mixersnn.models.config import from_known_keys
+    from trainers.config import ScaleConfig, TrainConfig, load_yaml_config
 
     train_d: dict[str, Any] = {}
     scale_d: dict[str, Any] = {}
@@ -225,14 +226,8 @@ def _build(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
         if src.model_uri:
             origin["model_uri"] = src.model_uri
     overrides = dict(train_d.get("model_overrides") or {})
-    for flag, key in _TRAIN_FLAGS.items():
-        v = getattr(args, flag, None)
-        if v is not None:
-            train_d[key] = None if v is CLEAR else v
-    for flag, key in _MODEL_FLAGS.items():
-        v = getattr(args, flag, None)
-        if v is not None:
-            overrides[key] = v
+    _copy_given(args, _TRAIN_FLAGS, train_d)
+    _copy_given(args, _MODEL_FLAGS, overrides)
     if args.no_spe:
         overrides["spe"] = False
     if "depths" in overrides:
@@ -249,17 +244,19 @@ def _build(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
                                            "--scale" if scale_arg is not None else f"{args.config}: scale"))
         origin["scale"] = model_scale.to_dict()
     train_d["model_overrides"] = overrides
-    for flag, key in _SCALE_FLAGS.items():
-        v = getattr(args, flag, None)
-        if v is not None:
-            scale_d[key] = v
+    _copy_given(args, _SCALE_FLAGS, scale_d)
     if args.gpus_per_worker:
         scale_d["use_gpu"] = True
-    known = set(ScaleConfig.__dataclass_fields__)
-    unknown = sorted(set(scale_d) - known)
-    if unknown:
-        raise ConfigError(f"scale: unknown keys {unknown}; valid keys: {sorted(known)}")
-    return TrainConfig.from_dict(train_d), ScaleConfig(**scale_d), origin
+    return TrainConfig.from_dict(train_d), from_known_keys(ScaleConfig, scale_d, "scale"), origin
+
+
+def _copy_given(args: argparse.Namespace, flags: dict[str, str], into: dict[str, Any]) -> None:
+    """Each flag in ``flags`` that the command line gave, into ``into`` under its config key
+    (``none`` given to a flag that can clear a setting becomes None)."""
+    for flag, key in flags.items():
+        v = getattr(args, flag, None)
+        if v is not None:
+            into[key] = None if v is CLEAR else v
 
 
 def _scaled_overrides(train_d: dict[str, Any], overrides: dict[str, Any], model_scale: Any,

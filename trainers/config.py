@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
 __all__ = ["TrainConfig", "ScaleConfig", "load_yaml_config", "ConfigError"]
 
-from mixersnn.models.config import ConfigError
+from mixersnn.models.config import ConfigError, from_known_keys
 
 
 @dataclass
@@ -200,11 +200,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown training config keys {unknown}; valid keys: {sorted(known)}")
-        return cls(**d)
+        return from_known_keys(cls, d, "training config")
 
 
 @dataclass

@@ -149,16 +149,9 @@ def _worker_loop(config: dict[str, Any]) -> None:
         return ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
 
     with local_checkpoint(ray.train.get_checkpoint()) as resume_dir:
-        run_training(cfg, WorkerContext(
-            rank=rank,
-            world_size=world,
-            device=device,
-            wrap_model=wrap,
-            report=report,
-            resume_dir=resume_dir,
-            tracker=tracker,
-            log=(lambda s: print(f"[rank {rank}] {s}", flush=True)) if rank == 0 else (lambda s: None),
-        ))
+        log = (lambda s: print(f"[rank {rank}] {s}", flush=True)) if rank == 0 else (lambda s: None)
+        run_training(cfg, WorkerContext(rank=rank, world_size=world, device=device, wrap_model=wrap, report=report,
+                                        resume_dir=resume_dir, tracker=tracker, log=log))
 
 
 def init_local_ray(ray_init_kwargs: Optional[dict[str, Any]] = None, *, env_vars: dict[str, str],

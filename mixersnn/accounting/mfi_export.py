@@ -38,6 +38,7 @@ from torch import nn
 
 from mixersnn._atomic import atomic_path
 from mixersnn.layers.common import NeuronFactory, fold, unfold
+from mixersnn.layers.spiking_patch_encoding import SpikingPatchEncoding
 from mixersnn.models.config import MixerSNNConfig
 from mixersnn.models.mixer_snn import MixerSNN, build_stages
 from mixersnn.neurons import LIF
@@ -129,25 +130,10 @@ class MFIPatchEmbed(nn.Module):
         return y.unsqueeze(0).expand(T, *y.shape)
 
 
-class MFISpikingPatchEncoding(nn.Module):
-    """SPE with its three ConvBN units folded (same wiring as
-    :class:`~mixersnn.layers.SpikingPatchEncoding`)."""
-
-    def __init__(self, *, in_dim: int, out_dim: int, neuron: NeuronFactory) -> None:
-        super().__init__()
-        n = out_dim // 3
-        self.n = n
-        self.down = FoldedConv(in_dim, 3 * n, kernel_size=3, stride=2, padding=1)
-        self.lif1 = neuron()
-        self.conv12 = FoldedConv(n, n, kernel_size=3, stride=1, padding=1)
-        self.lif2 = neuron()
-        self.conv23 = FoldedConv(n, n, kernel_size=3, stride=1, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a1, a2, a3 = self.down(x).split(self.n, dim=2)
-        a2 = a2 + self.conv12(self.lif1(a1))
-        a3 = a3 + a1 + self.conv23(self.lif2(a2))
-        return torch.cat((a1, a2, a3), dim=2)
+def MFISpikingPatchEncoding(*, in_dim: int, out_dim: int, neuron: NeuronFactory) -> SpikingPatchEncoding:
+    """SPE with its three ConvBN units folded: :class:`~mixersnn.layers.SpikingPatchEncoding`
+    built on :class:`FoldedConv`."""
+    return SpikingPatchEncoding(in_dim=in_dim, out_dim=out_dim, neuron=neuron, conv=FoldedConv)
 
 
 class MFITokenBlock(nn.Module):

@@ -35,12 +35,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="output folder or object-store prefix (s3://bucket/prefix); each split goes to OUT/<split>/",
     )
     m.add_argument("--format", default="auto", choices=["auto", "idx", "cifar", "imagefolder"])
-    m.add_argument("--name", default=None, help="data set name for the manifest (default: from the folder)")
+    m.add_argument("--name", dest="dataset", metavar="NAME", default=None, help="data set name for the manifest (default: from the folder)")
     m.add_argument("--split", default="train", help="split name when SOURCE is a single ImageFolder split")
     m.add_argument("--splits", nargs="+", default=None, help="convert only these splits")
     m.add_argument("--samples-per-shard", type=int, default=DEFAULT_SAMPLES_PER_SHARD, help="samples in each tar shard")
     m.add_argument("--seed", type=int, default=0, help="seed of the sample permutation")
-    m.add_argument("--no-shuffle", action="store_true", help="keep the source order")
+    m.add_argument("--no-shuffle", dest="shuffle", action="store_false", help="keep the source order")
     m.add_argument("--encoding", default=None, choices=list(ENCODINGS), help="default: png (arrays), keep (folders)")
     m.add_argument("--jpeg-quality", type=int, default=95, help="quality of --encoding jpeg")
     m.add_argument("--img-size", type=int, default=None, help="folders: resize shorter side + centre-crop to N x N")
@@ -57,7 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--processes", dest="workers", type=int, default=None, metavar="N",
                    help="parallel conversion processes (default: all cores)")
     m.add_argument("--workers", dest="workers", type=int, action=DeprecatedAlias, new="--processes")
-    m.add_argument("--no-progress", action="store_true", help="no progress bars")
+    m.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     m.add_argument("--json", action="store_true", help="print the manifests as JSON")
 
     i = sub.add_parser("info", help="summarise a split's manifest")
@@ -102,30 +102,18 @@ def _summary(m) -> str:  # type: ignore[no-untyped-def]
     )
 
 
+#: make-shards' flags by their ``make_shards`` keyword (each flag's ``dest``).
+_MAKE_SHARDS_OPTIONS = ("format", "dataset", "split", "splits", "limit", "samples_per_shard", "shuffle", "seed",
+                        "encoding", "jpeg_quality", "img_size", "channels", "flip_safe", "workers", "progress")
+
+
 def run(args: argparse.Namespace) -> int:
     if args.data_command == "make-shards":
         from mixersnn.data.converters import make_shards
 
         t0 = time.perf_counter()
-        manifests = make_shards(
-            args.source,
-            args.out,
-            format=args.format,
-            dataset=args.name,
-            split=args.split,
-            splits=args.splits,
-            limit=args.limit,
-            samples_per_shard=args.samples_per_shard,
-            shuffle=not args.no_shuffle,
-            seed=args.seed,
-            encoding=args.encoding,
-            jpeg_quality=args.jpeg_quality,
-            img_size=args.img_size,
-            channels=args.channels,
-            flip_safe=args.flip_safe,
-            workers=args.workers,
-            progress=not args.no_progress,
-        )
+        options = {k: getattr(args, k) for k in _MAKE_SHARDS_OPTIONS}
+        manifests = make_shards(args.source, args.out, **options)
         dt = time.perf_counter() - t0
         if args.json:
             print(json.dumps({k: m.to_json() for k, m in manifests.items()}, indent=2))

@@ -18,7 +18,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import IO, Any, Optional, Union
 
 from mixersnn._atomic import atomic_write_bytes
 
@@ -169,16 +169,18 @@ class Manifest:
         return {"format_version": MANIFEST_VERSION, **d}
 
 
-def sha256_file(path: Union[str, Path], chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
+def sha256_stream(f: IO[bytes], chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a binary stream, read to its end in 1 MiB chunks."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
+    while b := f.read(chunk):
+        h.update(b)
     return h.hexdigest()
+
+
+def sha256_file(path: Union[str, Path], chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file."""
+    with open(path, "rb") as f:
+        return sha256_stream(f, chunk)
 
 
 def write_manifest(manifest: Manifest, split_dir: Union[str, Path]) -> Path:

@@ -23,7 +23,6 @@ backend package (``s3fs`` for ``s3://``: ``pip install "mixersnn[s3]"``) only th
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import IO, Any, Union
@@ -204,14 +203,10 @@ def size(url: str) -> int:
 
 def sha256_url(url: str, chunk: int = 1 << 20) -> str:
     """Hex sha256 of an object, streamed (the remote twin of ``manifest.sha256_file``)."""
-    h = hashlib.sha256()
+    from mixersnn.data.manifest import sha256_stream
+
     with open_read(url) as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
+        return sha256_stream(f, chunk)
 
 
 def upload_split(local_dir: Union[str, Path], url: str, *, manifest_name: str = "manifest.json") -> list[str]:

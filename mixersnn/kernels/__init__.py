@@ -30,21 +30,5 @@ __all__ = [
     "set_pool_limit",
 ]
 
-register_backend(
-    Backend(
-        name="cpu",
-        fn=lif_cpu,
-        devices=("cpu",),
-        available=cpu_unavailable_reason,
-        priority=10,
-    )
-)
-register_backend(
-    Backend(
-        name="cupy",
-        fn=lif_cupy,
-        devices=("cuda",),
-        available=cupy_unavailable_reason,
-        priority=10,
-    )
-)
+register_backend(Backend(name="cpu", fn=lif_cpu, devices=("cpu",), available=cpu_unavailable_reason, priority=10))
+register_backend(Backend(name="cupy", fn=lif_cupy, devices=("cuda",), available=cupy_unavailable_reason, priority=10))

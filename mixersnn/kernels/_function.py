@@ -10,7 +10,16 @@ import torch
 
 from mixersnn.neurons.backends import LIFParams
 
-__all__ = ["Launcher", "FusedLIF", "run_fused"]
+__all__ = ["Launcher", "FusedLIF", "run_fused", "require_device"]
+
+
+def require_device(x_seq: torch.Tensor, backend: str, device_type: str) -> None:
+    """Raise unless ``x_seq`` lives where ``backend`` runs (naming the fix: backend='auto')."""
+    if x_seq.device.type != device_type:
+        raise RuntimeError(
+            f"backend={backend!r} needs {device_type.upper()} tensors, got device {x_seq.device}; "
+            "use backend='auto'"
+        )
 
 
 class Launcher(Protocol):

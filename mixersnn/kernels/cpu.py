@@ -26,14 +26,8 @@ import torch
 
 from mixersnn._atomic import atomic_path
 from mixersnn.kernels._alloc import empty_like_large
-from mixersnn.kernels._function import run_fused
-from mixersnn.kernels.source import (
-    backward_variant,
-    backward_variants,
-    forward_variant,
-    forward_variants,
-    kernel_source,
-)
+from mixersnn.kernels._function import require_device, run_fused
+from mixersnn.kernels.source import backward_variant, backward_variants, forward_variant, forward_variants, kernel_source
 from mixersnn.neurons.backends import LIFParams
 from mixersnn.neurons.functional import lif_reference_backend
 
@@ -406,10 +400,7 @@ def lif_cpu(
     Returns:
         ``(spikes [T, ...], v_final [...] or None)`` in ``x_seq``'s dtype.
     """
-    if x_seq.device.type != "cpu":
-        raise RuntimeError(
-            f"backend='cpu' needs CPU tensors, got device {x_seq.device}; use backend='auto'"
-        )
+    require_device(x_seq, "cpu", "cpu")
     dtype = x_seq.dtype
     if dtype == torch.float64:
         # The kernels are fp32; float64 (gradcheck, numerics studies) keeps its precision

@@ -15,15 +15,9 @@ from typing import Any, Optional
 
 import torch
 
-from mixersnn.kernels._function import run_fused
-from mixersnn.kernels.source import (
-    KernelVariant,
-    backward_variant,
-    backward_variants,
-    forward_variant,
-    forward_variants,
-    kernel_source,
-)
+from mixersnn.kernels._function import require_device, run_fused
+from mixersnn.kernels.source import (KernelVariant, backward_variant, backward_variants, forward_variant,
+                                     forward_variants, kernel_source)
 from mixersnn.neurons.backends import LIFParams
 
 __all__ = [
@@ -257,10 +251,7 @@ def lif_cupy(
     Returns:
         ``(spikes [T, ...], v_final [...] or None)`` in ``x_seq``'s dtype.
     """
-    if x_seq.device.type != "cuda":
-        raise RuntimeError(
-            f"backend='cupy' needs CUDA tensors, got device {x_seq.device}; use backend='auto'"
-        )
+    require_device(x_seq, "cupy", "cuda")
     if x_seq.dtype not in _DTYPE_NAMES:
         from mixersnn.neurons.functional import lif_reference_backend
 

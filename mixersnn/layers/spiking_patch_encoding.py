@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -26,9 +28,13 @@ class SpikingPatchEncoding(nn.Module):
         in_dim: input width C_in (spikes).
         out_dim: output width C_out = 2 * C_in, divisible by 3.
         neuron: factory of the spiking nonlinearity.
+        conv: the conv + BatchNorm unit, ``conv(in_ch, out_ch, kernel_size=, stride=,
+            padding=)`` on ``[T, B, C, H, W]``; the MFI export passes its folded conv.
     """
 
-    def __init__(self, *, in_dim: int, out_dim: int, neuron: NeuronFactory) -> None:
+    def __init__(
+        self, *, in_dim: int, out_dim: int, neuron: NeuronFactory, conv: Callable[..., nn.Module] = ConvBN
+    ) -> None:
         super().__init__()
         if out_dim % 3:
             raise ValueError(
@@ -37,11 +43,11 @@ class SpikingPatchEncoding(nn.Module):
             )
         n = out_dim // 3
         self.n = n
-        self.down = ConvBN(in_dim, 3 * n, kernel_size=3, stride=2, padding=1)
+        self.down = conv(in_dim, 3 * n, kernel_size=3, stride=2, padding=1)
         self.lif1 = neuron()
-        self.conv12 = ConvBN(n, n, kernel_size=3, stride=1, padding=1)
+        self.conv12 = conv(n, n, kernel_size=3, stride=1, padding=1)
         self.lif2 = neuron()
-        self.conv23 = ConvBN(n, n, kernel_size=3, stride=1, padding=1)
+        self.conv23 = conv(n, n, kernel_size=3, stride=1, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[T, B, C_in, H, W]`` spikes -> ``[T, B, 2*C_in, ceil(H/2), ceil(W/2)]`` real."""

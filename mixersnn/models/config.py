@@ -9,13 +9,25 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Optional
+from typing import Any, Mapping, Optional, TypeVar
 
-__all__ = ["NeuronConfig", "MixerSNNConfig", "ConfigError"]
+__all__ = ["NeuronConfig", "MixerSNNConfig", "ConfigError", "from_known_keys"]
+
+_D = TypeVar("_D")
 
 
 class ConfigError(ValueError):
     """A configuration value is out of range; the message names the value and the fix."""
+
+
+def from_known_keys(cls: type[_D], d: Mapping[str, Any], where: str) -> _D:
+    """``cls(**d)`` for the dataclass ``cls``, or a :class:`ConfigError` that names the keys of
+    ``d`` that are not its fields and the valid ones (``where`` says which block)."""
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {unknown}; valid keys: {sorted(known)}")
+    return cls(**d)
 
 
 @dataclass(frozen=True)
@@ -37,6 +49,11 @@ class NeuronConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def lif_options(self) -> dict[str, Any]:
+        """The neuron's options for :func:`mixersnn.neurons.make_lif_params` (every field
+        but ``backend``)."""
+        return {k: v for k, v in asdict(self).items() if k != "backend"}
 
 
 NEURON_KEYS = tuple(f.name for f in fields(NeuronConfig))
@@ -161,17 +178,8 @@ class MixerSNNConfig:
         # Neuron options are checked by the neuron itself (same messages everywhere).
         from mixersnn.neurons.functional import make_lif_params
 
-        n = self.neuron
         try:
-            make_lif_params(
-                tau=n.tau,
-                v_threshold=n.v_threshold,
-                v_reset=n.v_reset,
-                decay_input=n.decay_input,
-                detach_reset=n.detach_reset,
-                surrogate=n.surrogate,
-                alpha=n.alpha,
-            )
+            make_lif_params(**self.neuron.lif_options())
         except ValueError as err:
             raise ConfigError(f"neuron: {err}") from None
 
@@ -183,11 +191,7 @@ class MixerSNNConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MixerSNNConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown config keys {unknown}; valid keys are {sorted(known)}")
-        return cls(**d)
+        return from_known_keys(cls, d, "model config")
 
     def replace(self, **overrides: Any) -> "MixerSNNConfig":
         """A copy with ``overrides`` applied.

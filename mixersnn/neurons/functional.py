@@ -16,7 +16,8 @@ match it in spikes (exactly), final membrane and gradients (to float tolerance).
 
 from __future__ import annotations
 
-from typing import Optional
+import inspect
+from typing import Any, Mapping, Optional
 
 import torch
 
@@ -28,7 +29,7 @@ from mixersnn.neurons.backends import (
 )
 from mixersnn.neurons.surrogate import get_surrogate, spike_fn
 
-__all__ = ["lif_multistep", "make_lif_params", "lif_reference"]
+__all__ = ["lif_multistep", "make_lif_params", "lif_reference", "LIF_OPTIONS"]
 
 
 def make_lif_params(
@@ -41,7 +42,20 @@ def make_lif_params(
     surrogate: str = "sigmoid",
     alpha: Optional[float] = None,
 ) -> LIFParams:
-    """Validate neuron options and resolve the surrogate's alpha.
+    """Validate the neuron's options and resolve the surrogate's alpha.
+
+    This is the one definition of the LIF options, their defaults and their checks:
+    :func:`lif_multistep`, :class:`mixersnn.neurons.LIF` and ``NeuronConfig`` forward their
+    options here (:data:`LIF_OPTIONS` lists the names).
+
+    Args:
+        tau: membrane time constant, >= 1.
+        v_threshold: firing threshold.
+        v_reset: hard-reset potential, or ``None`` for a soft reset.
+        decay_input: divide the input by tau in the charge step.
+        detach_reset: no gradient through the spike inside the reset.
+        surrogate: "sigmoid" (alpha 4) or "atan" (alpha 2).
+        alpha: surrogate sharpness; ``None`` takes the surrogate's default.
 
     Raises:
         ValueError: naming the bad value, the allowed range and the fix.
@@ -73,6 +87,21 @@ def make_lif_params(
         surrogate=sg.name,
         alpha=alpha_f,
     )
+
+
+#: The neuron's option names, in :func:`make_lif_params`' order (its keyword arguments).
+LIF_OPTIONS: tuple[str, ...] = tuple(inspect.signature(make_lif_params).parameters)
+
+
+def _lif_params(options: Mapping[str, Any]) -> LIFParams:
+    """:func:`make_lif_params` on ``options``, first rejecting a name that is not an option
+    with a TypeError that names it and the valid ones."""
+    unknown = sorted(set(options) - set(LIF_OPTIONS))
+    if unknown:
+        raise TypeError(
+            f"unknown neuron option(s) {unknown}; valid options are {list(LIF_OPTIONS)}"
+        )
+    return make_lif_params(**options)
 
 
 def lif_reference(
@@ -139,15 +168,9 @@ def lif_multistep(
     x_seq: torch.Tensor,
     v_init: Optional[torch.Tensor] = None,
     *,
-    tau: float = 2.0,
-    v_threshold: float = 1.0,
-    v_reset: Optional[float] = 0.0,
-    decay_input: bool = True,
-    detach_reset: bool = False,
-    surrogate: str = "sigmoid",
-    alpha: Optional[float] = None,
     backend: str = "auto",
     return_v_final: bool = True,
+    **options: Any,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Multi-step leaky integrate-and-fire neuron, stateless.
 
@@ -157,39 +180,46 @@ def lif_multistep(
             sample starts from rest, the potential the leak settles to: ``v_reset`` for a hard
             reset (SpikingJelly's start; 0 for the paper's neuron), 0 for a soft reset. So there
             is no state to reset between batches.
-        tau: membrane time constant, >= 1.
-        v_threshold: firing threshold.
-        v_reset: hard-reset potential, or ``None`` for a soft reset.
-        decay_input: divide the input by tau in the charge step.
-        detach_reset: no gradient through the spike inside the reset.
-        surrogate: "sigmoid" (alpha 4) or "atan" (alpha 2).
-        alpha: surrogate sharpness; ``None`` takes the surrogate's default.
         backend: "auto" (fastest that works for the tensor's device), "torch" (reference),
             or a fused backend ("cpu", "cupy") once ``mixersnn.kernels`` provides it.
         return_v_final: False: the membrane after the last step is not kept (None is
             returned in its place). A layer that drops it should say so: the fused kernels
             then never write it, and with ``v_init`` None never read an initial membrane
             either, which at T=4 saves a fifth of the forward pass's memory traffic.
+        options: the neuron's options (``tau=``, ``v_threshold=``, ...), see
+            :func:`make_lif_params`; an unknown name raises TypeError.
 
     Returns:
         ``(spikes, v_final)``: spikes ``[T, ...]`` in ``x_seq``'s dtype with values in {0, 1},
         and the membrane after the last step ``[...]`` (None with ``return_v_final=False``).
     """
+    _check_x_seq(x_seq)  # before the options, so a bad input is reported first
+    return _lif_apply(
+        x_seq, v_init, _lif_params(options), backend=backend, return_v_final=return_v_final
+    )
+
+
+def _check_x_seq(x_seq: torch.Tensor) -> None:
     if x_seq.dim() < 1 or x_seq.shape[0] < 1:
         raise ValueError(
             f"x_seq must be time-first [T, ...] with T >= 1, got shape {tuple(x_seq.shape)}"
         )
     if not x_seq.is_floating_point():
         raise TypeError(f"x_seq must be a floating-point tensor, got {x_seq.dtype}")
-    p = make_lif_params(
-        tau=tau,
-        v_threshold=v_threshold,
-        v_reset=v_reset,
-        decay_input=decay_input,
-        detach_reset=detach_reset,
-        surrogate=surrogate,
-        alpha=alpha,
-    )
+
+
+def _lif_apply(
+    x_seq: torch.Tensor,
+    v_init: Optional[torch.Tensor],
+    p: LIFParams,
+    *,
+    backend: str = "auto",
+    return_v_final: bool = True,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """:func:`lif_multistep` with the options already resolved by :func:`make_lif_params`
+    (``p``), as :class:`mixersnn.neurons.LIF` holds them. Internal: the other arguments are
+    lif_multistep's."""
+    _check_x_seq(x_seq)
     if v_init is None:
         v0 = None  # rest (p.v_rest), which every backend starts from without reading a tensor
     else:

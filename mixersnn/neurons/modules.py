@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import importlib
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from mixersnn.neurons.backends import check_backend_name
-from mixersnn.neurons.functional import lif_multistep, make_lif_params
+from mixersnn.neurons.functional import _lif_params, _lif_apply
 
 __all__ = ["LIF", "time_major"]
 
@@ -49,7 +50,7 @@ def _fused_devices(backend: str) -> frozenset[str]:
     else:
         devices = frozenset(dev for dev, name in fused.items() if name == backend and name in usable)
     if devices:
-        import mixersnn.kernels.custom_op  # noqa: F401 - registers the ops before any tracing
+        importlib.import_module("mixersnn.kernels.custom_op")  # registers the ops before any tracing
     return devices
 
 
@@ -62,32 +63,14 @@ class LIF(nn.Module):
     unavailable backend fails before any training.
 
     Args:
-        tau, v_threshold, v_reset, decay_input, detach_reset, surrogate, alpha, backend:
-            as in :func:`mixersnn.neurons.lif_multistep`.
+        backend: as in :func:`mixersnn.neurons.lif_multistep`.
+        options: the neuron's options (``tau=``, ``v_threshold=``, ...), see
+            :func:`mixersnn.neurons.make_lif_params`; an unknown name raises TypeError.
     """
 
-    def __init__(
-        self,
-        *,
-        tau: float = 2.0,
-        v_threshold: float = 1.0,
-        v_reset: Optional[float] = 0.0,
-        decay_input: bool = True,
-        detach_reset: bool = False,
-        surrogate: str = "sigmoid",
-        alpha: Optional[float] = None,
-        backend: str = "auto",
-    ) -> None:
+    def __init__(self, *, backend: str = "auto", **options: Any) -> None:
         super().__init__()
-        self.params = make_lif_params(
-            tau=tau,
-            v_threshold=v_threshold,
-            v_reset=v_reset,
-            decay_input=decay_input,
-            detach_reset=detach_reset,
-            surrogate=surrogate,
-            alpha=alpha,
-        )
+        self.params = _lif_params(options)
         check_backend_name(backend)
         self.backend = backend
         # Device types whose backend here is a fused kernel: under torch.compile the neuron
@@ -106,18 +89,8 @@ class LIF(nn.Module):
             if op_supports(x):
                 spikes = lif_op(x, p)
                 return spikes if inverse is None else spikes.permute(inverse)
-        spikes, _ = lif_multistep(
-            x,
-            tau=p.tau,
-            v_threshold=p.v_threshold,
-            v_reset=p.v_reset,
-            decay_input=p.decay_input,
-            detach_reset=p.detach_reset,
-            surrogate=p.surrogate,
-            alpha=p.alpha,
-            backend=self.backend,
-            return_v_final=False,  # every sample starts from rest; the final membrane is unused
-        )
+        # every sample starts from rest; the final membrane is unused
+        spikes, _ = _lif_apply(x, None, p, backend=self.backend, return_v_final=False)
         return spikes if inverse is None else spikes.permute(inverse)
 
     def extra_repr(self) -> str:
