@@ -276,7 +276,7 @@ def _train_supernet(cfg: SearchConfig, uri: str, parent: str, state: _State, log
     from search.resources import scale_config
     from trainers.config import TrainConfig
     from trainers.ray_train import fit
-    from trainers.tracking import mlflow_client, start_run
+    from trainers.tracking import following_epochs, mlflow_client, start_run
 
     name = f"{cfg.name}-supernet"
     if "supernet_run_id" not in state.data:
@@ -286,10 +286,13 @@ def _train_supernet(cfg: SearchConfig, uri: str, parent: str, state: _State, log
             "supernet": o.space, "holdout_shards": o.holdout_shards, "measure_energy": False, "log_model": True,
             "tracking_uri": uri, "experiment": cfg.experiment, "run_name": name, "parent_run_id": parent,
         })
-        start_run(uri, cfg.experiment, name, parent_run_id=parent, tags={"mixersnn.kind": "supernet", SEARCH_TAG: cfg.name})
-        log(f"training the supernet ({name}): {o.space}, holding out the last {o.holdout_shards} training shard(s)")
+        run_id = start_run(uri, cfg.experiment, name, parent_run_id=parent,
+                           tags={"mixersnn.kind": "supernet", SEARCH_TAG: cfg.name})
+        log(f"training the supernet ({name}, {o.train.get('time_budget_s') or 'no'} s budget): {o.space}, "
+            f"holding out the last {o.holdout_shards} training shard(s)")
         t0 = time.time()
-        res = fit(tc, scale_config(cfg.scale, storage_path=str(cfg.search_dir() / "train"), name=name))
+        with following_epochs(uri, run_id, "supernet (largest subnet)", log):
+            res = fit(tc, scale_config(cfg.scale, storage_path=str(cfg.search_dir() / "train"), name=name))
         state.data.update(supernet_run_id=res.mlflow_run_id, supernet_s=time.time() - t0,
                           supernet_metrics={k: v for k, v in res.metrics.items() if isinstance(v, (int, float))})
         state.save()
@@ -444,7 +447,7 @@ def _train_run(cfg: SearchConfig, uri: str, parent: str, state: _State, trial_id
     from trainers.config import TrainConfig
     from trainers.ray_train import fit
     from trainers.spec import RunSpec, log_run_spec
-    from trainers.tracking import MLflowTracker, start_run
+    from trainers.tracking import MLflowTracker, following_epochs, start_run
 
     done = state.data.setdefault("finalists_done", [])
     if trial_id in done:
@@ -467,7 +470,8 @@ def _train_run(cfg: SearchConfig, uri: str, parent: str, state: _State, trial_id
     log_run_spec(tr, RunSpec.of(tc, kind=kind, num_workers=int(cfg.scale.get("num_workers", 1))))
     log(f"training {what or trial_id} stand-alone")
     try:
-        m = fit(tc, scale_config(cfg.scale, storage_path=str(cfg.search_dir() / "train"), name=name)).metrics
+        with following_epochs(uri, run_id, what or trial_id, log):
+            m = fit(tc, scale_config(cfg.scale, storage_path=str(cfg.search_dir() / "train"), name=name)).metrics
     except Exception as err:
         settle_run(uri, run_id, "failed", f"{type(err).__name__}: {str(err)[:300]}")
         raise

@@ -11,14 +11,17 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from mixersnn.errors import UserError
 
 __all__ = ["default_tracking_uri", "check_tracking_server", "TrackingUnavailable", "mlflow_client", "MLflowTracker",
            "start_run", "end_run", "close_run", "find_run", "reopen_run", "monitor_system_metrics",
-           "system_metrics_enabled", "SYSTEM_METRICS_ENV"]
+           "system_metrics_enabled", "SYSTEM_METRICS_ENV", "following_epochs"]
 
 _MAX_PARAM_LEN = 6000
 
@@ -242,6 +245,57 @@ def reopen_run(uri: str, run_id: str) -> None:
     """Mark an existing run RUNNING again (a resumed job writes into it)."""
     mlflow_client(uri).set_terminated(run_id, "RUNNING")
     monitor_system_metrics(uri, run_id)
+
+
+@contextmanager
+def following_epochs(uri: str, run_id: str, label: str, log: Callable[[str], None], *,
+                     every_s: float = 15.0) -> Iterator[None]:
+    """While the block runs, log each epoch the run ``run_id`` records (train loss, test
+    accuracy), read from the tracking store every ``every_s`` seconds: a Ray Train run's
+    workers print nowhere the driver's user sees, so a long phase would otherwise be silent.
+    Epochs recorded before the block are not repeated; a store that does not answer is asked
+    again next time, never failing the block."""
+    client = mlflow_client(uri)
+    stop = threading.Event()
+    t0 = time.time()
+
+    def history() -> dict[int, dict[str, float]]:
+        by_step: dict[int, dict[str, float]] = {}
+        for key in ("train_loss", "test_acc"):
+            for m in client.get_metric_history(run_id, key):
+                by_step.setdefault(m.step, {})[key] = m.value
+        return by_step
+
+    def poll(seen: set[int]) -> None:
+        try:
+            by_step = history()
+        except Exception:  # noqa: BLE001 - a busy sqlite file or a server restart: next time
+            return
+        for step in sorted(set(by_step) - seen):
+            m = by_step[step]
+            if "test_acc" not in m:
+                continue  # the epoch's metrics are being written; take it whole next time
+            seen.add(step)
+            loss = f"train loss {m['train_loss']:.4f}, " if "train_loss" in m else ""
+            log(f"[{time.time() - t0:7.0f}s] {label}: epoch {step + 1}: {loss}test acc {m['test_acc']:.4f}")
+
+    try:
+        seen = set(history())
+    except Exception:  # noqa: BLE001
+        seen = set()
+
+    def follow() -> None:
+        while not stop.wait(every_s):
+            poll(seen)
+
+    thread = threading.Thread(target=follow, name=f"follow-{run_id[:8]}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        poll(seen)
 
 
 def start_run(
