@@ -149,6 +149,22 @@ def test_the_registered_model_is_a_logged_model_that_installs(store: Store, tmp_
                                                                  "mfi_report.json"}
 
 
+def test_registering_leaves_the_callers_mlflow_uris_alone(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+
+    from trainers.mlflow_model import log_registered_model
+
+    for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.delenv(k, raising=False)
+    mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
+    mlflow.set_registry_uri(None)  # type: ignore[arg-type]
+    before = mlflow.get_tracking_uri()
+    log_registered_model(store.uri, store.run_id, "tiny-again")
+    assert store.client().get_model_version("tiny-again", "1").run_id == store.run_id
+    assert mlflow.get_tracking_uri() == before != store.uri
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
+
+
 def test_energy_and_export_take_runs_and_models_uris(store: Store, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     data = str(store.shards / "test")
     for uri in (f"runs:/{store.run_id}", "models:/tiny/1", "models:/tiny/latest"):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -166,6 +167,29 @@ def _metadata(model: Any, run_id: str, *, spec: Optional[dict[str, Any]], energy
     }
 
 
+@contextlib.contextmanager
+def _fluent_uris(uri: str) -> Iterator[None]:
+    """mlflow's fluent API (``log_model`` has no client form) pointed at ``uri`` for the block
+    only: the process-wide tracking and registry URIs, and the environment variables mlflow
+    sets from them for subprocesses, are put back afterwards, so registering a model does not
+    redirect the caller's later MLflow calls or the Ray workers it starts."""
+    import mlflow
+
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])  # type: ignore[arg-type]  # None: unset
+        mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])  # type: ignore[arg-type]
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _log_model(uri: str, run: Any, model: Any, model_name: str, *, files: list[str],
                metadata: dict[str, Any]) -> None:
     """``mlflow.pytorch.log_model`` into ``run``, registered as ``model_name``; the run's status
@@ -176,10 +200,8 @@ def _log_model(uri: str, run: Any, model: Any, model_name: str, *, files: list[s
     from trainers.tracking import mlflow_client
 
     cfg = model.config
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
     status = run.info.status
-    with mlflow.start_run(run_id=run.info.run_id):
+    with _fluent_uris(uri), mlflow.start_run(run_id=run.info.run_id):
         mlflow.pytorch.log_model(
             model, name=MODEL_NAME, registered_model_name=model_name, signature=_signature(cfg),
             input_example=_input_example(cfg), pip_requirements=list(PIP_REQUIREMENTS),
