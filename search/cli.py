@@ -142,10 +142,18 @@ def _row_json(row: Any, front_ids: set[str]) -> dict[str, Any]:
 
 
 def _result_json(res: Any, cfg: Any) -> dict[str, Any]:
+    """``search --json``: the finished search, with the keys ``report --json`` gives it too
+    (``baselines``, ``prescreen``, ``oneshot``: null where the search had none)."""
+    from search.oneshot import load_finalists
+    from search.tracking import compare_baselines, prescreen_summary
+
     front_ids = {r.run_id for r in res.front}
     return {"search": cfg.name, "experiment": cfg.experiment, "parent_run_id": res.parent_run_id,
             "tracking_uri": res.tracking_uri, "wall_s": res.wall_s,
             "best": _row_json(res.best, front_ids) if res.best is not None else None,
             "registered_version": res.registered_version,
             "front": [_row_json(r, front_ids) for r in res.front],
-            "trials": [_row_json(r, front_ids) for r in res.rows]}
+            "trials": [_row_json(r, front_ids) for r in res.rows],
+            "baselines": compare_baselines(res.rows, res.front),
+            "prescreen": prescreen_summary(res.rows),
+            "oneshot": load_finalists(res.tracking_uri, res.parent_run_id) if cfg.mode == "oneshot" else None}

@@ -196,6 +196,10 @@ def test_screened_status_through_mlflow_finalize_and_report(tmp_path: Path, caps
     m = MlflowClient(uri).get_run(parent).data.metrics
     assert m["prescreen_kendall_tau"] == pytest.approx(4 / 6) and m["prescreen_spearman_rho"] == pytest.approx(0.8)
     assert m["prescreen_n"] == 4 and m["trials_screened"] == 1
+    from search.cli import _result_json
+
+    doc = json.loads(json.dumps(_result_json(res, cfg), default=str))  # what `search --json` prints
+    assert doc["prescreen"]["n"] == 4 and doc["prescreen"]["screened"] == 1 and doc["oneshot"] is None
 
     capsys.readouterr()
     assert main(["report", cfg.experiment, "--tracking-uri", uri, "--out", str(tmp_path / "p.png")]) == 0
