@@ -178,7 +178,7 @@ class TrainClock:
         replicas drift apart (different steps) or hang (different step counts).
         """
         t = self.elapsed()
-        if dist.is_available() and dist.is_initialized():
+        if _distributed():
             v = torch.tensor([t], dtype=torch.float64, device=device)
             dist.all_reduce(v, op=dist.ReduceOp.MAX)
             t = float(v)
@@ -258,7 +258,7 @@ def amp_dtype(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
 
 
 def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _distributed():
         return values
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
@@ -272,7 +272,7 @@ def replica_divergence(model: nn.Module, device: torch.device) -> float:
     float64; replicas that DDP keeps identical give identical triples. A non-zero value means
     the ranks drifted apart (a bug, or non-deterministic kernels at the last few ulps).
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not _distributed():
         return 0.0
     s0 = s1 = s2 = 0.0
     with torch.no_grad():
@@ -609,6 +609,7 @@ def _sandwich_step(run: _Run, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor
 
 
 def _distributed() -> bool:
+    """More than one rank: collectives are needed (and would fail without a process group)."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
