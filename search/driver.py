@@ -312,6 +312,7 @@ def _proposals_cls() -> type:
         def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
             if trial_id in self.baseline_ids or trial_id in self.told:
                 return
+            self._mark_screened(trial_id, result)
             if self.first_rung is not None and int(result.get("epoch", -1)) + 1 == self.first_rung:
                 self.told.add(trial_id)
                 self.inner.on_trial_complete(trial_id, result=result)
@@ -320,7 +321,16 @@ def _proposals_cls() -> type:
 
         def on_trial_complete(self, trial_id: str, result: Optional[dict[str, Any]] = None, error: bool = False) -> None:
             if trial_id not in self.baseline_ids and trial_id not in self.told:
+                self._mark_screened(trial_id, result)
                 self.inner.on_trial_complete(trial_id, result=result, error=error)
+
+        def _mark_screened(self, trial_id: str, result: Optional[dict[str, Any]]) -> None:
+            """A candidate the pre-screen dropped is told to Optuna with the infeasible path's
+            dominated values (so the sampler moves away from it); the ``screened`` attribute
+            tells the dashboard's reader that it never trained."""
+            trial = self._study_trials().get(trial_id)
+            if trial is not None and result and result.get("screened"):
+                trial.set_user_attr("screened", SCREENED_NOTE)
 
         def save(self, checkpoint_path: str) -> None:
             import pickle
@@ -344,6 +354,10 @@ def _proposals_cls() -> type:
             _fail_lost_trials(study, known={t.number for t in self._study_trials().values()})
 
     return Proposals
+
+
+#: The ``screened`` user attribute of a study trial the zero-cost pre-screen dropped.
+SCREENED_NOTE = "dropped by the zero-cost pre-screen (prescreen:); never trained, its values are placeholders"
 
 
 def _label_study_trial(trial: Any, trial_id: str, config: dict[str, Any]) -> None:

@@ -456,3 +456,26 @@ def test_run_trial_screens_once_and_never_rescreens_a_reentered_run(fmnist_shard
     (brun,) = client.search_runs([client.get_run(parent).info.experiment_id],
                                  filter_string="attributes.run_name = 'pre-baseline-ref'")
     assert brun.data.tags[STATUS_TAG] == "ok" and SCORE_METRIC not in brun.data.metrics and len(trained) == 2
+
+
+def test_a_screened_candidate_is_marked_in_the_optuna_study(tmp_path: Path) -> None:
+    """Optuna's record (what optuna-dashboard shows) says a screened candidate never trained:
+    the real OptunaSearch behind the search's searcher, on a study database."""
+    import optuna
+
+    from search.config import load_search_config
+    from search.driver import SCREENED_NOTE, _searcher
+    from search.space import TrialSpec
+    from search.trial import screened_report
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    cfg = load_search_config(None, name="mark", storage_path=str(tmp_path / "runs"))
+    searcher = _searcher(cfg, [], None, optuna.storages.RDBStorage(storage))
+    first, second = searcher.suggest("t1"), searcher.suggest("t2")
+    assert first is not None and second is not None
+    searcher.on_trial_complete("t1", result=screened_report(TrialSpec.from_dict(first["resolved"])))
+    searcher.on_trial_complete("t2", result={"test_acc": 0.8, "energy_per_image_uj": 0.5, "num_params": 1e5,
+                                             "infeasible": 0, "search_final": 1})
+    trials = {t.user_attrs["tune_trial_id"]: t for t in optuna.load_study(study_name="mark", storage=storage).trials}
+    assert trials["t1"].user_attrs["screened"] == SCREENED_NOTE
+    assert "screened" not in trials["t2"].user_attrs
