@@ -479,3 +479,13 @@ def test_a_screened_candidate_is_marked_in_the_optuna_study(tmp_path: Path) -> N
     trials = {t.user_attrs["tune_trial_id"]: t for t in optuna.load_study(study_name="mark", storage=storage).trials}
     assert trials["t1"].user_attrs["screened"] == SCREENED_NOTE
     assert "screened" not in trials["t2"].user_attrs
+
+
+def test_retraining_a_screened_candidate_says_it_never_trained(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from mixersnn.cli import main
+
+    cfg, uri, parent = _search(tmp_path, "exp-retrain")
+    rid = _child(uri, cfg, parent, "s_00001", score=0.1, status="screened")
+    assert main(["train", "--from-run", rid, "--tracking-uri", uri, "--no-ray"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be retrained: it never trained (screened: screened out before training: test)" in err

@@ -219,7 +219,8 @@ def read_run_spec(uri: str, run_id: str) -> RunSpec:
                             f"search trial (tag {KIND_TAG}={kind!r}): pass the run id of a `mixersnn train` run "
                             f"or of a search trial")
         status = tags.get("mixersnn.trial_status")
-        why = (f"it never trained ({status}: {tags.get('mixersnn.reason', '')})" if status in ("infeasible", "estimate")
+        never = ("infeasible", "screened", "estimate")
+        why = (f"it never trained ({status}: {tags.get('mixersnn.reason', '')})" if status in never
                else f"it has no {SPEC_FILE} (made before mixersnn recorded run specs, or it failed before training)")
         raise UserError(f"run {run_id!r} ({run.info.run_name}) cannot be retrained: {why}. Retrain it with "
                         f"explicit flags{_params_hint(run)}, or use a run made by this version")
