@@ -281,6 +281,9 @@ def _proposals_cls() -> type:
         epoch completes its Optuna trial: most trials wait paused there, and Optuna, which
         takes no intermediate values with several objectives, would otherwise learn nothing
         from them until the search ends. The sampler so models every trial at one fidelity.
+
+        ``new_trial_gate`` (set by MO-ASHA with ``max_running``): no proposal while it says no
+        place is free, so the sampler proposes a trial only when it can start.
         """
 
         def __init__(self, inner: Any, baselines: list[dict[str, Any]], first_rung: Optional[int] = None) -> None:
@@ -290,11 +293,15 @@ def _proposals_cls() -> type:
             self.baseline_ids: set[str] = set()
             self.first_rung = first_rung
             self.told: set[str] = set()
+            self.new_trial_gate: Optional[Callable[[], bool]] = None
 
         def set_search_properties(self, metric: Optional[str], mode: Optional[str], config: dict, **spec: Any) -> bool:
             return self.inner.set_search_properties(metric, mode, config, **spec)
 
         def suggest(self, trial_id: str) -> Optional[dict[str, Any]]:
+            gate = getattr(self, "new_trial_gate", None)  # absent from a searcher pickled before it existed
+            if gate is not None and not gate():
+                return None  # Tune asks again at its next step
             if self.pending:
                 self.baseline_ids.add(trial_id)
                 return {"resolved": self.pending.pop(0)}
@@ -312,7 +319,7 @@ def _proposals_cls() -> type:
         def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
             if trial_id in self.baseline_ids or trial_id in self.told:
                 return
-            self._mark_screened(trial_id, result)
+            _mark_screened(self._study_trials().get(trial_id), result)
             if self.first_rung is not None and int(result.get("epoch", -1)) + 1 == self.first_rung:
                 self.told.add(trial_id)
                 self.inner.on_trial_complete(trial_id, result=result)
@@ -321,43 +328,52 @@ def _proposals_cls() -> type:
 
         def on_trial_complete(self, trial_id: str, result: Optional[dict[str, Any]] = None, error: bool = False) -> None:
             if trial_id not in self.baseline_ids and trial_id not in self.told:
-                self._mark_screened(trial_id, result)
+                _mark_screened(self._study_trials().get(trial_id), result)
                 self.inner.on_trial_complete(trial_id, result=result, error=error)
 
-        def _mark_screened(self, trial_id: str, result: Optional[dict[str, Any]]) -> None:
-            """A candidate the pre-screen dropped is told to Optuna with the infeasible path's
-            dominated values (so the sampler moves away from it); the ``screened`` attribute
-            tells the dashboard's reader that it never trained."""
-            trial = self._study_trials().get(trial_id)
-            if trial is not None and result and result.get("screened"):
-                trial.set_user_attr("screened", SCREENED_NOTE)
-
         def save(self, checkpoint_path: str) -> None:
-            import pickle
-
-            with open(checkpoint_path, "wb") as f:
-                pickle.dump(self.__dict__, f)
+            _save_proposals(self, checkpoint_path)
 
         def restore(self, checkpoint_path: str) -> None:
-            """Tune's last snapshot of the searcher (``--resume``). With a study database the
-            study is the database's, which is ahead of the snapshot: trials asked after it
-            (by a driver killed before Tune saved them) stay RUNNING there, though Tune never
-            runs them: they are closed as failed, so the sampler and the dashboard do not
-            wait on them."""
-            import pickle
-
-            with open(checkpoint_path, "rb") as f:
-                self.__dict__.update(pickle.load(f))
-            study = getattr(self.inner, "_ot_study", None)
-            if study is None or getattr(self.inner, "_storage", None) is None:
-                return
-            _fail_lost_trials(study, known={t.number for t in self._study_trials().values()})
+            _restore_proposals(self, checkpoint_path)
 
     return Proposals
 
 
+def _save_proposals(searcher: Any, checkpoint_path: str) -> None:
+    """Tune's snapshot of the searcher; not the gate: the running scheduler's, which sets it
+    again after a restore."""
+    import pickle
+
+    with open(checkpoint_path, "wb") as f:
+        pickle.dump({k: v for k, v in searcher.__dict__.items() if k != "new_trial_gate"}, f)
+
+
+def _restore_proposals(searcher: Any, checkpoint_path: str) -> None:
+    """Tune's last snapshot of the searcher (``--resume``). With a study database the study is
+    the database's, which is ahead of the snapshot: trials asked after it (by a driver killed
+    before Tune saved them) stay RUNNING there, though Tune never runs them: they are closed as
+    failed, so the sampler and the dashboard do not wait on them."""
+    import pickle
+
+    with open(checkpoint_path, "rb") as f:
+        searcher.__dict__.update(pickle.load(f))
+    study = getattr(searcher.inner, "_ot_study", None)
+    if study is None or getattr(searcher.inner, "_storage", None) is None:
+        return
+    _fail_lost_trials(study, known={t.number for t in searcher._study_trials().values()})
+
+
 #: The ``screened`` user attribute of a study trial the zero-cost pre-screen dropped.
 SCREENED_NOTE = "dropped by the zero-cost pre-screen (prescreen:); never trained, its values are placeholders"
+
+
+def _mark_screened(trial: Any, result: Optional[dict[str, Any]]) -> None:
+    """A candidate the pre-screen dropped is told to Optuna with the infeasible path's dominated
+    values (so the sampler moves away from it); the ``screened`` attribute tells the
+    dashboard's reader that it never trained."""
+    if trial is not None and result and result.get("screened"):
+        trial.set_user_attr("screened", SCREENED_NOTE)
 
 
 def _label_study_trial(trial: Any, trial_id: str, config: dict[str, Any]) -> None:
@@ -390,11 +406,13 @@ def _fail_lost_trials(study: Any, *, known: set[int]) -> None:
         study.set_user_attr(LOST_TRIALS_ATTR + "_reason", LOST_REASON)
 
 
-def _scheduler(cfg: SearchConfig, num_trials: int, log: Optional[Callable[[str], None]] = None) -> Any:
+def _scheduler(cfg: SearchConfig, num_trials: int, log: Optional[Callable[[str], None]] = None,
+               max_running: Optional[int] = None) -> Any:
     """Successive halving over epochs, or None (no early stopping, or a single epoch).
 
     Single-objective mode: Ray's ASHA on accuracy. Multi-objective mode: MO-ASHA
-    (:class:`search.scheduler.MultiObjectiveASHA`), its state kept in the search's folder.
+    (:class:`search.scheduler.MultiObjectiveASHA`), its state kept in the search's folder, at
+    most ``max_running`` trials training at once (paused ones not counted).
     """
     epochs = int(cfg.train.get("epochs", 10))
     if not cfg.asha.enabled or epochs <= cfg.asha.grace_period:
@@ -411,7 +429,7 @@ def _scheduler(cfg: SearchConfig, num_trials: int, log: Optional[Callable[[str],
     names, modes = cfg.objective.metrics()
     return MultiObjectiveASHA(metrics=names, modes=modes, max_t=epochs, grace_period=cfg.asha.grace_period,
                               reduction_factor=cfg.asha.reduction_factor, num_trials=num_trials,
-                              state_file=str(cfg.search_dir() / _SCHEDULER_FILE), log=log)
+                              state_file=str(cfg.search_dir() / _SCHEDULER_FILE), log=log, max_running=max_running)
 
 
 def _ctx(cfg: SearchConfig, uri: str, parent_run_id: str, resume: bool) -> SearchContext:
@@ -647,10 +665,10 @@ def _new_search(cfg: SearchConfig, trainable: Any, uri: str, parent: str, *, qui
     single = cfg.objective.mode == "single"
     progress = _tune_callback_cls()(total=total, uri=uri, experiment=cfg.experiment, parent_run_id=parent,
                                     quiet=quiet)
-    scheduler = _scheduler(cfg, total, progress.note)
     n_conc = _max_concurrent(cfg, log)
+    scheduler = _scheduler(cfg, total, progress.note, max_running=n_conc)
     # MO-ASHA pauses trials at rungs; Tune's concurrency limit would count them as running and
-    # stop starting new ones. The trials' resources bound how many run.
+    # stop starting new ones. MO-ASHA keeps to n_conc itself (paused trials not counted).
     pausing = scheduler is not None and not single
     halving = ""
     if scheduler is not None:

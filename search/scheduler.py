@@ -16,6 +16,16 @@ new trial start. So the first trials do not go to full training unopposed: a run
 ``reduction_factor`` results before it promotes one. Once every trial of the search exists and
 none runs or waits to start, the trials still paused stop where they are.
 
+With ``max_running``, at most that many trials train at once: a paused trial is promoted, and
+a waiting one started, only while fewer are in flight (running, or pending: Tune starts every
+pending trial by itself, the scheduler's choice only comes first). New trials over the limit
+(a searcher that proposes them regardless, or a resumed experiment, whose unfinished trials
+Tune restarts all at once) wait paused before they ever run, and start as places free, after
+the promotions due. A searcher with a ``new_trial_gate`` attribute (the driver's) is given the
+scheduler's check there and proposes a trial only when it can start, so the sampler proposes
+each with the results so far. (Tune's own ``max_concurrent_trials`` counts paused trials as
+running, which would stop new trials once the rungs hold that many.)
+
 The rungs and promotions are kept in a JSON file beside Tune's experiment state (Tune does not
 save schedulers), so a resumed search ranks against the trials of the killed driver, and a
 trial that a restart resumed past a rung it was not promoted from pauses at its next report
@@ -134,12 +144,14 @@ class MultiObjectiveASHA(_tune_scheduler_base()):  # type: ignore[misc]
             the spread along the front is measured in ratios, not differences).
         state_file: where rungs and promotions are kept (None: in memory only).
         log: where a line goes for each pause and promotion (None: nowhere).
+        max_running: trials in flight at most (running, or pending: about to start); paused
+            ones do not count. None: only the trials' resources bound how many run.
     """
 
     def __init__(self, *, metrics: Sequence[str], modes: Sequence[str], max_t: int, grace_period: int = 1,
                  reduction_factor: int = 3, num_trials: Optional[int] = None,
                  log_metrics: Sequence[str] = ("energy_per_image_uj",), state_file: Optional[str] = None,
-                 log: Optional[Callable[[str], None]] = None) -> None:
+                 log: Optional[Callable[[str], None]] = None, max_running: Optional[int] = None) -> None:
         super().__init__()
         if len(metrics) != len(modes) or not metrics:
             raise ValueError(f"metrics={list(metrics)} and modes={list(modes)} must be non-empty and of one length")
@@ -148,6 +160,8 @@ class MultiObjectiveASHA(_tune_scheduler_base()):  # type: ignore[misc]
             raise ValueError(f"modes={list(modes)}: each must be 'max' or 'min'")
         if reduction_factor < 2 or grace_period < 1:
             raise ValueError(f"reduction_factor={reduction_factor} must be >= 2 and grace_period={grace_period} >= 1")
+        if max_running is not None and int(max_running) < 1:
+            raise ValueError(f"max_running={max_running} must be >= 1 (or None: no limit)")
         self.metrics, self.modes = list(metrics), list(modes)
         self.log_metrics = set(log_metrics)
         self.reduction_factor = int(reduction_factor)
@@ -161,6 +175,19 @@ class MultiObjectiveASHA(_tune_scheduler_base()):  # type: ignore[misc]
         self.promoted: set[str] = set()
         self._loaded = False
         self._pruned = False
+        self.max_running = None if max_running is None else int(max_running)
+        # Trial ids seen by choose_trial_to_run, and those it paused before they ever ran
+        # (no place free when they were added); Tune's live list of trials (not pickled).
+        self._seen: set[str] = set()
+        self._held: set[str] = set()
+        self._trials: Optional[list[Any]] = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_trials": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A scheduler pickled before max_running existed (a search resumed across versions).
+        self.__dict__.update({"max_running": None, "_seen": set(), "_held": set(), "_trials": None, **state})
 
     # ------------------------------------------------------------------ state
     def _load(self) -> None:
@@ -280,21 +307,84 @@ class MultiObjectiveASHA(_tune_scheduler_base()):  # type: ignore[misc]
                          f"{', '.join(lost)}")
         return lost
 
-    def choose_trial_to_run(self, tune_controller: Any) -> Optional[Any]:
+    def _in_flight(self, trials: Sequence[Any], skip: Sequence[Any] = ()) -> int:
+        """Trials running or pending (Tune starts every pending trial by itself: one the
+        scheduler chose stays PENDING until its process starts), not counting ``skip``."""
         from ray.tune.experiment import Trial
 
+        return sum(1 for t in trials if t.status in (Trial.RUNNING, Trial.PENDING) and t not in skip)
+
+    def accepts_new_trial(self) -> bool:
+        """Whether a new trial may start now: fewer than ``max_running`` in flight, and no
+        paused trial waiting for a place (one over the limit, or a promotion due), which goes
+        first. A searcher's ``new_trial_gate``; it reads Tune's trials as they are now."""
+        from ray.tune.experiment import Trial
+
+        if self.max_running is None or self._trials is None:
+            return True
+        trials = list(self._trials)
+        paused = {t.trial_id for t in trials if t.status == Trial.PAUSED}
+        return (self._in_flight(trials) < self.max_running and not paused & self._held
+                and self.next_promotion(paused) is None)
+
+    def _wire(self, tune_controller: Any) -> list[Any]:
+        """Tune's trials (kept for :meth:`accepts_new_trial`), and the scheduler's check put in
+        the searcher's ``new_trial_gate`` where it has one (Tune's searcher wrappers unwrapped)."""
         trials = tune_controller.get_trials()
+        self._trials = trials
+        if self.max_running is not None:
+            searcher = getattr(tune_controller, "search_alg", None)
+            for _ in range(4):
+                if searcher is None or hasattr(searcher, "new_trial_gate"):
+                    break
+                searcher = getattr(searcher, "searcher", None)
+            if searcher is not None and hasattr(searcher, "new_trial_gate"):
+                searcher.new_trial_gate = self.accepts_new_trial
+        return trials
+
+    def choose_trial_to_run(self, tune_controller: Any) -> Optional[Any]:
+        """Called by Tune at each step, before it starts the pending trials itself: hold new
+        trials over ``max_running`` (paused), then hand out a promotion due, else a pending
+        trial, else a held one, while a place is free; or stop the paused trials once no rung
+        can change."""
+        from ray.tune.experiment import Trial
+
+        trials = self._wire(tune_controller)
         if not self._pruned:
             self._pruned = True
             self.forget_unknown({t.trial_id for t in trials})
+        new = [t for t in trials if t.trial_id not in self._seen and t.status == Trial.PENDING]
+        self._seen.update(t.trial_id for t in trials)
+        free = None if self.max_running is None else self.max_running - self._in_flight(trials, skip=new)
         paused = {t.trial_id: t for t in trials if t.status == Trial.PAUSED}
-        choice = self.next_promotion(set(paused))
+        choice = self.next_promotion(set(paused)) if free is None or free > 0 else None
+        if free is not None:
+            free -= 1 if choice is not None else 0
+            # Tune would start these at once: past the free places they wait, paused, before
+            # they ever ran (Tune calls this before it starts pending trials, in each step).
+            for t in new:
+                if free > 0:
+                    free -= 1
+                else:
+                    tune_controller._set_trial_status(t, Trial.PAUSED)
+                    self._held.add(t.trial_id)
+                    if self.log is not None:
+                        self.log(f"trial-{t.trial_id} waits for a place ({self.max_running} at a time)")
         if choice is not None:
+            self._held.discard(choice[0])
             self.promote(*choice)
             return paused[choice[0]]
         pending = [t for t in trials if t.status == Trial.PENDING]
         if pending:
             return pending[0]
+        held = [t for t in trials if t.trial_id in self._held and t.status == Trial.PAUSED]
+        if held:
+            if free is None or free > 0:
+                self._held.discard(held[0].trial_id)
+                return held[0]
+            return None
+        if free is not None and free <= 0:
+            return None  # every place taken: nothing starts, and running trials can change a rung
         running = any(t.status == Trial.RUNNING for t in trials)
         if paused and not running and self.num_trials is not None and len(trials) >= self.num_trials:
             # Every trial exists, none runs or waits to start, so no rung can change: the

@@ -1,5 +1,6 @@
-"""MO-ASHA (search.scheduler): the ordering it promotes by, its rungs and decisions, and the
-record it keeps for a resumed driver. The scheduler inside a real Tune search is exercised by
+"""MO-ASHA (search.scheduler): the ordering it promotes by, its rungs and decisions, the
+record it keeps for a resumed driver, and (in real Tune runs of a sleeping trainable) its limit
+on the trials training at once. The scheduler inside a real search is exercised by
 tests/test_search.py."""
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import json
 import math
 import random
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -158,3 +160,161 @@ def test_results_without_objectives_are_not_ranked(tmp_path: Path) -> None:
 def test_bad_arguments_are_named(kw: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         MultiObjectiveASHA(max_t=9, **kw)
+
+
+@pytest.mark.parametrize("max_running", [0, -1])
+def test_max_running_must_be_positive(max_running: int) -> None:
+    with pytest.raises(ValueError, match="max_running"):
+        MultiObjectiveASHA(metrics=["a"], modes=["max"], max_t=9, max_running=max_running)
+
+
+# ---------------------------------------------------------------------------- in a real Tune run
+
+
+@pytest.fixture(scope="module")
+def local_ray():  # type: ignore[no-untyped-def]
+    """One local Ray runtime (2 CPUs) for this module's Tune runs."""
+    import ray
+    from _helpers import start_local_ray
+
+    start_local_ray()
+    yield
+    ray.shutdown()
+
+
+def _epochs_trainable():  # type: ignore[no-untyped-def]
+    """A Tune function trainable: ``epochs`` epochs of ``sleep_s`` each, a checkpoint after each
+    (a paused trial resumes from it), and each epoch's (trial, acc, epoch, start, end) appended
+    to a file in ``log_dir``. The first trial to start waits in its first epoch, up to
+    ``company_s``, for a second one to start: a second trial that can start does so meanwhile.
+    Made here, so that Ray pickles it by value (workers cannot import the test module)."""
+
+    def train(config):  # type: ignore[no-untyped-def]
+        import glob
+        import json
+        import os
+        import tempfile
+        import time
+
+        from ray import tune
+
+        start, ckpt = 0, tune.get_checkpoint()
+        if ckpt is not None:
+            with ckpt.as_directory() as d, open(os.path.join(d, "epoch.json")) as f:
+                start = json.load(f)["epoch"] + 1
+        tid, log_dir = tune.get_context().get_trial_id(), config["log_dir"]
+        open(os.path.join(log_dir, f"{tid}.started"), "a").close()
+        for epoch in range(start, config["epochs"]):
+            t0 = time.time()
+            while epoch == 0 and time.time() < t0 + config["company_s"] \
+                    and len(glob.glob(os.path.join(log_dir, "*.started"))) < 2:
+                time.sleep(0.05)
+            time.sleep(config["sleep_s"])
+            with open(os.path.join(log_dir, f"{tid}.jsonl"), "a") as f:
+                f.write(json.dumps({"trial": tid, "acc": config["acc"], "epoch": epoch, "start": t0,
+                                    "end": time.time()}) + "\n")
+            with tempfile.TemporaryDirectory() as d:
+                with open(os.path.join(d, "epoch.json"), "w") as f:
+                    json.dump({"epoch": epoch}, f)
+                # The most accurate trial is also the cheapest: it dominates, and ranks first.
+                tune.report({"epoch": epoch, "test_acc": config["acc"] * (epoch + 1) / config["epochs"],
+                             "energy_per_image_uj": 2.0 - config["acc"]},
+                            checkpoint=tune.Checkpoint.from_directory(d))
+
+    return train
+
+
+# Best first: each later trial pauses at rung 1 behind the ones before, so paused trials are
+# promoted (the best one twice) while trials that never ran wait for a place.
+_ACCS = [0.8, 0.7, 0.6, 0.5]
+
+
+def _trial_config(log_dir: Path, company_s: float) -> dict:
+    from search.space import TrialSpec
+
+    spec = TrialSpec(arch={}, train={}, num_params=1, energy_uj_dense=1.0, energy_uj_est=1.0)
+    return {"epochs": 3, "sleep_s": 0.3, "company_s": company_s, "log_dir": str(log_dir), "resolved": spec.to_dict()}
+
+
+def _gated_searcher_cls() -> type:
+    from ray.tune.search import Searcher
+
+    class Gated(Searcher):
+        """Proposes the accuracies of ``_ACCS`` in turn, and none while ``new_trial_gate`` (set
+        by the scheduler, as for the driver's searcher) says no place is free."""
+
+        def __init__(self, base: dict) -> None:
+            super().__init__()
+            self.base, self.accs = base, list(_ACCS)
+            self.new_trial_gate = None
+
+        def suggest(self, trial_id: str):  # type: ignore[no-untyped-def]
+            if self.new_trial_gate is not None and not self.new_trial_gate():
+                return None
+            return {**self.base, "acc": self.accs.pop(0)} if self.accs else Searcher.FINISHED
+
+        def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
+            pass
+
+    return Gated
+
+
+def _run_mo_asha(tmp_path: Path, max_running, *, gated: bool = False,  # type: ignore[no-untyped-def]
+                 company_s: float = 0.0) -> tuple[list[dict], MultiObjectiveASHA]:
+    """Four trials of 0.1 CPU (the 2-CPU runtime holds all at once) under MO-ASHA (3 epochs,
+    rungs at 1 and 2), from a grid (all four exist at once) or the gated searcher; their
+    epochs' records in start order, and the scheduler."""
+    from ray import tune
+
+    log_dir = tmp_path / "epochs"
+    log_dir.mkdir(parents=True)
+    base = _trial_config(log_dir, company_s)
+    sched = MultiObjectiveASHA(metrics=["test_acc", "energy_per_image_uj"], modes=["max", "min"], max_t=3,
+                               grace_period=1, reduction_factor=2, num_trials=len(_ACCS), max_running=max_running)
+    search = {"search_alg": _gated_searcher_cls()(base)} if gated else {}
+    tuner = tune.Tuner(
+        tune.with_resources(_epochs_trainable(), {"cpu": 0.1}),
+        param_space={} if gated else {**base, "acc": tune.grid_search(_ACCS)},
+        tune_config=tune.TuneConfig(scheduler=sched, num_samples=len(_ACCS) if gated else 1, reuse_actors=True,
+                                    **search),
+        run_config=tune.RunConfig(name="mo", storage_path=str(tmp_path / "tune"), verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=0)),
+    )
+    results = tuner.fit()
+    assert not results.errors and len(results) == len(_ACCS)
+    epochs = [json.loads(line) for f in log_dir.glob("*.jsonl") for line in f.read_text().splitlines()]
+    return sorted(epochs, key=lambda e: e["start"]), sched
+
+
+def _most_at_once(epochs: list[dict]) -> int:
+    """The most epochs in progress at one instant (an epoch: [start, end])."""
+    events = sorted([(e["start"], 1) for e in epochs] + [(e["end"], -1) for e in epochs])
+    most = now = 0
+    for _, step in events:
+        now += step
+        most = max(most, now)
+    return most
+
+
+@pytest.mark.slow
+def test_max_running_keeps_mo_asha_to_one_trial_at_a_time(local_ray: None, tmp_path: Path) -> None:
+    # Without a limit, the first trial's wait for company is cut short: Tune starts every
+    # pending trial itself, whatever the scheduler chooses.
+    epochs, _ = _run_mo_asha(tmp_path / "free", None, company_s=20.0)
+    assert _most_at_once(epochs) > 1
+
+    # With max_running=1 the first trial waits alone: the grid's other three trials wait
+    # paused before they ever ran, and paused trials are promoted only into a free place.
+    epochs, sched = _run_mo_asha(tmp_path / "one", 1, company_s=2.0)
+    assert _most_at_once(epochs) == 1
+    order = [(e["acc"], e["epoch"]) for e in epochs]
+    # The best trial pauses at each rung until a later trial's result promotes it; the
+    # others wait paused at rung 1 or 2 and are stopped there once no rung can change.
+    assert order == [(0.8, 0), (0.7, 0), (0.8, 1), (0.6, 0), (0.5, 0), (0.7, 1), (0.8, 2)]
+    assert len(sched.promoted) == 3
+
+    # A searcher with the gate proposes a trial only when it can start: none waits unstarted.
+    epochs, sched = _run_mo_asha(tmp_path / "gated", 1, gated=True)
+    assert _most_at_once(epochs) == 1
+    assert [(e["acc"], e["epoch"]) for e in epochs] == order
+    assert not sched._held and len(sched._seen) == len(_ACCS)
