@@ -104,6 +104,7 @@ def _spread(scores: list[Any], n: int, seed: int) -> list[Any]:
 
 def _train_standalone(cfg: Any, spec: dict[str, Any], seconds: float, out: Path, smoke: bool) -> dict[str, Any]:
     """One subnet trained here with the finalists' recipe, tested on the test split."""
+    from search.oneshot import spec_overrides
     from trainers.config import TrainConfig
     from trainers.local import run_local
 
@@ -112,9 +113,7 @@ def _train_standalone(cfg: Any, spec: dict[str, Any], seconds: float, out: Path,
     if smoke:
         train.update(epochs=1, samples_per_epoch=640, max_eval_batches=1)
     tc = TrainConfig.from_dict({**train, "model": cfg.base_model, "data": cfg.data, "log_model": False,
-                                "model_overrides": {**shape, "embed_dim": spec["embed_dim"],
-                                                    "depths": list(spec["depths"]), "mlp_ratio": spec["mlp_ratio"],
-                                                    "T": spec["T"]}})
+                                "model_overrides": {**shape, **spec_overrides(spec)}})
     metrics, _ = run_local(tc, out)
     return {"test_acc": float(metrics["test_acc"]), "energy_uj": float(metrics.get("energy_per_image_uj", float("nan")))}
 
@@ -134,7 +133,7 @@ def _finished_oneshot(uri: str, cfg: Any) -> tuple[list[Any], list[tuple[float, 
     accuracy, energy) and the parent's metrics of the newest one-shot search named ``cfg.name``."""
     import csv
 
-    from search.oneshot import Score
+    from search.oneshot import Score, spec_of_row
     from search.tracking import collect_trials, find_search_runs
     from trainers.tracking import mlflow_client
 
@@ -144,10 +143,9 @@ def _finished_oneshot(uri: str, cfg: Any) -> tuple[list[Any], list[tuple[float, 
     parent = runs[0].info.run_id
     with tempfile.TemporaryDirectory() as d:
         text = Path(mlflow_client(uri).download_artifacts(parent, "search/oneshot_scores.csv", d)).read_text()
-    scores = [Score(spec={"embed_dim": int(r["embed_dim"]), "depths": [int(x) for x in r["depths"].split("-")],
-                          "mlp_ratio": float(r["mlp_ratio"]), "T": int(r["T"])},
-                    acc=float(r["heldout_acc"]), energy_uj=float(r["energy_uj"]), num_params=int(r["num_params"]),
-                    firing_rate=float(r["firing_rate"]), seconds=float(r["seconds"]), number=int(r["number"]))
+    scores = [Score(spec=spec_of_row(r), acc=float(r["heldout_acc"]), energy_uj=float(r["energy_uj"]),
+                    num_params=int(r["num_params"]), firing_rate=float(r["firing_rate"]), seconds=float(r["seconds"]),
+                    number=int(r["number"]))
               for r in csv.DictReader(text.splitlines())]
     rows = collect_trials(uri, parent)
     finalists = [(r.test_acc, r.energy_uj) for r in rows if r.scored and not r.is_baseline]

@@ -419,8 +419,10 @@ class OneShot:
 
     Attributes:
         space: the supernet's choices (:class:`mixersnn.models.SupernetSpace`): ``embed_dims``
-            (stage-1 widths; multiples of 3 with SPE), ``depths`` (per stage, the block
-            counts allowed), ``mlp_ratios``, ``Ts``. Patch size and SPE come from ``base_model``.
+            (stage-1 widths; multiples of 3 with SPE; every stage doubles) or instead
+            ``widths`` (per stage, the widths allowed; multiples of 3 after the first stage
+            with SPE), ``depths`` (per stage, the block counts allowed), ``mlp_ratios``, ``Ts``.
+            Patch size and SPE come from ``base_model``.
         train: TrainConfig fields of the supernet run, over the search's ``train:`` (e.g.
             ``time_budget_s``, ``epochs``, ``lr``, ``sandwich_random``).
         holdout_shards: the last N shards of the training split: the supernet never trains on
@@ -699,7 +701,8 @@ def _validate_oneshot(cfg: SearchConfig) -> None:
     from trainers.config import TrainConfig
 
     o = cfg.oneshot
-    _check(isinstance(o.space, dict), f"oneshot.space={o.space!r} must be a mapping of embed_dims, depths, mlp_ratios, Ts")
+    _check(isinstance(o.space, dict), f"oneshot.space={o.space!r} must be a mapping of embed_dims (or per-stage "
+                                         f"widths), depths, mlp_ratios, Ts")
     base = model_config(cfg.base_model, img_size=cfg.shape.img_size, in_chans=cfg.shape.in_chans,
                         num_classes=cfg.shape.num_classes)
     try:
@@ -936,7 +939,7 @@ def load_search_config(path: Union[str, Path, None] = None, **overrides: Any) ->
         raise ConfigError(f"{where}: unknown top-level keys {unknown}; valid: {sorted(top)}")
     if raw.get("mode") == "oneshot" and raw.get("space"):
         raise ConfigError(f"{where}: 'space:' is the trial mode's; a one-shot search's choices are 'oneshot: space:' "
-                          f"(embed_dims, depths, mlp_ratios, Ts) and its hyperparameters are fixed under 'train:'")
+                          f"(embed_dims or widths, depths, mlp_ratios, Ts) and its hyperparameters are fixed under 'train:'")
     data = str(raw.get("data", "fashion-mnist"))
     shape = data_shape(data)
     params = _space_params(raw.get("space") or {}, shape, where)

@@ -261,8 +261,19 @@ def run_oneshot(cfg: SearchConfig, *, resume: bool = False, ray_init_kwargs: Opt
 
 
 def _arch(spec: dict[str, Any]) -> str:
-    return (f"C={spec['embed_dim']} d={'-'.join(str(d) for d in spec['depths'])} "
-            f"r={spec['mlp_ratio']:g} T={spec['T']}")
+    width = (f"w={'-'.join(str(w) for w in spec['widths'])}" if spec.get("widths") is not None
+             else f"C={spec['embed_dim']}")  # fmt: skip
+    return f"{width} d={'-'.join(str(d) for d in spec['depths'])} r={spec['mlp_ratio']:g} T={spec['T']}"
+
+
+def spec_overrides(spec: dict[str, Any]) -> dict[str, Any]:
+    """The model overrides of a subnet (a SubnetSpec dict): its stage-1 width, depths, ratio and
+    T, and its per-stage widths as ``stage_dims`` when the space chose them."""
+    arch = {"embed_dim": spec["embed_dim"], "depths": list(spec["depths"]), "mlp_ratio": spec["mlp_ratio"],
+            "T": spec["T"]}
+    if spec.get("widths") is not None:
+        arch["stage_dims"] = list(spec["widths"])
+    return arch
 
 
 def _shape_overrides(cfg: SearchConfig) -> dict[str, Any]:
@@ -326,19 +337,33 @@ def _sampler(cfg: SearchConfig) -> Any:
 
 
 def _distributions(space: dict[str, Any]) -> dict[str, Any]:
+    """Optuna's distributions of a SupernetSpace dict: ``embed_dim`` (a stage-1 width space) or
+    ``width0``, ``width1``, ... (a per-stage ``widths`` space), ``mlp_ratio``, ``T`` and
+    ``depth0``, ``depth1``, ..."""
     from optuna.distributions import CategoricalDistribution
 
-    d = {"embed_dim": CategoricalDistribution(list(space["embed_dims"])),
-         "mlp_ratio": CategoricalDistribution([float(r) for r in space["mlp_ratios"]]),
-         "T": CategoricalDistribution(list(space["Ts"]))}
+    d: dict[str, Any] = {}
+    if space.get("widths"):
+        for s, choices in enumerate(space["widths"]):
+            d[f"width{s}"] = CategoricalDistribution(list(choices))
+    else:
+        d["embed_dim"] = CategoricalDistribution(list(space["embed_dims"]))
+    d.update({"mlp_ratio": CategoricalDistribution([float(r) for r in space["mlp_ratios"]]),
+              "T": CategoricalDistribution(list(space["Ts"]))})
     for s, choices in enumerate(space["depths"]):
         d[f"depth{s}"] = CategoricalDistribution(list(choices))
     return d
 
 
 def _spec_of(params: dict[str, Any], stages: int) -> dict[str, Any]:
-    return {"embed_dim": int(params["embed_dim"]), "depths": [int(params[f"depth{s}"]) for s in range(stages)],
+    """The SubnetSpec dict of Optuna's parameters (see :func:`_distributions`)."""
+    widths = [int(params[f"width{s}"]) for s in range(stages)] if "width0" in params else None
+    spec = {"embed_dim": widths[0] if widths else int(params["embed_dim"]),
+            "depths": [int(params[f"depth{s}"]) for s in range(stages)],
             "mlp_ratio": float(params["mlp_ratio"]), "T": int(params["T"])}
+    if widths:
+        spec["widths"] = widths
+    return spec
 
 
 def _score(cfg: SearchConfig, sup: dict[str, Any], state: _State, log: Callable[[str], None]) -> list[Score]:
@@ -411,8 +436,7 @@ def _score_of(t: Any, stages: int) -> Score:
 def _retrain(cfg: SearchConfig, uri: str, parent: str, state: _State, i: int, s: Score,
              log: Callable[[str], None]) -> None:
     """Phase 3, one finalist: a stand-alone Ray Train run recorded as a trial of the search."""
-    arch = {"embed_dim": s.spec["embed_dim"], "depths": list(s.spec["depths"]), "mlp_ratio": s.spec["mlp_ratio"],
-            "T": s.spec["T"]}
+    arch = spec_overrides(s.spec)
     _train_run(cfg, uri, parent, state, f"finalist-{i}", model=cfg.base_model, arch=arch,
                train=dict(cfg.oneshot.finalist_train), log=log,
                extra_tags={"mixersnn.oneshot_finalist": "true"},
@@ -495,13 +519,7 @@ def _summarise(cfg: SearchConfig, uri: str, parent: str, scores: list[Score], fi
 
     tr = MLflowTracker(uri, parent)
     buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["number", "embed_dim", "depths", "mlp_ratio", "T", "heldout_acc", "energy_uj", "num_params",
-                "firing_rate", "seconds"])
-    for s in sorted(scores, key=lambda s: s.number):
-        w.writerow([s.number, s.spec["embed_dim"], "-".join(map(str, s.spec["depths"])), s.spec["mlp_ratio"],
-                    s.spec["T"], f"{s.acc:.5f}", f"{s.energy_uj:.5f}", s.num_params, f"{s.firing_rate:.4f}",
-                    f"{s.seconds:.2f}"])
+    _write_scores_csv(buf, scores)
     tr.client.log_text(parent, buf.getvalue(), "search/oneshot_scores.csv")
 
     real = {r.trial_id: r for r in collect_trials(uri, parent)}
@@ -545,6 +563,29 @@ def _summarise(cfg: SearchConfig, uri: str, parent: str, scores: list[Score], fi
     for line in format_finalists(pairs, corr):
         log(line)
     return summary
+
+
+def _write_scores_csv(buf: io.StringIO, scores: Sequence[Score]) -> None:
+    """Every score as a row of ``oneshot_scores.csv``; a per-stage widths space adds a
+    ``widths`` column (stage widths joined by ``-``) after ``embed_dim``."""
+    per_stage = any(s.spec.get("widths") is not None for s in scores)
+    w = csv.writer(buf)
+    w.writerow(["number", "embed_dim", *(["widths"] if per_stage else []), "depths", "mlp_ratio", "T", "heldout_acc",
+                "energy_uj", "num_params", "firing_rate", "seconds"])
+    for s in sorted(scores, key=lambda s: s.number):
+        widths = ["-".join(map(str, s.spec.get("widths") or ()))] if per_stage else []
+        w.writerow([s.number, s.spec["embed_dim"], *widths, "-".join(map(str, s.spec["depths"])), s.spec["mlp_ratio"],
+                    s.spec["T"], f"{s.acc:.5f}", f"{s.energy_uj:.5f}", s.num_params, f"{s.firing_rate:.4f}",
+                    f"{s.seconds:.2f}"])
+
+
+def spec_of_row(row: dict[str, str]) -> dict[str, Any]:
+    """The SubnetSpec dict of a row of ``oneshot_scores.csv`` (read with ``csv.DictReader``)."""
+    spec: dict[str, Any] = {"embed_dim": int(row["embed_dim"]), "depths": [int(x) for x in row["depths"].split("-")],
+                            "mlp_ratio": float(row["mlp_ratio"]), "T": int(row["T"])}
+    if row.get("widths"):
+        spec["widths"] = [int(x) for x in row["widths"].split("-")]
+    return spec
 
 
 def format_finalists(pairs: Sequence[dict[str, Any]], corr: dict[str, Any]) -> list[str]:

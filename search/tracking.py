@@ -111,7 +111,9 @@ class TrialRow:
             over = " ".join(f"{k[len('arch.'):]}={v}" for k, v in sorted(p.items()) if k.startswith("arch."))
             return f"{p.get('model', '?')} " + (over or "(registry variant)")
         spe = p.get("arch.spe", "?")
-        return (f"C={p.get('arch.embed_dim', '?')} d={p.get('arch.depths', '?')} T={p.get('arch.T', '?')} "
+        # A finalist of a per-stage widths space records its stage widths (a JSON list).
+        width = f"w={p['arch.stage_dims']}" if p.get("arch.stage_dims") else f"C={p.get('arch.embed_dim', '?')}"
+        return (f"{width} d={p.get('arch.depths', '?')} T={p.get('arch.T', '?')} "
                 f"p={p.get('arch.patch_size', '?')} r={p.get('arch.mlp_ratio', '?')} spe={spe}")
 
 

@@ -78,10 +78,15 @@ def test_dense_counts_hand_computed_conv_downsample():
     assert dense_ac_total(cfg) == 5952 + 1152 + 96 * 2 + 1728 * 3
 
 
+@pytest.mark.parametrize("stage_dims", [False, True], ids=["doubling", "stage_dims"])
 @pytest.mark.parametrize("name", list_models())
-def test_counts_match_shapes_seen_by_hooks(name):
-    """Names, fan-in, outputs and steps of the analytic table equal what the layers really do."""
-    model = create_model(name, **SMALL).eval()
+def test_counts_match_shapes_seen_by_hooks(name, stage_dims):
+    """Names, fan-in, outputs and steps of the analytic table equal what the layers really do
+    (also with independent stage widths)."""
+    over = {}
+    if stage_dims:
+        over["stage_dims"] = (12, 30, 42, 96) if model_config(name).spe else (8, 20, 20, 40)
+    model = create_model(name, **SMALL, **over).eval()
     seen: dict[str, tuple[int, int]] = {}
     B = 3
 
@@ -114,8 +119,9 @@ def test_dense_acs_match_paper_mlp_spe_t():
     assert abs(dense_ac_total(model_config("mlp_spe_t", img_size=224)) / 4.97e9 - 1) < 0.002
 
 
-def test_model_size_matches_closed_form():
-    model = create_model("mlp_spe_t", **SMALL)
+@pytest.mark.parametrize("over", [{}, {"stage_dims": (12, 30, 42, 96)}])
+def test_model_size_matches_closed_form(over):
+    model = create_model("mlp_spe_t", **SMALL, **over)
     size = model_size(model)
     assert size.num_params == model.config.closed_form_num_params()
     assert size.param_bytes == 4 * size.num_params

@@ -15,9 +15,9 @@ from mixersnn.models.checkpoint import CHECKPOINT_FORMAT
 SMALL = dict(img_size=32, num_classes=10, embed_dim=12, depths=(1, 1, 1, 1), T=2, backend="torch")
 
 
-def trained_like(name: str = "mlp_spe_t"):
+def trained_like(name: str = "mlp_spe_t", **over):
     """A small model whose weights and BN statistics differ from a fresh build."""
-    m = create_model(name, **SMALL)
+    m = create_model(name, **SMALL, **over)
     with torch.no_grad():
         for p in m.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -50,6 +50,19 @@ def test_round_trip_identical_outputs(tmp_path, name):
     obj = load_checkpoint(path)
     assert obj["format"] == CHECKPOINT_FORMAT
     assert obj["model_name"] == name and obj["epoch"] == 7
+
+
+@pytest.mark.parametrize("name, dims", [("mlp_spe_t", (12, 30, 42, 96)), ("mlp_s", (8, 20, 20, 40))])
+def test_round_trip_with_stage_dims(tmp_path, name, dims):
+    m = trained_like(name, stage_dims=dims)
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, m, model_name=name)
+    assert load_checkpoint(path)["config"]["stage_dims"] == list(dims)
+    loaded = load_model(path).eval()
+    assert loaded.config == m.config and loaded.config.widths == dims
+    img = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(m(img), loaded(img))
 
 
 def test_load_model_applies_neuron_overrides(tmp_path):

@@ -223,7 +223,8 @@ def test_search_json_result_is_plain_json() -> None:
                        registered_version="1", wall_s=12.0)
 
     class Cfg:
-        name, experiment = "s", "e"
+        name, experiment, mode = "s", "e", "trials"
 
     out = json.loads(json.dumps(_result_json(res, Cfg())))
     assert out["best"]["run_id"] == "r1" and out["front"][0]["pareto"] is True and out["registered_version"] == "1"
+    assert out["prescreen"] is None and out["oneshot"] is None and out["baselines"] == []

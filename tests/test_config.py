@@ -208,6 +208,56 @@ def test_from_dict_validates():
         MixerSNNConfig.from_dict(d)
 
 
+# --------------------------------------------------------------------------- independent stage widths
+STAGE_DIMS_SPE = dict(BASE, stage_dims=(12, 30, 42, 96), spe=True)
+
+
+def test_stage_dims_set_every_width_and_the_stage_1_width():
+    cfg = MixerSNNConfig(**{**STAGE_DIMS_SPE, "stage_dims": [12, 30, 42, 96], "embed_dim": 99})
+    assert cfg.stage_dims == (12, 30, 42, 96) and isinstance(cfg.stage_dims, tuple)  # lists from YAML/JSON
+    assert cfg.widths == (12, 30, 42, 96) and cfg.embed_dim == 12  # embed_dim follows stage_dims[0]
+    assert MixerSNNConfig(**BASE).stage_dims is None and MixerSNNConfig(**BASE).to_dict()["stage_dims"] is None
+    # With SPE only the stages after the first must be multiples of 3.
+    assert MixerSNNConfig(**{**STAGE_DIMS_SPE, "stage_dims": (8, 30, 42, 96)}).embed_dim == 8
+    assert MixerSNNConfig(**{**BASE, "spe": False, "stage_dims": (8, 20, 20, 40)}).widths == (8, 20, 20, 40)
+
+
+def test_stage_dims_round_trip_through_dict_and_json():
+    cfg = MixerSNNConfig(**STAGE_DIMS_SPE)
+    d = cfg.to_dict()
+    assert d["stage_dims"] == [12, 30, 42, 96]
+    back = MixerSNNConfig.from_dict(json.loads(json.dumps(d)))
+    assert back == cfg and back.closed_form_num_params() == cfg.closed_form_num_params()
+    assert json.dumps(back.to_dict()) == json.dumps(d)
+    # A dict written before stage_dims existed still loads (doubling widths).
+    old = MixerSNNConfig(**BASE).to_dict()
+    del old["stage_dims"]
+    assert MixerSNNConfig.from_dict(old) == MixerSNNConfig(**BASE)
+
+
+@pytest.mark.parametrize("over, pattern", [
+    ({"stage_dims": (12, 30, 42)}, r"stage_dims=\[12, 30, 42\] has 3 widths but depths=\[1, 1, 1, 1\] has 4 stages"),
+    ({"stage_dims": (12, 0, 42, 96)}, r"stage_dims\[1\]=0 is out of range: .*integer >= 1"),
+    ({"stage_dims": (12, 30, 42.5, 96)}, r"stage_dims\[2\]=42.5 is out of range"),
+    ({"stage_dims": (12, 31, 42, 96)}, r"stage_dims\[1\]=31 cannot be used with spe=True.*Nearest valid widths: \[30, 33\]"),
+    ({"stage_dims": (12, 30, 45, 96), "mlp_ratio": 2.5}, r"mlp_ratio=2.5 gives a non-integer hidden width 112.5 "
+                                                          r"for stage width 45 \(stage 2\)"),
+    ({"stage_dims": "wide"}, r"stage_dims='wide' must be a list or tuple"),
+])
+def test_bad_stage_dims(over, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        MixerSNNConfig(**{**STAGE_DIMS_SPE, **over})
+
+
+def test_embed_dim_override_on_stage_dims_names_the_fix():
+    cfg = MixerSNNConfig(**STAGE_DIMS_SPE)
+    with pytest.raises(ConfigError, match=r"embed_dim=24 cannot be overridden.*override stage_dims instead"):
+        cfg.replace(embed_dim=24)
+    assert cfg.replace(embed_dim=12) == cfg
+    assert cfg.replace(stage_dims=[24, 30, 42, 96]).embed_dim == 24
+    assert cfg.replace(depths=(2, 1, 1, 1)).stage_dims == cfg.stage_dims
+
+
 def test_derived_shapes():
     cfg = MixerSNNConfig(**{**BASE, "img_size": 28})
     assert cfg.widths == (12, 24, 48, 96)

@@ -71,9 +71,13 @@ def test_mfi_report_flags_real_input_and_runtime_norms():
 
 
 # ---------------------------------------------------------------------------- folding
-def _make(name: str, state: str) -> nn.Module:
+#: Independent stage widths (``stage_dims``) of each variant (SPE: multiples of 3 after stage 1).
+STAGE_DIMS = {"mlp_spe_t": (12, 30, 42, 96), "mlp_s": (8, 20, 20, 40)}
+
+
+def _make(name: str, state: str, stage_dims: bool = False) -> nn.Module:
     torch.manual_seed({"mlp_spe_t": 1, "mlp_s": 2}[name])
-    model = create_model(name, **SMALL)
+    model = create_model(name, **SMALL, **({"stage_dims": STAGE_DIMS[name]} if stage_dims else {}))
     if state == "trained":
         train_briefly(model)
     elif state == "random_bn":
@@ -81,10 +85,13 @@ def _make(name: str, state: str) -> nn.Module:
     return model.eval()
 
 
-@pytest.mark.parametrize("state", ["untrained", "trained", "random_bn"])
+@pytest.mark.parametrize("state, stage_dims", [("untrained", False), ("trained", False), ("random_bn", False),
+                                               ("untrained", True), ("random_bn", True)])
 @pytest.mark.parametrize("name", ["mlp_spe_t", "mlp_s"])
-def test_fold_spikes_bit_exact_on_fashion_mnist(name, state):
-    model = _make(name, state)
+def test_fold_spikes_bit_exact_on_fashion_mnist(name, state, stage_dims):
+    model = _make(name, state, stage_dims)
+    if stage_dims:
+        assert model.config.widths == STAGE_DIMS[name]
     before = {k: v.clone() for k, v in model.state_dict().items()}
     mfi = fold_mfi(model)
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in mfi.modules())
@@ -121,8 +128,9 @@ def test_fold_folds_head_mean_and_bn_into_classifier():
 
 
 # ---------------------------------------------------------------------------- files
-def test_save_load_roundtrip_and_no_overwrite(tmp_path):
-    model = _make("mlp_s", "random_bn")
+@pytest.mark.parametrize("stage_dims", [False, True])
+def test_save_load_roundtrip_and_no_overwrite(tmp_path, stage_dims):
+    model = _make("mlp_s", "random_bn", stage_dims)
     mfi = fold_mfi(model)
     path = tmp_path / "m.mfi.safetensors"
     save_mfi(path, mfi)

@@ -152,6 +152,30 @@ def test_small_config_param_count_matches_closed_form(name, small):
     assert n_params(m) == m.config.closed_form_num_params()
 
 
+# Independent stage widths (``stage_dims``): SPE stages after the first take multiples of 3.
+STAGE_DIMS = {True: (12, 30, 42, 96), False: (8, 20, 20, 40)}
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("small", sorted(SMALL))
+def test_stage_dims_model_builds_runs_matches_closed_form_and_is_mfi(name, small):
+    dims = STAGE_DIMS[model_config(name).spe]
+    m = tiny_model(name, small, stage_dims=dims).train()
+    cfg = m.config
+    assert cfg.widths == dims and cfg.embed_dim == dims[0]
+    assert n_params(m) == cfg.closed_form_num_params()
+    for s in range(1, cfg.num_stages):  # each stage downsamples from the previous stage's width
+        conv = m.stages[s].embed.down.conv if cfg.spe else m.stages[s].embed.conv
+        assert (conv.in_channels, conv.out_channels) == (dims[s - 1], dims[s])
+    spec = SMALL[small]
+    img = torch.randn(2, spec["in_chans"], spec["img_size"], spec["img_size"])
+    logits = m(img)
+    assert logits.shape == (2, 2, spec["num_classes"]) and torch.isfinite(logits).all()
+    logits.mean().backward()
+    assert all(p.grad is not None for p in m.parameters())
+    check_mfi(m, img)
+
+
 # --------------------------------------------------------------------------------------------
 # Forward / backward contract on small configs
 # --------------------------------------------------------------------------------------------

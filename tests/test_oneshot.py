@@ -54,6 +54,90 @@ def test_scores_are_held_out_accuracy_and_measured_energy(fmnist_shards: Path) -
     assert again.acc == small.acc and again.energy_uj == pytest.approx(small.energy_uj)
 
 
+# Per-stage widths (SupernetSpace.widths) in place of embed_dims; SPE: multiples of 3 after stage 1.
+WSPACE = {"widths": [[6, 12], [12, 18, 24]], "depths": [[1], [1, 2]], "mlp_ratios": [2, 3], "Ts": [1, 2]}
+
+
+@pytest.mark.parametrize("space", [SPACE, WSPACE], ids=["embed_dims", "widths"])
+def test_optuna_proposals_round_trip_the_space(space: dict) -> None:
+    import optuna
+
+    from search.oneshot import _arch, _distributions, _spec_of, spec_overrides
+
+    sp = SupernetSpace.from_dict(space)
+    dists = _distributions(space)
+    if "widths" in space:
+        assert set(dists) == {"width0", "width1", "mlp_ratio", "T", "depth0", "depth1"}
+        assert list(dists["width1"].choices) == [12, 18, 24]
+    else:
+        assert list(dists) == ["embed_dim", "mlp_ratio", "T", "depth0", "depth1"]  # as before widths existed
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(40):
+        spec = _spec_of(study.ask(dists).params, sp.num_stages)
+        sub = SubnetSpec.from_dict(spec)
+        assert sp.contains(sub)
+        # the proposal's dict is the scored spec's dict, so proposals deduplicate against scores
+        assert json.dumps(sub.to_dict(), sort_keys=True) == json.dumps(spec, sort_keys=True)
+        seen.add(sub)
+        base = model_config("mlp_spe_t", img_size=28, in_chans=1, num_classes=10)
+        assert model_config("mlp_spe_t", img_size=28, in_chans=1, num_classes=10, **spec_overrides(spec)) == \
+            SupernetSpace._config(base, sub)  # finalists retrain exactly the scored subnet
+    assert len(seen) > 10
+    if "widths" in space:
+        assert ("widths" in spec) and _arch(spec).startswith(f"w={spec['widths'][0]}-{spec['widths'][1]} ")
+    else:
+        assert "widths" not in spec and _arch(spec).startswith(f"C={spec['embed_dim']} ")
+
+
+def test_scores_csv_round_trips_widths_and_keeps_its_old_columns() -> None:
+    import csv
+    import io
+
+    from search.oneshot import _write_scores_csv, spec_of_row
+
+    old = [Score(spec=SubnetSpec(6, (1, 2), 2.0, 1).to_dict(), acc=0.5, energy_uj=1.0, num_params=10,
+                 firing_rate=0.1, seconds=1.0, number=0)]
+    new = [Score(spec=SubnetSpec(6, (1, 2), 2.0, 1, widths=(6, 18)).to_dict(), acc=0.5, energy_uj=1.0,
+                 num_params=10, firing_rate=0.1, seconds=1.0, number=0)]
+    for scores, header in ((old, "number,embed_dim,depths,"), (new, "number,embed_dim,widths,depths,")):
+        buf = io.StringIO()
+        _write_scores_csv(buf, scores)
+        assert buf.getvalue().startswith(header)
+        rows = list(csv.DictReader(buf.getvalue().splitlines()))
+        assert [spec_of_row(r) for r in rows] == [s.spec for s in scores]
+
+
+def test_widths_space_scores_and_is_a_valid_oneshot_space(fmnist_shards: Path) -> None:
+    from search.config import load_search_config
+
+    base = model_config("mlp_spe_t", img_size=28, in_chans=1, num_classes=10)
+    torch.manual_seed(0)
+    net = MixerSNNSupernet(base, SupernetSpace.from_dict(WSPACE))
+    state = {"key": "test-widths", "config": net.config.to_dict(), "space": WSPACE, "model": net.state_dict()}
+    spec = SubnetSpec(12, (1, 2), 3.0, 1, widths=(12, 18))
+    kw = dict(data=str(fmnist_shards), holdout_shards=2, calib_images=64, eval_images=100)
+    s = score_subnets(state, [spec.to_dict()], **kw)[0]
+    assert s.spec == spec.to_dict() and 0.0 <= s.acc <= 1.0 and s.energy_uj > 0
+    assert s.num_params == net.subnet_config(spec).closed_form_num_params()
+    cfg = load_search_config(None, mode="oneshot", oneshot={"space": WSPACE})
+    assert SupernetSpace.from_dict(cfg.oneshot.space).size() == 2 * 3 * 2 * 2 * 2
+    with pytest.raises(ConfigError, match=r"oneshot.space: widths\[1\] choice 20 .*multiple"):
+        load_search_config(None, mode="oneshot", oneshot={"space": {**WSPACE, "widths": [[6], [20]]}})
+    with pytest.raises(ConfigError, match=r"oneshot.space: .*both embed_dims"):
+        load_search_config(None, mode="oneshot", oneshot={"space": {**WSPACE, "embed_dims": [6]}})
+    # The demo file's commented per-stage example is a valid space in place of embed_dims.
+    import yaml
+
+    path = Path(__file__).parents[1] / "configs/search_oneshot_fashion_mnist.yaml"
+    line = next(ln for ln in path.read_text().splitlines() if ln.strip().startswith("# widths:"))
+    demo = load_search_config(path)
+    space = {k: v for k, v in demo.oneshot.space.items() if k != "embed_dims"}
+    space["widths"] = yaml.safe_load(line.strip()[1:])["widths"]
+    assert load_search_config(path, oneshot={"space": space}).oneshot.space["widths"][1] == [24, 30, 36, 48]
+
+
 def test_oneshot_config_errors_name_the_value_and_the_fix() -> None:
     from search.config import load_search_config
 

@@ -51,6 +51,21 @@ def test_depth_multiplies_every_stage_rounds_half_up_and_keeps_at_least_one_bloc
     assert len(scale_config(paper, ModelScale(depth=3)).depths) == 4  # the stage layout is kept
 
 
+@pytest.mark.parametrize("factor, expected", [(2, (24, 60, 84)), (1.1, (13, 33, 45)), (0.5, (6, 15, 21))])
+def test_width_scales_every_stage_of_stage_dims_keeping_each_valid(factor: float, expected: tuple) -> None:
+    cfg = scale_config(_tiny(stage_dims=(12, 30, 42)), ModelScale(width=factor))
+    assert cfg.stage_dims == expected and cfg.embed_dim == expected[0]
+    assert cfg.depths == (1, 2, 1) and cfg.spe  # the rest is kept
+    assert cfg.closed_form_num_params() == sum(p.numel() for p in MixerSNN(cfg).parameters())
+    # mlp_ratio 2.5 needs even widths; without SPE any whole width is a stage width.
+    odd = scale_config(_tiny(spe=False, stage_dims=(8, 20, 20), mlp_ratio=2.5), ModelScale(width=1.3))
+    assert odd.stage_dims == (10, 26, 26)
+    # depth scaling keeps the stage widths
+    assert scale_config(_tiny(stage_dims=(12, 30, 42)), ModelScale(depth=2)).stage_dims == (12, 30, 42)
+    with pytest.raises(ConfigError, match=r"stage 1's width 1.35 from 30: below the narrowest width \(3 with SPE\)"):
+        scale_config(_tiny(stage_dims=(12, 30, 42)), ModelScale(width=0.045))
+
+
 def test_img_size_is_absolute_and_the_params_follow_the_closed_form() -> None:
     cfg = scale_config(_tiny(), parse_scale("width=2,depth=1.5,img_size=224"))
     assert (cfg.embed_dim, cfg.depths, cfg.img_size) == (96, (2, 3, 2), 224)

@@ -26,7 +26,19 @@ MLP = (
     MixerSNNConfig(img_size=28, in_chans=1, num_classes=10, patch_size=4, embed_dim=4, depths=(1, 1), T=1, spe=False),
     SupernetSpace(embed_dims=(4, 8), depths=((1, 2), (1, 2)), mlp_ratios=(2.0, 3.0), Ts=(1, 3)),
 )
-KINDS = {"spe": SPE, "mlp": MLP}
+# Per-stage widths (SupernetSpace.widths): each stage's width chosen on its own; with SPE the
+# stages after the first take multiples of 3 (grids 4 -> 2 -> 1 -> 1).
+SPE_WIDTHS = (
+    MixerSNNConfig(img_size=16, in_chans=1, num_classes=10, patch_size=4, embed_dim=6, depths=(1, 1, 1, 1), T=1,
+                   spe=True),
+    SupernetSpace(widths=((6, 12), (12, 18, 24), (24, 36, 48), (48, 96)), depths=((1, 2), (1, 2), (1,), (1,)),
+                  mlp_ratios=(2.0, 3.0), Ts=(1, 3)),
+)
+MLP_WIDTHS = (
+    MLP[0],
+    SupernetSpace(widths=((4, 6), (6, 8, 12)), depths=((1, 2), (1, 2)), mlp_ratios=(2.0, 3.0), Ts=(1, 3)),
+)
+KINDS = {"spe": SPE, "mlp": MLP, "spe_widths": SPE_WIDTHS, "mlp_widths": MLP_WIDTHS}
 
 
 def batch(cfg: MixerSNNConfig, i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,8 +73,19 @@ def specs(space: SupernetSpace) -> list[SubnetSpec]:
     rng = random.Random(7)
     out = [space.largest(), space.smallest()] + [space.sample(rng) for _ in range(3)]
     # one mixed spec for sure: small width, deep, large ratio
-    out.append(SubnetSpec(min(space.embed_dims), tuple(max(d) for d in space.depths), max(space.mlp_ratios), 3))
+    out.append(spec_at(space, tuple(max(d) for d in space.depths), max(space.mlp_ratios), 3))
+    if space.widths:  # and stage widths that go up and down (wide, narrow, wide, ...)
+        w = tuple(max(c) if s % 2 == 0 else min(c) for s, c in enumerate(space.widths))
+        out.append(SubnetSpec(w[0], space.smallest().depths, min(space.mlp_ratios), 1, widths=w))
     return list(dict.fromkeys(out))
+
+
+def spec_at(space: SupernetSpace, depths: tuple, mlp_ratio: float, T: int) -> SubnetSpec:
+    """The smallest width (stage-1 width, or every stage's) with these choices; ``depths`` is
+    padded with 1 block per further stage."""
+    small = space.smallest()
+    depths = tuple(depths) + (1,) * (space.num_stages - len(depths))
+    return SubnetSpec(small.embed_dim, depths, mlp_ratio, T, widths=small.widths)
 
 
 def used_mask(shape: torch.Size, idxs: tuple) -> torch.Tensor:
@@ -84,7 +107,7 @@ def sliced(t: torch.Tensor, idxs: tuple) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- 1. bit identity
-@pytest.mark.parametrize("kind", ["spe", "mlp"])
+@pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("mode", ["eval", "train"])
 @pytest.mark.parametrize("fresh", [True, False], ids=["init", "trained"])
 def test_extracted_model_equals_supernet_forward_bit_for_bit(kind, mode, fresh):
@@ -139,12 +162,12 @@ def test_extract_copies_weights_and_keeps_the_conv_layout():
 
 
 # ----------------------------------------------------------------------------- 2. gradients
-@pytest.mark.parametrize("kind", ["spe", "mlp"])
+@pytest.mark.parametrize("kind", list(KINDS))
 def test_gradients_only_in_the_used_slice_and_equal_the_extracted_models(kind):
     sup = trained(kind, steps=2)
     sup.train()
     space = sup.space
-    spec = SubnetSpec(min(space.embed_dims), (1, 1), 2.0, 3)
+    spec = spec_at(space, (1, 1), 2.0, 3)
     img, y = batch(sup.base, 50)
     model = sup.extract(spec)
     sup.zero_grad(set_to_none=True)
@@ -167,6 +190,16 @@ def test_gradients_only_in_the_used_slice_and_equal_the_extracted_models(kind):
     # the gradients are real (the surrogate passes them through the spikes)
     assert torch.count_nonzero(sub["stages.0.embed.conv.weight"].grad) > 0
     assert torch.count_nonzero(sub["stages.1.blocks.0.channel.fc1.weight"].grad) > 0
+    if kind.endswith("_widths"):
+        # stage 1 of the smallest per-stage widths: the first c1 (mlp) or 4 of each 8-wide branch (spe)
+        c1, C1 = spec.widths[1], max(space.widths[1])
+        n, N = c1 // 3, C1 // 3
+        cols = (torch.cat([b * N + torch.arange(n) for b in range(3)]) if kind == "spe_widths"
+                else torch.arange(c1))  # fmt: skip
+        assert plan["stages.1.blocks.0.channel.fc1.weight"][1].tolist() == cols.tolist()
+        prev = plan["stages.1.embed.down.conv.weight" if kind == "spe_widths" else "stages.1.embed.conv.weight"][1]
+        assert prev.tolist() == list(range(spec.widths[0]))  # stage 0: a prefix of its own width
+        return
 
     # the plan itself, by hand: stage 1 fc1 is [hidden, C] = [72, 24] (spe) / [48, 16] (mlp)
     c1 = 2 * spec.embed_dim
@@ -189,11 +222,11 @@ def test_gradients_only_in_the_used_slice_and_equal_the_extracted_models(kind):
 
 
 # ----------------------------------------------------------------------------- 3. BN statistics
-@pytest.mark.parametrize("kind", ["spe", "mlp"])
+@pytest.mark.parametrize("kind", list(KINDS))
 def test_train_forward_updates_only_the_subnets_slice_of_bn_stats(kind):
     sup = trained(kind, steps=2)
     space = sup.space
-    spec = SubnetSpec(min(space.embed_dims), (1, 2), 2.0, 3)
+    spec = spec_at(space, (1, 2), 2.0, 3)
     img, _ = batch(sup.base, 60)
     before = {k: v.clone() for k, v in sup.net.named_buffers()}
     model = sup.extract(spec).train()
@@ -229,12 +262,12 @@ def test_train_forward_updates_only_the_subnets_slice_of_bn_stats(kind):
 
 
 # ----------------------------------------------------------------------------- 4. any T
-@pytest.mark.parametrize("kind", ["spe", "mlp"])
+@pytest.mark.parametrize("kind", list(KINDS))
 def test_the_same_weights_serve_any_T(kind):
     sup = trained(kind, steps=2).eval()
     img, _ = batch(sup.base, 70)
-    s1 = SubnetSpec(sup.space.embed_dims[0], (2, 1), 3.0, 1)
-    s3 = SubnetSpec(sup.space.embed_dims[0], (2, 1), 3.0, 3)
+    s1 = spec_at(sup.space, (2, 1), 3.0, 1)
+    s3 = spec_at(sup.space, (2, 1), 3.0, 3)
     o1, o3 = sup(img, s1), sup(img, s3)
     assert o1.shape == (1, B, 10) and o3.shape == (3, B, 10)
     # eval mode is causal in time: step 0 does not see later steps; later steps differ
@@ -317,6 +350,61 @@ def test_space_choices_sampling_and_serialisation():
         SubnetSpec.from_dict({"embed_dim": 6, "depths": [1], "mlp_ratio": 2})
 
 
+_WS = dict(SPE_WIDTHS[1].to_dict())
+
+
+@pytest.mark.parametrize(
+    "space, spe, pattern",
+    [
+        (dict(_WS, embed_dims=(6,)), True, r"gives both embed_dims=\[6\] and widths=.*give exactly one"),
+        (dict(_WS, widths=((6, 12), (12, 24))), True, r"widths has 2 stages but depths has 4"),
+        (dict(_WS, widths=((6, 12), (12, 20), (24,), (48,))), True,
+         r"widths\[1\] choice 20 cannot be used with spe=True.*nearest \[18, 21\]"),
+        (dict(_WS, widths=((6, 12), (12, 12), (24,), (48,))), True, r"widths\[1\]=\[12, 12\] lists a choice twice"),
+        (dict(_WS, widths=((6, 12), (), (24,), (48,))), True, r"widths\[1\]=\(\) is empty"),
+        (dict(_WS, widths=((0, 12), (12,), (24,), (48,))), True, r"widths\[0\] choice 0 .*integer >= 1"),
+        (dict(_WS, mlp_ratios=(2.25,)), True,
+         r"mlp_ratios choice 2\.25 .*non-integer hidden width 13\.5 for widths\[0\] choice 6"),
+        (dict(_WS, widths=((7, 12), (12,), (24,), (48,))), True, None),  # stage 1 of SPE: any width
+    ],
+)
+def test_per_stage_width_space_validation(space, spe, pattern):
+    base = SPE_WIDTHS[0]
+    sp = SupernetSpace(**space)
+    if pattern is None:
+        sp.validate(base)
+        return
+    with pytest.raises(ConfigError, match=pattern):
+        MixerSNNSupernet(base, sp)
+
+
+def test_per_stage_width_space_sampling_serialisation_and_specs():
+    space = SPE_WIDTHS[1]
+    assert space.largest() == SubnetSpec(12, (2, 2, 1, 1), 3.0, 3, widths=(12, 24, 48, 96))
+    assert space.smallest() == SubnetSpec(6, (1, 1, 1, 1), 2.0, 1, widths=(6, 12, 24, 48))
+    assert space.size() == 2 * 3 * 3 * 2 * 2 * 2 * 2 * 2 == len(set(space.subnets()))
+    assert all(space.contains(s) for s in space.subnets())
+    drawn = [space.sample(random.Random(i)) for i in range(300)]
+    assert {s.widths[2] for s in drawn} == {24, 36, 48} and all(s.embed_dim == s.widths[0] for s in drawn)
+    d = space.to_dict()
+    assert "embed_dims" not in d and d["widths"][1] == [12, 18, 24]
+    assert SupernetSpace.from_dict(json.loads(json.dumps(d))) == space
+    spec = drawn[0]
+    assert SubnetSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    assert "widths" not in SPE[1].largest().to_dict()  # doubling-width specs keep their old dicts
+    sup = MixerSNNSupernet(*SPE_WIDTHS)
+    assert sup.max_config.stage_dims == (12, 24, 48, 96)
+    assert sup.subnet_config(spec).stage_dims == spec.widths and sup.extract(spec).config.widths == spec.widths
+    with pytest.raises(ConfigError, match=r"embed_dim=12 must equal widths\[0\]"):
+        SubnetSpec(12, (1, 1, 1, 1), 2.0, 1, widths=(6, 12, 24, 48))
+    with pytest.raises(ConfigError, match=r"widths\[1\]=15 is not allowed: stage 1 takes widths \[12, 18, 24\]"):
+        sup.extract(SubnetSpec(6, (1, 1, 1, 1), 2.0, 1, widths=(6, 15, 24, 48)))
+    with pytest.raises(ConfigError, match=r"widths=None does not fit this supernet"):
+        sup.extract(SubnetSpec(6, (1, 1, 1, 1), 2.0, 1))
+    with pytest.raises(ConfigError, match=r"not a choice of this supernet: it chooses the stage-1 width"):
+        MixerSNNSupernet(*SPE).extract(SubnetSpec(6, (1, 1), 2.0, 1, widths=(6, 12)))
+
+
 # ----------------------------------------------------------------------------- 6. state dict
 def test_state_dict_round_trip():
     sup = trained("spe", steps=2).eval()
@@ -339,7 +427,7 @@ def test_state_dict_round_trip():
 
 
 # ----------------------------------------------------------------------------- 7. parameters
-@pytest.mark.parametrize("kind", ["spe", "mlp"])
+@pytest.mark.parametrize("kind", list(KINDS))
 def test_num_params_matches_closed_form_and_extracted_model(kind):
     sup = MixerSNNSupernet(*KINDS[kind])
     counts = set()

@@ -275,7 +275,9 @@ def _scaled_overrides(train_d: dict[str, Any], overrides: dict[str, Any], model_
                            **overrides})
     scaled = scale_config(base, model_scale, where=where)
     out: dict[str, Any] = {}
-    if scaled.embed_dim != base.embed_dim:
+    if scaled.stage_dims != base.stage_dims:
+        out["stage_dims"] = list(scaled.stage_dims or ())
+    elif scaled.embed_dim != base.embed_dim:
         out["embed_dim"] = scaled.embed_dim
     if scaled.depths != base.depths:
         out["depths"] = list(scaled.depths)

@@ -78,8 +78,8 @@ class TrainConfig:
             C++ compiler on CPU, Triton on CUDA: where these are missing the run stops at once
             with the reason. Costs a compile of minutes on a small CPU; docs/benchmarks.md.
         supernet: train a weight-sharing supernet instead of one model: the choices of a
-            :class:`mixersnn.models.SupernetSpace` (``embed_dims``, ``depths`` per stage,
-            ``mlp_ratios``, ``Ts``) around ``model`` (which fixes patch size, SPE and neuron).
+            :class:`mixersnn.models.SupernetSpace` (``embed_dims``, or ``widths`` per stage,
+            ``depths`` per stage, ``mlp_ratios``, ``Ts``) around ``model`` (which fixes patch size, SPE and neuron).
             Each step follows the sandwich rule: the largest subnet learns from the labels,
             the smallest and ``sandwich_random`` random subnets from the largest's
             predictions (in-place distillation). None: an ordinary run.
@@ -181,7 +181,7 @@ class TrainConfig:
             from mixersnn.models.supernet import SupernetSpace
 
             check(isinstance(self.supernet, dict), f"supernet={self.supernet!r} must be a mapping of the space's "
-                                                   f"choices (embed_dims, depths, mlp_ratios, Ts)")
+                                                   f"choices (embed_dims or widths, depths, mlp_ratios, Ts)")
             SupernetSpace.from_dict(self.supernet).validate(model_config(self.model, **self._model_overrides_for_check()))
         # The model config validates itself (widths, grids, T, neuron), with the same messages
         # the model library gives; catch a bad architecture here, before any worker starts.

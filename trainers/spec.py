@@ -85,7 +85,10 @@ class RunSpec:
 
     def arch_overrides(self) -> dict[str, Any]:
         """The architecture as model overrides: every field but the ones the data fills."""
-        return {k: v for k, v in self.model_config.to_dict().items() if k not in _DATA_FILLED}
+        # stage_dims only when set, so specs of doubling-width models give the overrides (and the
+        # run names hashed from them) they always did.
+        return {k: v for k, v in self.model_config.to_dict().items()
+                if k not in _DATA_FILLED and not (k == "stage_dims" and v is None)}
 
     def train_dict(self) -> dict[str, Any]:
         """The TrainConfig fields to start a retrain from (flags and YAML go on top)."""
@@ -93,7 +96,8 @@ class RunSpec:
 
     def describe(self) -> str:
         c = self.model_config
-        return (f"{self.model} C={c.embed_dim} depths={list(c.depths)} T={c.T} p={c.patch_size} r={c.mlp_ratio:g} "
+        width = f"C={c.embed_dim}" if c.stage_dims is None else f"widths={list(c.stage_dims)}"
+        return (f"{self.model} {width} depths={list(c.depths)} T={c.T} p={c.patch_size} r={c.mlp_ratio:g} "
                 f"spe={c.spe} img={c.img_size}")
 
     def to_dict(self) -> dict[str, Any]:

@@ -97,18 +97,19 @@ def dense_op_counts(config: MixerSNNConfig) -> list[LayerOps]:
     def add(name: str, layer_type: str, fan_in: int, outputs: int, *, kind: InputKind = "spike", steps: int = T) -> None:
         rows.append(LayerOps(name, layer_type, kind, int(fan_in), int(outputs), int(steps)))
 
-    for s, (C, H, depth) in enumerate(zip(config.widths, config.grids, config.depths)):
+    widths = config.widths
+    for s, (C, H, depth) in enumerate(zip(widths, config.grids, config.depths)):
         N = H * H
         pre = f"stages.{s}"
         if s == 0:
             add(FIRST_CONV, "Conv2d", config.in_chans * config.patch_size**2, C * N, kind="real", steps=1)
         elif config.spe:
-            n, c_in = C // 3, C // 2
+            n, c_in = C // 3, widths[s - 1]
             add(f"{pre}.embed.down.conv", "Conv2d", c_in * 9, 3 * n * N)  # a1, a2, a3 merged
             add(f"{pre}.embed.conv12.conv", "Conv2d", n * 9, n * N)
             add(f"{pre}.embed.conv23.conv", "Conv2d", n * 9, n * N)
         else:
-            add(f"{pre}.embed.conv", "Conv2d", (C // 2) * 4, C * N)
+            add(f"{pre}.embed.conv", "Conv2d", widths[s - 1] * 4, C * N)
         hidden = config.hidden_dim(C)
         for b in range(depth):
             blk = f"{pre}.blocks.{b}"

@@ -44,7 +44,7 @@ class ConvDownsample(ConvBN):
     3x3/stride-2 convs; even grids (every configuration of the paper) are unpadded.
 
     Args:
-        in_dim: input width C/2.
+        in_dim: input width, the previous stage's (C/2 unless the config sets ``stage_dims``).
         out_dim: output width C.
         grid: input grid side H.
     """

@@ -25,8 +25,9 @@ class SpikingPatchEncoding(nn.Module):
     per-channel BatchNorm, one kernel launch instead of three.
 
     Args:
-        in_dim: input width C_in (spikes).
-        out_dim: output width C_out = 2 * C_in, divisible by 3.
+        in_dim: input width C_in (spikes), the previous stage's width.
+        out_dim: output width C_out (2 * C_in unless the config sets ``stage_dims``), divisible
+            by 3.
         neuron: factory of the spiking nonlinearity.
         conv: the conv + BatchNorm unit, ``conv(in_ch, out_ch, kernel_size=, stride=,
             padding=)`` on ``[T, B, C, H, W]``; the MFI export passes its folded conv.
@@ -39,7 +40,7 @@ class SpikingPatchEncoding(nn.Module):
         if out_dim % 3:
             raise ValueError(
                 f"SPE out_dim={out_dim} must be divisible by 3 (three equal branches); "
-                f"use a stage-1 width that is a multiple of 3"
+                f"use a stage-1 width that is a multiple of 3 (or stage_dims that are, after the first)"
             )
         n = out_dim // 3
         self.n = n
@@ -50,7 +51,7 @@ class SpikingPatchEncoding(nn.Module):
         self.conv23 = conv(n, n, kernel_size=3, stride=1, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``[T, B, C_in, H, W]`` spikes -> ``[T, B, 2*C_in, ceil(H/2), ceil(W/2)]`` real."""
+        """``[T, B, C_in, H, W]`` spikes -> ``[T, B, C_out, ceil(H/2), ceil(W/2)]`` real."""
         a1, a2, a3 = self.down(x).split(self.n, dim=2)
         a2 = a2 + self.conv12(self.lif1(a1))
         a3 = a3 + a1 + self.conv23(self.lif2(a2))

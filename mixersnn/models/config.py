@@ -68,12 +68,17 @@ class MixerSNNConfig:
         in_chans: input image channels.
         num_classes: classifier outputs K.
         patch_size: stage-1 patch (conv kernel = stride).
-        embed_dim: stage-1 width C; stage s has width C * 2**s.
+        embed_dim: stage-1 width C; stage s has width C * 2**s (unless ``stage_dims`` is
+            given: then it is set to ``stage_dims[0]``).
         depths: blocks per stage; the number of stages is ``len(depths)``.
         mlp_ratio: channel-MLP hidden ratio alpha (hidden = alpha * C per stage, an integer).
         spe: spiking patch encoding between stages (else the MLP-S conv downsampling).
         T: time steps.
         neuron: neuron options.
+        stage_dims: optional width of every stage (one per entry of ``depths``), replacing the
+            doubling rule ``C * 2**s``; each stage then downsamples from the previous stage's
+            width, whatever it is. ``embed_dim`` is set to ``stage_dims[0]``. With SPE every
+            stage after the first must be a multiple of 3. None (the default): C, 2C, 4C, ...
     """
 
     img_size: int = 224
@@ -86,11 +91,17 @@ class MixerSNNConfig:
     spe: bool = True
     T: int = 4
     neuron: NeuronConfig = field(default_factory=NeuronConfig)
+    stage_dims: Optional[tuple[int, ...]] = None
 
     def __post_init__(self) -> None:
         # Normalise containers coming from YAML/JSON (lists, dicts) before validating.
         if not isinstance(self.depths, tuple):
             object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
+        if self.stage_dims is not None:
+            if isinstance(self.stage_dims, (list, tuple)):
+                object.__setattr__(self, "stage_dims", tuple(self.stage_dims))
+            self._check_stage_dims()
+            object.__setattr__(self, "embed_dim", self.stage_dims[0])
         if isinstance(self.neuron, dict):
             bad = sorted(set(self.neuron) - set(NEURON_KEYS))
             if bad:
@@ -105,7 +116,9 @@ class MixerSNNConfig:
 
     @property
     def widths(self) -> tuple[int, ...]:
-        """Channel width of each stage: C, 2C, 4C, ..."""
+        """Channel width of each stage: ``stage_dims`` when given, else C, 2C, 4C, ..."""
+        if self.stage_dims is not None:
+            return self.stage_dims
         return tuple(self.embed_dim * 2**s for s in range(self.num_stages))
 
     @property
@@ -126,6 +139,30 @@ class MixerSNNConfig:
         return int(round(self.mlp_ratio * width))
 
     # ------------------------------------------------------------------ validation
+    def _check_stage_dims(self) -> None:
+        """Raise :class:`ConfigError` unless ``stage_dims`` is one width >= 1 per stage (and,
+        with SPE, a multiple of 3 for every stage after the first)."""
+        dims = self.stage_dims
+        example = f"e.g. stage_dims={tuple(48 * 2**s for s in range(max(1, len(self.depths))))}"
+        if not isinstance(dims, tuple):
+            raise ConfigError(f"stage_dims={dims!r} must be a list or tuple of stage widths ({example}) or None")
+        if len(dims) != len(self.depths):
+            raise ConfigError(
+                f"stage_dims={list(dims)} has {len(dims)} widths but depths={list(self.depths)} has "
+                f"{len(self.depths)} stages: give exactly one width per stage ({example})"
+            )
+        for s, w in enumerate(dims):
+            if not isinstance(w, int) or isinstance(w, bool) or w < 1:
+                raise ConfigError(f"stage_dims[{s}]={w!r} is out of range: every stage width must be an integer >= 1")
+            if self.spe and s > 0 and w % 3:
+                lo = w - w % 3
+                nearest = [v for v in (lo, lo + 3) if v > 0]
+                raise ConfigError(
+                    f"stage_dims[{s}]={w} cannot be used with spe=True: spiking patch encoding splits "
+                    f"stage {s}'s width into 3 equal branches, so every stage after the first must be a "
+                    f"multiple of 3. Nearest valid widths: {nearest}; or set spe=False"
+                )
+
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the bad value, the allowed range and the fix."""
 
@@ -138,6 +175,11 @@ class MixerSNNConfig:
         positive_int("in_chans", self.in_chans)
         positive_int("num_classes", self.num_classes)
         positive_int("patch_size", self.patch_size)
+        if self.stage_dims is not None:
+            self._check_stage_dims()
+            if self.embed_dim != self.stage_dims[0]:
+                raise ConfigError(f"embed_dim={self.embed_dim} differs from stage_dims[0]={self.stage_dims[0]}: "
+                                  f"with stage_dims the stage-1 width is stage_dims[0]; change stage_dims")
         positive_int("embed_dim", self.embed_dim)
         if self.T > 64:
             raise ConfigError(f"T={self.T} is out of range: use 1 <= T <= 64 (the paper uses 4 or 6)")
@@ -155,7 +197,7 @@ class MixerSNNConfig:
                 f"{divisors} or an img_size that is a multiple of {self.patch_size} "
                 f"(e.g. {lo} or {lo + self.patch_size})"
             )
-        if self.spe and self.embed_dim % 3 != 0:
+        if self.spe and self.stage_dims is None and self.embed_dim % 3 != 0:
             lo = self.embed_dim - self.embed_dim % 3
             hi = lo + 3
             nearest = [w for w in (lo, hi) if w > 0]
@@ -166,11 +208,11 @@ class MixerSNNConfig:
             )
         if not self.mlp_ratio > 0:
             raise ConfigError(f"mlp_ratio={self.mlp_ratio} is out of range: it must be > 0 (the paper uses 3)")
-        for w in self.widths:
+        for s, w in enumerate(self.widths):
             if abs(self.mlp_ratio * w - round(self.mlp_ratio * w)) > 1e-9:
                 raise ConfigError(
                     f"mlp_ratio={self.mlp_ratio} gives a non-integer hidden width "
-                    f"{self.mlp_ratio * w:g} for stage width {w}; use an integer ratio or one "
+                    f"{self.mlp_ratio * w:g} for stage width {w} (stage {s}); use an integer ratio or one "
                     f"whose product with every stage width is whole"
                 )
         if not isinstance(self.neuron, NeuronConfig):
@@ -187,6 +229,7 @@ class MixerSNNConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["depths"] = list(self.depths)
+        d["stage_dims"] = None if self.stage_dims is None else list(self.stage_dims)
         return d
 
     @classmethod
@@ -217,6 +260,13 @@ class MixerSNNConfig:
         bad_neuron = sorted(set(neuron_over) - set(NEURON_KEYS))
         if bad_neuron:
             raise ConfigError(f"unknown neuron key(s) {bad_neuron}; valid: {list(NEURON_KEYS)}")
+        if "embed_dim" in overrides and "stage_dims" not in overrides and self.stage_dims is not None:
+            if overrides["embed_dim"] != self.stage_dims[0]:
+                raise ConfigError(
+                    f"embed_dim={overrides['embed_dim']} cannot be overridden on a config with "
+                    f"stage_dims={list(self.stage_dims)} (the stage-1 width is stage_dims[0]); "
+                    f"override stage_dims instead"
+                )
         neuron = replace(self.neuron, **neuron_over) if neuron_over else self.neuron
         return replace(self, neuron=neuron, **overrides)
 
@@ -226,15 +276,16 @@ class MixerSNNConfig:
         ``in_chans``, ``patch_size`` and ``mlp_ratio``). BN running stats are buffers, not
         parameters, and are not counted."""
         total = 0
-        for s, (C, H, depth) in enumerate(zip(self.widths, self.grids, self.depths)):
+        widths = self.widths
+        for s, (C, H, depth) in enumerate(zip(widths, self.grids, self.depths)):
             N = H * H
             if s == 0:
                 total += self.in_chans * self.patch_size**2 * C + 2 * C
             elif self.spe:
                 n = C // 3
-                total += 27 * (C // 2) * n + 18 * n * n + 10 * n
+                total += 27 * widths[s - 1] * n + 18 * n * n + 10 * n
             else:
-                total += 2 * C * C + 2 * C
+                total += 4 * widths[s - 1] * C + 2 * C
             token = 2 * H * H + 6 * H + 3 * C * C + 2 * C + (0 if self.spe else 2 * C)
             hidden = self.hidden_dim(C)
             channel = 2 * hidden * C + hidden + C + 4 * N  # = 2aC^2 + (a+1)C + 4N

@@ -88,9 +88,9 @@ def build_stages(
         if s == 0:
             embed = patch_embed(in_chans=config.in_chans, dim=C, patch_size=config.patch_size)
         elif config.spe:
-            embed = spe_embed(in_dim=C // 2, out_dim=C, neuron=neuron)
+            embed = spe_embed(in_dim=config.widths[s - 1], out_dim=C, neuron=neuron)
         else:
-            embed = downsample(in_dim=C // 2, out_dim=C, grid=config.grids[s - 1])
+            embed = downsample(in_dim=config.widths[s - 1], out_dim=C, grid=config.grids[s - 1])
         blocks = [
             MixerBlock(
                 token=token_block(dim=C, grid=H, neuron=neuron, identity_bn=not config.spe),

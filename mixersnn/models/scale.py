@@ -7,7 +7,9 @@ neuron) and change three things:
 - ``width``: a factor on the stage-1 width C (every stage follows: C, 2C, 4C, ...). The result
   is rounded to the nearest width the model accepts: a multiple of 3 with SPE (spiking patch
   encoding splits 2*C_in channels into 3 branches), else any integer, and always one whose
-  channel-MLP hidden width (``mlp_ratio * C`` per stage) is whole.
+  channel-MLP hidden width (``mlp_ratio * C`` per stage) is whole. A config with independent
+  ``stage_dims`` has each stage's width scaled and rounded on its own (a multiple of 3 after
+  the first stage with SPE, a whole channel-MLP width).
 - ``depth``: a factor on the blocks of every stage, rounded half up, at least 1 per stage; the
   number of stages is kept.
 - ``img_size``: the input side in pixels (an absolute size, not a factor); it must be a
@@ -38,7 +40,7 @@ class ModelScale:
     """How to scale an architecture (the identity when every field is left at its default).
 
     Attributes:
-        width: factor on the stage-1 width C (> 0).
+        width: factor on the stage-1 width C, or on every stage width of ``stage_dims`` (> 0).
         depth: factor on each stage's blocks (> 0).
         img_size: input side in pixels, or None to keep the architecture's.
     """
@@ -126,25 +128,53 @@ def parse_scale(text: str, *, where: str = "--scale") -> ModelScale:
     return scale_from_mapping(d, where=where)
 
 
-def _width(cfg: MixerSNNConfig, factor: float, where: str) -> int:
-    """The valid width nearest ``factor * C`` (ties: the wider); see the module docstring."""
-    target = cfg.embed_dim * factor
-    step = 3 if cfg.spe else 1
+def _nearest_width(target: float, step: int, multiples: tuple[int, ...], mlp_ratio: float) -> Optional[int]:
+    """The width nearest ``target`` (ties: the wider) that is a multiple of ``step`` (>= step)
+    and whose ``mlp_ratio * w * k`` is whole for every ``k`` of ``multiples``; None if none is
+    near."""
 
     def valid(w: int) -> bool:
-        return w >= step and all(abs(cfg.mlp_ratio * w * 2**s - round(cfg.mlp_ratio * w * 2**s)) <= 1e-9
-                                 for s in range(cfg.num_stages))
+        return w >= step and all(abs(mlp_ratio * w * k - round(mlp_ratio * w * k)) <= 1e-9 for k in multiples)
 
     # Candidates on the step grid, nearest the target first: the first that is valid wins.
     base = max(step, int(math.floor(target / step)) * step)
     cands = sorted({base + k * step for k in range(-64, 65) if base + k * step >= step},
                    key=lambda w: (abs(w - target), -w))
-    for w in cands:
-        if valid(w):
-            return w
+    return next((w for w in cands if valid(w)), None)
+
+
+def _width(cfg: MixerSNNConfig, factor: float, where: str) -> int:
+    """The valid width nearest ``factor * C`` (ties: the wider); see the module docstring."""
+    target = cfg.embed_dim * factor
+    step = 3 if cfg.spe else 1
+    w = _nearest_width(target, step, tuple(2**s for s in range(cfg.num_stages)), cfg.mlp_ratio)
+    if w is not None:
+        return w
     rule = "a multiple of 3 (SPE)" if cfg.spe else "a whole number"
     raise ConfigError(f"{where}: width={factor:g} gives C={target:g}, and no width near it is {rule} with a whole "
                       f"channel-MLP width at mlp_ratio={cfg.mlp_ratio:g}; use another width factor")
+
+
+def _stage_widths(cfg: MixerSNNConfig, factor: float, where: str) -> tuple[int, ...]:
+    """Each of ``cfg.stage_dims`` times ``factor``, rounded to the nearest width that stage
+    accepts (a multiple of 3 after the first stage with SPE; a whole channel-MLP width)."""
+    assert cfg.stage_dims is not None
+    out = []
+    for s, d in enumerate(cfg.stage_dims):
+        target = d * factor
+        step = 3 if cfg.spe and s > 0 else 1
+        spe = " with SPE" if step == 3 else ""
+        if target < 0.5 * step:  # rounds below the narrowest width the stage takes
+            raise ConfigError(f"{where}: width={factor:g} makes stage {s}'s width {target:g} from {d}: below the "
+                              f"narrowest width ({step}{spe}); use width >= {step / d:.3g}")
+        w = _nearest_width(target, step, (1,), cfg.mlp_ratio)
+        if w is None:
+            rule = "a multiple of 3 (SPE)" if step == 3 else "a whole number"
+            raise ConfigError(f"{where}: width={factor:g} gives stage {s} width {target:g}, and no width near it "
+                              f"is {rule} with a whole channel-MLP width at mlp_ratio={cfg.mlp_ratio:g}; use "
+                              f"another width factor")
+        out.append(w)
+    return tuple(out)
 
 
 def scale_config(cfg: MixerSNNConfig, scale: ModelScale, *, where: str = "--scale") -> MixerSNNConfig:
@@ -161,7 +191,9 @@ def scale_config(cfg: MixerSNNConfig, scale: ModelScale, *, where: str = "--scal
             size that is not a multiple of the patch); the message names the value and the fix.
     """
     over: dict[str, Any] = {}
-    if scale.width != 1.0:
+    if scale.width != 1.0 and cfg.stage_dims is not None:
+        over["stage_dims"] = _stage_widths(cfg, scale.width, where)
+    elif scale.width != 1.0:
         target = cfg.embed_dim * scale.width
         step = 3 if cfg.spe else 1
         if target < step - 0.5 * step:  # rounds below the narrowest width the model takes

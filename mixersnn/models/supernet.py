@@ -6,8 +6,10 @@ of a :class:`SupernetSpace`, holds every parameter and BatchNorm buffer. A subne
 slices of those tensors:
 
 - **width**: stage ``s`` of a subnet with stage-1 width ``c`` has ``c_s = c * 2**s`` channels
-  (as in :class:`~mixersnn.models.config.MixerSNNConfig`). Stage 0 and every stage of a
-  non-SPE model use the first ``c_s`` channels of the largest model. An SPE stage's output is
+  (as in :class:`~mixersnn.models.config.MixerSNNConfig`); or, in a space of per-stage
+  ``widths``, each stage's width ``c_s`` is chosen on its own (the subnet's config then sets
+  ``stage_dims``, and the largest model has each stage's widest choice). Stage 0 and every
+  stage of a non-SPE model use the first ``c_s`` channels of the largest model. An SPE stage's output is
   ``concat(a1, a2, a3)`` of three branches, so a subnet uses the first ``c_s / 3`` channels
   *of each branch* (positions ``[0, n) + [N, N + n) + [2N, 2N + n)`` with ``N`` the largest
   branch width); every later tensor of the stage follows that layout.
@@ -35,6 +37,7 @@ them on a few training batches (:meth:`MixerSNNSupernet.extract_calibrated`, or
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import re
@@ -61,37 +64,52 @@ class SubnetSpec:
     """One architecture inside a supernet; hashable, so usable as a dict key.
 
     Attributes:
-        embed_dim: stage-1 width c (stage s has c * 2**s channels).
+        embed_dim: stage-1 width c (stage s has c * 2**s channels unless ``widths`` is set).
         depths: blocks per stage.
         mlp_ratio: channel-MLP hidden ratio.
         T: time steps.
+        widths: per-stage widths (a space of per-stage ``widths``), or None (doubling widths);
+            when set, ``embed_dim`` must equal ``widths[0]``.
     """
 
     embed_dim: int
     depths: tuple[int, ...]
     mlp_ratio: float
     T: int
+    widths: Optional[tuple[int, ...]] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.depths, tuple):
             object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
         object.__setattr__(self, "mlp_ratio", float(self.mlp_ratio))
+        if self.widths is not None:
+            object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+            if not self.widths or self.embed_dim != self.widths[0]:
+                raise ConfigError(f"subnet embed_dim={self.embed_dim} must equal widths[0] (widths="
+                                  f"{list(self.widths)}): the stage-1 width is the first stage width")  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
-        return {"embed_dim": self.embed_dim, "depths": list(self.depths), "mlp_ratio": self.mlp_ratio, "T": self.T}
+        d = {"embed_dim": self.embed_dim, "depths": list(self.depths), "mlp_ratio": self.mlp_ratio, "T": self.T}
+        if self.widths is not None:
+            d["widths"] = list(self.widths)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SubnetSpec":
-        _check_keys(d, {"embed_dim", "depths", "mlp_ratio", "T"}, "subnet spec")
-        return cls(embed_dim=int(d["embed_dim"]), depths=tuple(d["depths"]), mlp_ratio=d["mlp_ratio"], T=int(d["T"]))
+        _check_keys(d, {"embed_dim", "depths", "mlp_ratio", "T"}, "subnet spec", optional={"widths"})
+        widths = d.get("widths")
+        return cls(embed_dim=int(d["embed_dim"]), depths=tuple(d["depths"]), mlp_ratio=d["mlp_ratio"], T=int(d["T"]),
+                   widths=None if widths is None else tuple(widths))  # fmt: skip
 
 
-def _check_keys(d: dict[str, Any], known: set[str], what: str) -> None:
-    """Raise :class:`ConfigError` unless ``d`` has exactly the keys ``known``."""
-    unknown = sorted(set(d) - known)
+def _check_keys(d: dict[str, Any], known: set[str], what: str, optional: Iterable[str] = ()) -> None:
+    """Raise :class:`ConfigError` unless ``d`` has exactly the keys ``known``, plus any of
+    ``optional``."""
+    unknown = sorted(set(d) - known - set(optional))
     missing = sorted(known - set(d))
     if unknown or missing:
-        raise ConfigError(f"{what} keys must be {sorted(known)}; unknown {unknown}, missing {missing}")
+        opt = f" (optional {sorted(optional)})" if optional else ""
+        raise ConfigError(f"{what} keys must be {sorted(known)}{opt}; unknown {unknown}, missing {missing}")
 
 
 def _as_tuple(values: Any) -> tuple:
@@ -102,54 +120,82 @@ def _as_tuple(values: Any) -> tuple:
 class SupernetSpace:
     """The choices of a supernet; every combination is a subnet.
 
+    Widths are chosen one of two ways (exactly one is given): ``embed_dims`` (the stage-1
+    width; every stage doubles it) or ``widths`` (each stage's width chosen on its own).
+
     Attributes:
         embed_dims: stage-1 widths; stage s has width ``embed_dim * 2**s``. With SPE each must
-            be a multiple of 3.
+            be a multiple of 3. Empty when ``widths`` is given.
         depths: per stage, the allowed block counts, e.g. ``((1, 2), (1, 2), (1, 2, 3, 4),
             (1, 2))``; the number of stages is ``len(depths)`` (the base config's depths are
             ignored).
         mlp_ratios: channel-MLP ratios; ``ratio * width`` must be whole for every width.
         Ts: time steps (1 to 64).
+        widths: per stage, the allowed widths of that stage, e.g. ``((6, 12), (12, 18, 24),
+            (24, 36, 48), (48, 96))`` (one entry per stage of ``depths``); with SPE every stage
+            after the first takes multiples of 3. Empty when ``embed_dims`` is given.
     """
 
-    embed_dims: tuple[int, ...]
-    depths: tuple[tuple[int, ...], ...]
-    mlp_ratios: tuple[float, ...]
-    Ts: tuple[int, ...]
+    embed_dims: tuple[int, ...] = ()
+    depths: tuple[tuple[int, ...], ...] = ()
+    mlp_ratios: tuple[float, ...] = ()
+    Ts: tuple[int, ...] = ()
+    widths: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self) -> None:
         # Normalise lists from YAML/JSON; validation itself needs the base config (SPE).
-        object.__setattr__(self, "embed_dims", _as_tuple(self.embed_dims))
+        object.__setattr__(self, "embed_dims", _as_tuple(self.embed_dims or ()))
         object.__setattr__(self, "depths", tuple(_as_tuple(d) for d in _as_tuple(self.depths)))
         object.__setattr__(self, "mlp_ratios", tuple(float(r) if isinstance(r, (int, float)) and not isinstance(r, bool)
                                                      else r for r in _as_tuple(self.mlp_ratios)))  # fmt: skip
         object.__setattr__(self, "Ts", _as_tuple(self.Ts))
+        object.__setattr__(self, "widths", tuple(_as_tuple(w) for w in _as_tuple(self.widths or ())))
 
     # ------------------------------------------------------------------ subnets
     @property
     def num_stages(self) -> int:
         return len(self.depths)
 
+    @property
+    def per_stage_widths(self) -> bool:
+        """Whether widths are chosen per stage (``widths``) rather than as a stage-1 width."""
+        return bool(self.widths)
+
+    def _spec(self, width: Any, depths: Iterable[int], mlp_ratio: float, T: int) -> SubnetSpec:
+        """A spec from a width choice: a stage-1 width, or a tuple of stage widths."""
+        if self.per_stage_widths:
+            return SubnetSpec(width[0], tuple(depths), mlp_ratio, T, widths=tuple(width))
+        return SubnetSpec(width, tuple(depths), mlp_ratio, T)
+
     def largest(self) -> SubnetSpec:
         """The largest choice in every dimension (the supernet's own shape)."""
-        return SubnetSpec(max(self.embed_dims), tuple(max(d) for d in self.depths), max(self.mlp_ratios), max(self.Ts))
+        width = tuple(max(w) for w in self.widths) if self.per_stage_widths else max(self.embed_dims)
+        return self._spec(width, (max(d) for d in self.depths), max(self.mlp_ratios), max(self.Ts))
 
     def smallest(self) -> SubnetSpec:
         """The smallest choice in every dimension."""
-        return SubnetSpec(min(self.embed_dims), tuple(min(d) for d in self.depths), min(self.mlp_ratios), min(self.Ts))
+        width = tuple(min(w) for w in self.widths) if self.per_stage_widths else min(self.embed_dims)
+        return self._spec(width, (min(d) for d in self.depths), min(self.mlp_ratios), min(self.Ts))
 
     def sample(self, rng: random.Random) -> SubnetSpec:
         """A subnet drawn uniformly and independently in each dimension (and each stage)."""
-        return SubnetSpec(
-            embed_dim=rng.choice(self.embed_dims),
-            depths=tuple(rng.choice(d) for d in self.depths),
-            mlp_ratio=rng.choice(self.mlp_ratios),
-            T=rng.choice(self.Ts),
-        )
+        if self.per_stage_widths:
+            width: Any = tuple(rng.choice(w) for w in self.widths)
+        else:
+            width = rng.choice(self.embed_dims)
+        depths = tuple(rng.choice(d) for d in self.depths)
+        return self._spec(width, depths, rng.choice(self.mlp_ratios), rng.choice(self.Ts))
+
+    def _width_choices(self) -> list[Any]:
+        """Every width choice: stage-1 widths, or tuples of stage widths."""
+        import itertools
+
+        return list(itertools.product(*self.widths)) if self.per_stage_widths else list(self.embed_dims)
 
     def size(self) -> int:
         """The number of distinct subnets."""
-        return len(self.embed_dims) * math.prod(len(d) for d in self.depths) * len(self.mlp_ratios) * len(self.Ts)
+        n_widths = math.prod(len(w) for w in self.widths) if self.per_stage_widths else len(self.embed_dims)
+        return n_widths * math.prod(len(d) for d in self.depths) * len(self.mlp_ratios) * len(self.Ts)
 
     def contains(self, spec: SubnetSpec) -> bool:
         """Whether ``spec`` is one of this space's subnets."""
@@ -159,12 +205,28 @@ class SupernetSpace:
             return False
         return True
 
+    def _check_width(self, spec: SubnetSpec) -> None:
+        if not self.per_stage_widths:
+            if spec.widths is not None:
+                raise ConfigError(f"widths={list(spec.widths)} is not a choice of this supernet: it chooses the "
+                                  f"stage-1 width (embed_dims {list(self.embed_dims)}), not per-stage widths")  # fmt: skip
+            if spec.embed_dim not in self.embed_dims:
+                raise ConfigError(f"embed_dim={spec.embed_dim} is not a choice of this supernet: allowed "
+                                  f"{list(self.embed_dims)}")  # fmt: skip
+            return
+        allowed_all = [list(w) for w in self.widths]
+        if spec.widths is None or len(spec.widths) != len(self.widths):
+            got = None if spec.widths is None else list(spec.widths)
+            raise ConfigError(f"widths={got} does not fit this supernet: give one width per stage, stage s from "
+                              f"{allowed_all}")  # fmt: skip
+        for s, (w, allowed) in enumerate(zip(spec.widths, self.widths)):
+            if w not in allowed:
+                raise ConfigError(f"widths[{s}]={w} is not allowed: stage {s} takes widths {list(allowed)}")
+
     def check(self, spec: SubnetSpec) -> None:
         """Raise :class:`ConfigError` unless ``spec`` is a subnet of this space (the message
         names the value and the allowed choices)."""
-        if spec.embed_dim not in self.embed_dims:
-            raise ConfigError(f"embed_dim={spec.embed_dim} is not a choice of this supernet: allowed "
-                              f"{list(self.embed_dims)}")  # fmt: skip
+        self._check_width(spec)
         if len(spec.depths) != self.num_stages:
             raise ConfigError(f"depths={list(spec.depths)} has {len(spec.depths)} stages; this supernet has "
                               f"{self.num_stages} (choices per stage {[list(d) for d in self.depths]})")  # fmt: skip
@@ -183,66 +245,89 @@ class SupernetSpace:
         """Every subnet, in a fixed order (mind :meth:`size` before listing them)."""
         import itertools
 
-        for e, d, r, t in itertools.product(self.embed_dims, itertools.product(*self.depths), self.mlp_ratios, self.Ts):
-            yield SubnetSpec(e, tuple(d), r, t)
+        for w, d, r, t in itertools.product(self._width_choices(), itertools.product(*self.depths), self.mlp_ratios,
+                                            self.Ts):  # fmt: skip
+            yield self._spec(w, d, r, t)
 
     # ------------------------------------------------------------------ validation
+    def _validate_widths(self, base: MixerSNNConfig) -> None:
+        """The width choices: exactly one of ``embed_dims``/``widths``, each choice valid."""
+        example = "(48, 72, 96)" if base.spe else "(64, 96)"
+        per_stage = "widths=((6, 12), (12, 18, 24), (24, 36, 48), (48, 96))"
+        if self.embed_dims and self.widths:
+            raise ConfigError(f"the supernet space gives both embed_dims={list(self.embed_dims)} and widths="
+                              f"{[list(w) for w in self.widths]}: give exactly one, embed_dims (stage-1 widths, every "
+                              f"stage doubles) or widths (per stage, the allowed widths)")  # fmt: skip
+        if not self.embed_dims and not self.widths:
+            raise ConfigError(f"embed_dims=() is empty: give at least one choice, e.g. embed_dims={example}, or "
+                              f"per-stage width choices instead, e.g. {per_stage}")  # fmt: skip
+        if self.embed_dims:
+            _choices("embed_dims", self.embed_dims, example)
+            for e in self.embed_dims:
+                _integer("embed_dims", e, 1)
+                if base.spe and e % 3:
+                    lo = e - e % 3
+                    nearest = [w for w in (lo, lo + 3) if w > 0]
+                    raise ConfigError(
+                        f"embed_dims choice {e} cannot be used with spe=True: spiking patch encoding splits "
+                        f"each stage width into 3 equal branches, so every stage-1 width must be a multiple of "
+                        f"3 (allowed: multiples of 3; nearest {nearest}); change the choice or use spe=False"
+                    )
+            return
+        if len(self.widths) != len(self.depths):
+            raise ConfigError(f"widths has {len(self.widths)} stages but depths has {len(self.depths)}: give the "
+                              f"width choices of every stage, one list per stage of depths")  # fmt: skip
+        for s, ws in enumerate(self.widths):
+            _choices(f"widths[{s}]", ws, "(24, 48)")
+            for w in ws:
+                _integer(f"widths[{s}]", w, 1)
+                if base.spe and s > 0 and w % 3:
+                    lo = w - w % 3
+                    nearest = [v for v in (lo, lo + 3) if v > 0]
+                    raise ConfigError(
+                        f"widths[{s}] choice {w} cannot be used with spe=True: spiking patch encoding splits "
+                        f"stage {s}'s width into 3 equal branches, so every stage after the first takes multiples "
+                        f"of 3 (nearest {nearest}); change the choice or use spe=False"
+                    )
+
+    def _stage_width_choices(self) -> list[tuple[int, int, str]]:
+        """``(stage, width, label)`` for every width a stage can take (for the ratio check)."""
+        if self.per_stage_widths:
+            return [(s, w, f"widths[{s}] choice {w}") for s, ws in enumerate(self.widths) for w in ws]
+        return [(s, e * 2**s, f"embed_dims choice {e} (stage {s} width {e * 2**s})")
+                for e in self.embed_dims for s in range(self.num_stages)]  # fmt: skip
+
     def validate(self, base: MixerSNNConfig) -> None:
         """Raise :class:`ConfigError` naming the bad value, the allowed range and the fix.
 
         Args:
             base: the fixed part of every subnet (image size, channels, classes, patch, SPE,
-                neuron); its embed_dim, depths, mlp_ratio and T are replaced by the space's.
+                neuron); its embed_dim, stage_dims, depths, mlp_ratio and T are replaced by the
+                space's.
         """
-
-        def choices(name: str, values: tuple, example: str) -> None:
-            if len(values) == 0:
-                raise ConfigError(f"{name}=() is empty: give at least one choice, e.g. {name}={example}")
-            if len(set(values)) != len(values):
-                raise ConfigError(f"{name}={list(values)} lists a choice twice; list each choice once "
-                                  f"(duplicates would bias sampling)")  # fmt: skip
-
-        def integer(name: str, v: Any, lo: int, hi: Optional[int] = None) -> None:
-            rng = f">= {lo}" if hi is None else f"in {lo}..{hi}"
-            if not isinstance(v, int) or isinstance(v, bool) or v < lo or (hi is not None and v > hi):
-                raise ConfigError(f"{name} choice {v!r} is out of range: it must be an integer {rng}")
-
-        choices("embed_dims", self.embed_dims, "(48, 72, 96)" if base.spe else "(64, 96)")
-        for e in self.embed_dims:
-            integer("embed_dims", e, 1)
-            if base.spe and e % 3:
-                lo = e - e % 3
-                nearest = [w for w in (lo, lo + 3) if w > 0]
-                raise ConfigError(
-                    f"embed_dims choice {e} cannot be used with spe=True: spiking patch encoding splits "
-                    f"each stage width into 3 equal branches, so every stage-1 width must be a multiple of "
-                    f"3 (allowed: multiples of 3; nearest {nearest}); change the choice or use spe=False"
-                )
         if len(self.depths) == 0:
             raise ConfigError("depths=() is empty: give the block-count choices of at least one stage, "
                               "e.g. depths=((1, 2), (1, 2, 4))")  # fmt: skip
+        self._validate_widths(base)
         for s, d in enumerate(self.depths):
-            choices(f"depths[{s}]", d, "(1, 2)")
+            _choices(f"depths[{s}]", d, "(1, 2)")
             for k in d:
-                integer(f"depths[{s}]", k, 1)
-        choices("mlp_ratios", self.mlp_ratios, "(2.0, 3.0)")
+                _integer(f"depths[{s}]", k, 1)
+        _choices("mlp_ratios", self.mlp_ratios, "(2.0, 3.0)")
         for r in self.mlp_ratios:
             if not isinstance(r, float) or not r > 0:
                 raise ConfigError(f"mlp_ratios choice {r!r} is out of range: it must be a number > 0 "
                                   f"(the paper uses 3)")  # fmt: skip
-        choices("Ts", self.Ts, "(2, 4)")
+        _choices("Ts", self.Ts, "(2, 4)")
         for t in self.Ts:
-            integer("Ts", t, 1, MAX_T)
+            _integer("Ts", t, 1, MAX_T)
         for r in self.mlp_ratios:
-            for e in self.embed_dims:
-                for s in range(self.num_stages):
-                    w = e * 2**s
-                    if abs(r * w - round(r * w)) > 1e-9:
-                        raise ConfigError(
-                            f"mlp_ratios choice {r} gives a non-integer hidden width {r * w:g} for embed_dims "
-                            f"choice {e} (stage {s} width {w}): every ratio times every stage width must be "
-                            f"whole; use integer ratios or drop that ratio or width"
-                        )
+            for _, w, label in self._stage_width_choices():
+                if abs(r * w - round(r * w)) > 1e-9:
+                    raise ConfigError(
+                        f"mlp_ratios choice {r} gives a non-integer hidden width {r * w:g} for {label}: every "
+                        f"ratio times every stage width must be whole; use integer ratios or drop that ratio or width"
+                    )
         # Everything else (img_size vs patch_size, the neuron) is the base config's business.
         try:
             self._config(base, self.largest())
@@ -252,21 +337,39 @@ class SupernetSpace:
 
     @staticmethod
     def _config(base: MixerSNNConfig, spec: SubnetSpec) -> MixerSNNConfig:
-        return base.replace(embed_dim=spec.embed_dim, depths=tuple(spec.depths), mlp_ratio=spec.mlp_ratio, T=spec.T)
+        # dataclasses.replace: stage_dims is replaced even by None (the base's is ignored).
+        return dataclasses.replace(base, embed_dim=spec.embed_dim, stage_dims=spec.widths, depths=tuple(spec.depths),
+                                   mlp_ratio=spec.mlp_ratio, T=spec.T)  # fmt: skip
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "embed_dims": list(self.embed_dims),
-            "depths": [list(d) for d in self.depths],
-            "mlp_ratios": list(self.mlp_ratios),
-            "Ts": list(self.Ts),
-        }
+        """The choices; ``embed_dims`` or ``widths``, whichever the space uses."""
+        d: dict[str, Any] = {}
+        if self.per_stage_widths:
+            d["widths"] = [list(w) for w in self.widths]
+        else:
+            d["embed_dims"] = list(self.embed_dims)
+        d.update({"depths": [list(d) for d in self.depths], "mlp_ratios": list(self.mlp_ratios), "Ts": list(self.Ts)})
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SupernetSpace":
-        _check_keys(d, {"embed_dims", "depths", "mlp_ratios", "Ts"}, "supernet space")
+        _check_keys(d, {"depths", "mlp_ratios", "Ts"}, "supernet space", optional={"embed_dims", "widths"})
         return cls(**d)
+
+
+def _choices(name: str, values: tuple, example: str) -> None:
+    if len(values) == 0:
+        raise ConfigError(f"{name}=() is empty: give at least one choice, e.g. {name}={example}")
+    if len(set(values)) != len(values):
+        raise ConfigError(f"{name}={list(values)} lists a choice twice; list each choice once "
+                          f"(duplicates would bias sampling)")  # fmt: skip
+
+
+def _integer(name: str, v: Any, lo: int, hi: Optional[int] = None) -> None:
+    rng = f">= {lo}" if hi is None else f"in {lo}..{hi}"
+    if not isinstance(v, int) or isinstance(v, bool) or v < lo or (hi is not None and v > hi):
+        raise ConfigError(f"{name} choice {v!r} is out of range: it must be an integer {rng}")
 
 
 # ----------------------------------------------------------------------------- slicing rules
@@ -333,7 +436,8 @@ class MixerSNNSupernet(nn.Module):
 
     Args:
         base: the fixed part of every subnet: image size, input channels, classes, patch size,
-            SPE and neuron. Its ``embed_dim``, ``depths``, ``mlp_ratio`` and ``T`` are ignored.
+            SPE and neuron. Its ``embed_dim``, ``stage_dims``, ``depths``, ``mlp_ratio`` and ``T``
+            are ignored.
         space: the choices.
         max_templates: how many subnet templates (meta-device modules, a few kB each) to keep.
 
