@@ -359,7 +359,7 @@ _WS = dict(SPE_WIDTHS[1].to_dict())
         (dict(_WS, embed_dims=(6,)), True, r"gives both embed_dims=\[6\] and widths=.*give exactly one"),
         (dict(_WS, widths=((6, 12), (12, 24))), True, r"widths has 2 stages but depths has 4"),
         (dict(_WS, widths=((6, 12), (12, 20), (24,), (48,))), True,
-         r"widths\[1\] choice 20 cannot be used with spe=True.*nearest \[18, 21\]"),
+         r"widths\[1\] choice 20 cannot be used with spe=True.*Nearest valid widths: \[18, 21\]"),
         (dict(_WS, widths=((6, 12), (12, 12), (24,), (48,))), True, r"widths\[1\]=\[12, 12\] lists a choice twice"),
         (dict(_WS, widths=((6, 12), (), (24,), (48,))), True, r"widths\[1\]=\(\) is empty"),
         (dict(_WS, widths=((0, 12), (12,), (24,), (48,))), True, r"widths\[0\] choice 0 .*integer >= 1"),

@@ -30,6 +30,20 @@ def from_known_keys(cls: type[_D], d: Mapping[str, Any], where: str) -> _D:
     return cls(**d)
 
 
+def check_spe_width(label: str, width: int, rule: str) -> None:
+    """Raise :class:`ConfigError` unless ``width`` splits into the three equal branches of a
+    spiking patch encoding; ``label`` names the value (``embed_dim=80``), ``rule`` the widths
+    the requirement covers (``every stage after the first``)."""
+    if width % 3:
+        lo = width - width % 3
+        nearest = [v for v in (lo, lo + 3) if v > 0]
+        raise ConfigError(
+            f"{label} cannot be used with spe=True: spiking patch encoding splits a stage's width into 3 "
+            f"equal branches, so {rule} must be a multiple of 3. Nearest valid widths: {nearest}; change "
+            f"it or set spe=False"
+        )
+
+
 @dataclass(frozen=True)
 class NeuronConfig:
     """The spiking nonlinearity used everywhere in the network (design doc section 2).
@@ -154,14 +168,8 @@ class MixerSNNConfig:
         for s, w in enumerate(dims):
             if not isinstance(w, int) or isinstance(w, bool) or w < 1:
                 raise ConfigError(f"stage_dims[{s}]={w!r} is out of range: every stage width must be an integer >= 1")
-            if self.spe and s > 0 and w % 3:
-                lo = w - w % 3
-                nearest = [v for v in (lo, lo + 3) if v > 0]
-                raise ConfigError(
-                    f"stage_dims[{s}]={w} cannot be used with spe=True: spiking patch encoding splits "
-                    f"stage {s}'s width into 3 equal branches, so every stage after the first must be a "
-                    f"multiple of 3. Nearest valid widths: {nearest}; or set spe=False"
-                )
+            if self.spe and s > 0:
+                check_spe_width(f"stage_dims[{s}]={w}", w, "every stage after the first")
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the bad value, the allowed range and the fix."""
@@ -197,15 +205,8 @@ class MixerSNNConfig:
                 f"{divisors} or an img_size that is a multiple of {self.patch_size} "
                 f"(e.g. {lo} or {lo + self.patch_size})"
             )
-        if self.spe and self.stage_dims is None and self.embed_dim % 3 != 0:
-            lo = self.embed_dim - self.embed_dim % 3
-            hi = lo + 3
-            nearest = [w for w in (lo, hi) if w > 0]
-            raise ConfigError(
-                f"embed_dim={self.embed_dim} cannot be used with spe=True: spiking patch encoding "
-                f"splits 2*C_in channels into 3 equal branches, so the width must be a multiple "
-                f"of 3. Nearest valid widths: {nearest}; or set spe=False"
-            )
+        if self.spe and self.stage_dims is None:
+            check_spe_width(f"embed_dim={self.embed_dim}", self.embed_dim, "the stage-1 width (every stage doubles it)")
         if not self.mlp_ratio > 0:
             raise ConfigError(f"mlp_ratio={self.mlp_ratio} is out of range: it must be > 0 (the paper uses 3)")
         for s, w in enumerate(self.widths):

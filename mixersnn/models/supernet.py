@@ -49,7 +49,7 @@ from typing import Any, Iterable, Iterator, Optional
 import torch
 from torch import nn
 
-from mixersnn.models.config import ConfigError, MixerSNNConfig
+from mixersnn.models.config import ConfigError, MixerSNNConfig, check_spe_width
 from mixersnn.models.mixer_snn import MixerSNN
 
 __all__ = ["SubnetSpec", "SupernetSpace", "MixerSNNSupernet", "recalibrate_bn"]
@@ -265,14 +265,8 @@ class SupernetSpace:
             _choices("embed_dims", self.embed_dims, example)
             for e in self.embed_dims:
                 _integer("embed_dims", e, 1)
-                if base.spe and e % 3:
-                    lo = e - e % 3
-                    nearest = [w for w in (lo, lo + 3) if w > 0]
-                    raise ConfigError(
-                        f"embed_dims choice {e} cannot be used with spe=True: spiking patch encoding splits "
-                        f"each stage width into 3 equal branches, so every stage-1 width must be a multiple of "
-                        f"3 (allowed: multiples of 3; nearest {nearest}); change the choice or use spe=False"
-                    )
+                if base.spe:
+                    check_spe_width(f"embed_dims choice {e}", e, "every stage-1 width")
             return
         if len(self.widths) != len(self.depths):
             raise ConfigError(f"widths has {len(self.widths)} stages but depths has {len(self.depths)}: give the "
@@ -281,14 +275,8 @@ class SupernetSpace:
             _choices(f"widths[{s}]", ws, "(24, 48)")
             for w in ws:
                 _integer(f"widths[{s}]", w, 1)
-                if base.spe and s > 0 and w % 3:
-                    lo = w - w % 3
-                    nearest = [v for v in (lo, lo + 3) if v > 0]
-                    raise ConfigError(
-                        f"widths[{s}] choice {w} cannot be used with spe=True: spiking patch encoding splits "
-                        f"stage {s}'s width into 3 equal branches, so every stage after the first takes multiples "
-                        f"of 3 (nearest {nearest}); change the choice or use spe=False"
-                    )
+                if base.spe and s > 0:
+                    check_spe_width(f"widths[{s}] choice {w}", w, "every width of a stage after the first")
 
     def _stage_width_choices(self) -> list[tuple[int, int, str]]:
         """``(stage, width, label)`` for every width a stage can take (for the ratio check)."""
