@@ -59,10 +59,7 @@ LIF_GLOBAL void lif_forward(const scalar_t* LIF_RESTRICT x, const scalar_t* LIF_
     LIF_OUT_ROW(scalar_t, spikes);
     LIF_OUT_ROW(scalar_t, u_saved);
     LIF_LANE_LOOP(j, tile, n) { v[j] = v0 ? lif_load(v0[LIF_INDEX(tile, j)]) : v_reset_charge; }
-    for (int t = 0; t < steps; ++t) {
-      const lif_index_t row = (lif_index_t)t * n;
-      // After this row the tile reads the next step, then step 0 of the next tile.
-      const lif_index_t next_row = t + 1 < steps ? row + n : (lif_index_t)LIF_LANES;
+    LIF_STEPS_FORWARD(t, row, next_row, steps, n) {
       LIF_CHUNK_LOOP(c, tile, n, spikes + row + tile) {
         LIF_PREFETCH(x, row, next_row, c, tile, n, (lif_index_t)steps * n);
         LIF_CHUNK_LANES(j, c, tile, n) {
@@ -100,8 +97,8 @@ LIF_GLOBAL void lif_forward(const scalar_t* LIF_RESTRICT x, const scalar_t* LIF_
 }
 
 // benchmarks/lif.py prices both passes against their bare memory traffic, lif_traffic_forward
-// and lif_traffic_backward in lif_shim.h, which copy these loops' layout (tiles, time loop,
-// chunks, prefetch, staging, streaming stores): a change to one belongs in the other.
+// and lif_traffic_backward in lif_shim.h, which share these loops (tiles, LIF_STEPS_*, chunks,
+// prefetch, staging, streaming stores): a change to one belongs in the other.
 
 // Backward through time (exact BPTT):
 //   g_H[t] = g_S[t] sg(u) + (g_V[t] + g_H[t+1] (1 - 1/tau)) dV/dH
@@ -131,10 +128,7 @@ LIF_GLOBAL void lif_backward(const scalar_t* LIF_RESTRICT u_saved,
     LIF_LANE_LOOP(j, tile, n) {
       gv[j] = grad_vfinal ? lif_load(grad_vfinal[LIF_INDEX(tile, j)]) : 0.0f;
     }
-    for (int t = steps - 1; t >= 0; --t) {
-      const lif_index_t row = (lif_index_t)t * n;
-      // After this row the tile reads the previous step, then the last step of the next tile.
-      const lif_index_t next_row = t > 0 ? row - n : (lif_index_t)(steps - 1) * n + LIF_LANES;
+    LIF_STEPS_BACKWARD(t, row, next_row, steps, n) {
       LIF_CHUNK_LOOP(c, tile, n, grad_x + row + tile) {
         LIF_PREFETCH(u_saved, row, next_row, c, tile, n, (lif_index_t)steps * n);
         LIF_PREFETCH(grad_spikes, row, next_row, c, tile, n, (lif_index_t)steps * n);

@@ -20,6 +20,12 @@
 //                                 chunk c: further along this row (offset row from the tile)
 //                                 or at the start of the row the tile reads next (next_row)
 //   lif_should_stream(bytes)      whether a call writing `bytes` should bypass the cache
+//   LIF_STEPS_FORWARD(t, row, next_row, steps, n)
+//   LIF_STEPS_BACKWARD(t, row, next_row, steps, n)
+//                                 a tile's time loop in the forward's order (step 0 first) or
+//                                 the backward's (last step first), declaring row (step t's
+//                                 offset, t * n) and next_row (the row the tile reads after
+//                                 this one, for LIF_PREFETCH); the body must not `break`
 //
 // On the GPU a tile is one thread block's slab of blockDim.x * LIF_LANES elements; each thread
 // holds LIF_LANES elements strided by blockDim.x, so every lane's load is coalesced across the
@@ -69,6 +75,22 @@
 #define MIXERSNN_LIF_SHIM_H
 
 typedef long long lif_index_t;
+
+// The time loops (shared by both targets; defined once so the kernels and their traffic twins
+// below cannot drift apart). After a tile's last step in a pass it reads the first one of the
+// next tile: step 0 at offset LIF_LANES (forward), or the last step (backward). The inner
+// single-pass loop only scopes row and next_row to the step.
+#define LIF_STEPS_FORWARD(t, row, next_row, steps, n)                                             \
+  for (int t = 0; t < (steps); ++t)                                                               \
+    for (lif_index_t row = (lif_index_t)t * (n),                                                  \
+                     next_row = t + 1 < (steps) ? row + (n) : (lif_index_t)LIF_LANES, t##_once = 1; \
+         t##_once; t##_once = 0)
+#define LIF_STEPS_BACKWARD(t, row, next_row, steps, n)                                            \
+  for (int t = (steps) - 1; t >= 0; --t)                                                          \
+    for (lif_index_t row = (lif_index_t)t * (n),                                                  \
+                     next_row = t > 0 ? row - (n) : (lif_index_t)((steps) - 1) * (n) + LIF_LANES,  \
+                     t##_once = 1;                                                                \
+         t##_once; t##_once = 0)
 
 #ifdef LIF_HOST
 // ------------------------------------------------------------------------------- host C++
@@ -219,8 +241,8 @@ extern "C" void lif_stream_copy(const float* LIF_RESTRICT src, float* LIF_RESTRI
 // two rows (out_a = x, out_b = x + 1); the backward's reads two rows (in the backward's order,
 // last step first) and writes one (out = in_a + in_b). Its time is the most any kernel with
 // this traffic can do on a machine; the copy is not, since it moves two streams, not three.
-// The loops copy lif.cu's on purpose (a shared skeleton would mean one more layer of macros
-// around the kernels): a change to the kernels' layout belongs here too.
+// The time loops are the kernels' own (LIF_STEPS_*); a change to the kernels' chunk layout
+// belongs here too.
 extern "C" void lif_traffic_forward(const float* LIF_RESTRICT x, float* LIF_RESTRICT out_a,
                                     float* LIF_RESTRICT out_b, long long n, int steps, int threads) {
   omp_set_num_threads(threads);
@@ -228,9 +250,7 @@ extern "C" void lif_traffic_forward(const float* LIF_RESTRICT x, float* LIF_REST
   LIF_TILE_LOOP(tile, n) {
     LIF_OUT_ROW(float, out_a);
     LIF_OUT_ROW(float, out_b);
-    for (int t = 0; t < steps; ++t) {
-      const lif_index_t row = (lif_index_t)t * n;
-      const lif_index_t next_row = t + 1 < steps ? row + n : (lif_index_t)LIF_LANES;
+    LIF_STEPS_FORWARD(t, row, next_row, steps, n) {
       LIF_CHUNK_LOOP(c, tile, n, out_a + row + tile) {
         LIF_PREFETCH(x, row, next_row, c, tile, n, (lif_index_t)steps * n);
         LIF_CHUNK_LANES(j, c, tile, n) {
@@ -252,9 +272,7 @@ extern "C" void lif_traffic_backward(const float* LIF_RESTRICT in_a, const float
   const bool stream = lif_should_stream((long long)steps * n * (long long)sizeof(float));
   LIF_TILE_LOOP(tile, n) {
     LIF_OUT_ROW(float, out);
-    for (int t = steps - 1; t >= 0; --t) {
-      const lif_index_t row = (lif_index_t)t * n;
-      const lif_index_t next_row = t > 0 ? row - n : (lif_index_t)(steps - 1) * n + LIF_LANES;
+    LIF_STEPS_BACKWARD(t, row, next_row, steps, n) {
       LIF_CHUNK_LOOP(c, tile, n, out + row + tile) {
         LIF_PREFETCH(in_a, row, next_row, c, tile, n, (lif_index_t)steps * n);
         LIF_PREFETCH(in_b, row, next_row, c, tile, n, (lif_index_t)steps * n);
