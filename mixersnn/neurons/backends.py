@@ -34,15 +34,18 @@ class LIFParams:
         detach_reset: treat spikes as constants inside the reset (no gradient through it).
         surrogate: surrogate gradient name ("sigmoid" or "atan").
         alpha: surrogate sharpness (already resolved from the surrogate's default).
+
+    No defaults: build one with :func:`mixersnn.neurons.make_lif_params`, which holds them and
+    checks the values.
     """
 
-    tau: float = 2.0
-    v_threshold: float = 1.0
-    v_reset: Optional[float] = 0.0
-    decay_input: bool = True
-    detach_reset: bool = False
-    surrogate: str = "sigmoid"
-    alpha: float = 4.0
+    tau: float
+    v_threshold: float
+    v_reset: Optional[float]
+    decay_input: bool
+    detach_reset: bool
+    surrogate: str
+    alpha: float
 
     @property
     def hard_reset(self) -> bool:
