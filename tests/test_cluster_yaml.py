@@ -19,7 +19,7 @@ import re
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import pytest
 import yaml
@@ -212,19 +212,27 @@ def test_placeholders_are_marked_and_listed(config: dict[str, Any]) -> None:
         assert t["node_config"]["ImageId"] == "REPLACE_AMI_ID", f"{name}: the AMI is a placeholder, marked as such"
 
 
+def check_command(argv: list[str]) -> Optional[str]:
+    """Check one command line with its program's own parser (or, for ``bash FILE``, that the
+    file exists); the program's name when it was checked, else None."""
+    prog = _program(argv[0])
+    if prog == "mixersnn":
+        check_mixersnn(argv[1:])
+    elif prog == "ray":
+        check_ray(argv[1:])
+    elif prog == "mlflow":
+        check_mlflow_server(argv[1:])
+    elif prog == "pip" and argv[1:2] == ["install"]:
+        check_pip(argv)
+    elif prog == "bash":
+        assert (ROOT / argv[1]).is_file(), argv
+    else:
+        return None
+    return prog
+
+
 def test_every_command_names_real_subcommands_flags_and_extras(config: dict[str, Any]) -> None:
-    seen = set()
-    for key, env, argv in _yaml_commands(config):
-        prog = _program(argv[0])
-        seen.add(prog)
-        if prog == "mixersnn":
-            check_mixersnn(argv[1:])
-        elif prog == "ray":
-            check_ray(argv[1:])
-        elif prog == "mlflow":
-            check_mlflow_server(argv[1:])
-        elif prog == "pip" and argv[1:2] == ["install"]:
-            check_pip(argv)
+    seen = {check_command(argv) for _, _, argv in _yaml_commands(config)}
     assert {"ray", "pip", "mlflow"} <= seen
     # The project is installed with its GPU extra on every node.
     installs = " ".join(" ".join(a) for k, _, a in _yaml_commands(config) if k == "setup_commands")
@@ -278,20 +286,7 @@ def _readme_scaling_commands() -> list[list[str]]:
 
 
 def test_readme_scaling_commands_are_real() -> None:
-    checked = set()
-    for argv in _readme_scaling_commands():
-        prog = _program(argv[0])
-        if prog == "mixersnn":
-            check_mixersnn(argv[1:])
-        elif prog == "ray":
-            check_ray(argv[1:])
-        elif prog == "pip" and argv[1:2] == ["install"]:
-            check_pip(argv)
-        elif prog == "bash":
-            assert (ROOT / argv[1]).is_file(), argv
-        else:
-            continue
-        checked.add(prog)
+    checked = {check_command(argv) for argv in _readme_scaling_commands()}
     assert {"mixersnn", "ray"} <= checked, checked
 
 
