@@ -249,8 +249,6 @@ def model_checkpoint(model_uri: str, tracking_uri: Optional[str] = None) -> Iter
     """
     import os
 
-    import mlflow.artifacts
-
     from trainers.spec import _get_run, check_store, parse_model_uri, resolve_model_version
     from trainers.tracking import mlflow_client, resolve_tracking_uri
 
@@ -268,7 +266,7 @@ def model_checkpoint(model_uri: str, tracking_uri: Optional[str] = None) -> Iter
             # tracking URI; models:/NAME/VERSION would go through the process-wide registry URI.
             artifact = mv.source or f"models:/{ident}/{mv.version}"
         try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact, dst_path=d, tracking_uri=uri))
+            local = _download(artifact, d, uri)
         except Exception as err:
             raise UserError(f"{model_uri}: cannot download {artifact} from {uri} ({type(err).__name__}: "
                             f"{str(err).splitlines()[0][:200] if str(err) else ''}); check the artefact path "
@@ -278,8 +276,7 @@ def model_checkpoint(model_uri: str, tracking_uri: Optional[str] = None) -> Iter
             if not found and scheme == "models" and mv.run_id:
                 # Registered before the checkpoint travelled with the model: its run's final model.
                 try:
-                    found = [Path(mlflow.artifacts.download_artifacts(
-                        artifact_uri=f"runs:/{mv.run_id}/model/{_CHECKPOINT}", dst_path=d, tracking_uri=uri))]
+                    found = [_download(f"runs:/{mv.run_id}/model/{_CHECKPOINT}", d, uri)]
                 except Exception:
                     found = []
             if not found:
@@ -287,6 +284,16 @@ def model_checkpoint(model_uri: str, tracking_uri: Optional[str] = None) -> Iter
                                 f"(runs:/RUN_ID/model/{_CHECKPOINT}) or a model registered by mixersnn")
             local = found[0]
         yield local
+
+
+def _download(artifact: str, dst: str, uri: str) -> Path:
+    """``mlflow.artifacts.download_artifacts`` from the store at ``uri``. A logged model's URI
+    (``models:/<model id>``) is looked up through the process-wide tracking URI whatever
+    ``tracking_uri`` says, so that is pointed at ``uri`` for the call only."""
+    import mlflow.artifacts
+
+    with _fluent_uris(uri):
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact, dst_path=dst, tracking_uri=uri))
 
 
 def load_model_uri(model_uri: str, tracking_uri: Optional[str] = None, **neuron_overrides: Any) -> Any:
