@@ -55,6 +55,32 @@ def test_loop_learns_on_real_data_and_reports_every_epoch(fmnist_shards: Path, t
     assert model.config.embed_dim == 12 and model.config.T == 2
 
 
+def test_held_out_shards_are_evaluated_every_epoch_apart_from_the_test_split(fmnist_shards: Path, tmp_path: Path) -> None:
+    """With ``holdout_shards`` every epoch also reports ``val_*``: the model's figures on the
+    held-out training shards (what a search selects on), the test split's staying ``test_*``."""
+    from trainers import loop
+    from trainers.loop import evaluate, holdout_source
+
+    rec = Recorder(tmp_path)
+    cfg = _cfg(fmnist_shards, epochs=2, holdout_shards=2)
+    final = run_training(cfg, WorkerContext(report=rec, log=lambda s: None))
+    assert all({"val_acc", "val_loss", "val_top5"} <= set(m) for m in rec.metrics)
+    assert final["val_samples"] == 2 * 128 and final["test_samples"] == 256
+    assert final["val_acc"] > 0.3, final
+    # The figure is the held-out shards', recomputed here from the epoch's checkpoint.
+    model = load_model(tmp_path / "epoch_1" / CHECKPOINT_FILE)
+    run = loop._setup(cfg, WorkerContext(log=lambda s: None))
+    assert run.val_loader.num_samples == 2 * 128
+    again = evaluate(model, run.val_loader, device=torch.device("cpu"), num_classes=10)
+    assert again["test_acc"] == pytest.approx(final["val_acc"], abs=1e-9)
+    assert again["test_loss"] == pytest.approx(final["val_loss"], rel=1e-5)
+    held = holdout_source(run.spec, 2)
+    assert held.shard_urls()[0] not in {u for u in loop.train_source(run.spec, 2).shard_urls()}
+    # Without held-out shards there is nothing to report under val_*.
+    plain = run_training(_cfg(fmnist_shards, epochs=1), WorkerContext(log=lambda s: None))
+    assert not any(k.startswith("val_") for k in plain)
+
+
 def test_resume_continues_without_retraining(fmnist_shards: Path, tmp_path: Path) -> None:
     full = Recorder(tmp_path / "full")
     run_training(_cfg(fmnist_shards, epochs=3), WorkerContext(report=full, log=lambda s: None))

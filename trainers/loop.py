@@ -322,14 +322,21 @@ def evaluate(
     return {"test_loss": loss_sum / n, "test_acc": correct1 / n, "test_top5": correct5 / n, "test_samples": n}
 
 
+def _prefixed(metrics: dict[str, float], prefix: str) -> dict[str, float]:
+    """:func:`evaluate`'s ``test_*`` keys renamed ``<prefix>_*`` (the held-out shards' figures)."""
+    return {prefix + k[len("test"):]: v for k, v in metrics.items()}
+
+
 # ----------------------------------------------------------------------------- data
 #: Largest decoded split (bytes) that ``cache_data: auto`` keeps in memory.
 CACHE_LIMIT_BYTES = 2 << 30
 
 
-def build_loaders(cfg: TrainConfig, spec: DataSpec, img_size: int, ctx: WorkerContext) -> tuple[Any, Any]:
-    """This rank's train and eval loaders: streamed from the shards, or batched from the
-    decoded splits held in memory (:mod:`mixersnn.data.memory`) when ``cache_data`` says so.
+def build_loaders(cfg: TrainConfig, spec: DataSpec, img_size: int, ctx: WorkerContext) -> tuple[Any, Any, Any]:
+    """This rank's train, eval (test split) and validation loaders: streamed from the shards,
+    or batched from the decoded splits held in memory (:mod:`mixersnn.data.memory`) when
+    ``cache_data`` says so. The validation loader reads the ``holdout_shards`` held out of the
+    training split with the eval transform; None when nothing is held out.
 
     ``auto`` caches a split of fixed-size images (both splits within :data:`CACHE_LIMIT_BYTES`)
     when this process holds it decoded already (a reused search-trial process), or when the
@@ -346,17 +353,21 @@ def build_loaders(cfg: TrainConfig, spec: DataSpec, img_size: int, ctx: WorkerCo
                          transform=augment_preset(cfg.augment, img_size, flip_safe=spec.flip_safe,
                                                   source_size=spec.img_size), **common)
     evaluation = build_loader(spec.eval, batch_size=cfg.eval_batch_size, train=False, transform=eval_tf, **common)
+    loaders = [train, evaluation]
+    if cfg.holdout_shards:
+        loaders.append(build_loader(holdout_source(spec, cfg.holdout_shards), batch_size=cfg.eval_batch_size,
+                                    train=False, transform=eval_tf, **common))
     if cfg.cache_data != "auto":
-        cache = bool(cfg.cache_data)
-        return (MemoryLoader(train), MemoryLoader(evaluation)) if cache else (train, evaluation)
-    sizes = [decoded_nbytes(train), decoded_nbytes(evaluation)]
-    if any(n is None for n in sizes) or sum(sizes) > CACHE_LIMIT_BYTES:  # type: ignore[arg-type]
-        return train, evaluation
-    per_epoch = epoch_steps(cfg, len(train), ctx.world_size) * cfg.batch_size
-    evals = len(evaluation) if cfg.max_eval_batches is None else min(len(evaluation), cfg.max_eval_batches)
-    reads = {id(train): cfg.epochs * per_epoch, id(evaluation): cfg.epochs * evals * cfg.eval_batch_size}
-    return tuple(MemoryLoader(ld) if is_cached(ld) or reads[id(ld)] >= ld.num_samples else ld  # type: ignore[return-value]
-                 for ld in (train, evaluation))
+        loaders = [MemoryLoader(ld) for ld in loaders] if cfg.cache_data else loaders
+    else:
+        sizes = [decoded_nbytes(ld) for ld in loaders]
+        if not any(n is None for n in sizes) and sum(sizes) <= CACHE_LIMIT_BYTES:  # type: ignore[misc]
+            per_epoch = epoch_steps(cfg, len(train), ctx.world_size) * cfg.batch_size
+            reads = [cfg.epochs * per_epoch] + [
+                cfg.epochs * cfg.eval_batch_size * (len(ld) if cfg.max_eval_batches is None else min(len(ld), cfg.max_eval_batches))
+                for ld in loaders[1:]]  # fmt: skip
+            loaders = [MemoryLoader(ld) if is_cached(ld) or n >= ld.num_samples else ld for ld, n in zip(loaders, reads)]
+    return loaders[0], loaders[1], (loaders[2] if len(loaders) > 2 else None)
 
 
 def train_source(spec: DataSpec, holdout_shards: int) -> Any:
@@ -397,6 +408,7 @@ class _Run:
     step_model: nn.Module  # what the training step calls: ddp_model, compiled when asked
     train_loader: Any
     eval_loader: Any
+    val_loader: Any  # the held-out training shards (cfg.holdout_shards), or None
     steps_per_epoch: int
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LambdaLR
@@ -447,7 +459,7 @@ def _setup(cfg: TrainConfig, ctx: WorkerContext) -> _Run:
     if cfg.supernet is not None:
         _broadcast_from_rank0(model)
 
-    train_loader, eval_loader = build_loaders(cfg, spec, model.config.img_size, ctx)
+    train_loader, eval_loader, val_loader = build_loaders(cfg, spec, model.config.img_size, ctx)
     steps_per_epoch = epoch_steps(cfg, len(train_loader), ctx.world_size)
     if steps_per_epoch < 1:
         raise ValueError(
@@ -465,7 +477,7 @@ def _setup(cfg: TrainConfig, ctx: WorkerContext) -> _Run:
     autocast = amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast == torch.float16)
     run = _Run(spec=spec, model=model, ddp_model=model, step_model=model, train_loader=train_loader,
-               eval_loader=eval_loader, steps_per_epoch=steps_per_epoch, opt=opt, sched=sched, scaler=scaler,
+               eval_loader=eval_loader, val_loader=val_loader, steps_per_epoch=steps_per_epoch, opt=opt, sched=sched, scaler=scaler,
                clock=clock, autocast=autocast, gen=torch.Generator().manual_seed(cfg.seed * 1000 + ctx.rank),
                # A supernet's subnets run through per-subnet templates the meter cannot hook;
                # the one-shot search measures each subnet it scores instead.
@@ -655,9 +667,15 @@ def _epoch_metrics(run: _Run, cfg: TrainConfig, epoch: int, totals: list[float],
     if run.meter is not None:
         run.meter.reset()
     t_eval = time.perf_counter()
+    max_batches = None if cfg.full_final_eval and last else cfg.max_eval_batches
     ev = evaluate(run.ddp_model, run.eval_loader, device=device, num_classes=run.spec.num_classes,
-                  max_batches=None if cfg.full_final_eval and last else cfg.max_eval_batches,
-                  meter=run.meter, autocast=run.autocast)
+                  max_batches=max_batches, meter=run.meter, autocast=run.autocast)
+    if run.val_loader is not None:
+        # Held-out training shards: what a search ranks and selects on, so that the test
+        # split's figure of the model it picks is not the maximum of many noisy draws.
+        ev.update(_prefixed(evaluate(run.ddp_model, run.val_loader, device=device, num_classes=run.spec.num_classes,
+                                     max_batches=max_batches, autocast=run.autocast), "val"))
+    loaders = [ld for ld in (run.train_loader, run.eval_loader, run.val_loader) if ld is not None]
     metrics = {
         "epoch": epoch,
         "train_loss": loss_sum / seen if seen else float("nan"),
@@ -670,9 +688,8 @@ def _epoch_metrics(run: _Run, cfg: TrainConfig, epoch: int, totals: list[float],
         "train_time_s": run.clock.elapsed(),
         "replica_divergence": replica_divergence(run.model, device),
         # Damaged data is skipped, counted and reported, never silently absorbed.
-        "corrupt_shards_skipped": float(run.train_loader.stats.corrupt_shards + run.eval_loader.stats.corrupt_shards),
-        "corrupt_samples_skipped": float(run.train_loader.stats.corrupt_samples
-                                         + run.eval_loader.stats.corrupt_samples),
+        "corrupt_shards_skipped": float(sum(ld.stats.corrupt_shards for ld in loaders)),
+        "corrupt_samples_skipped": float(sum(ld.stats.corrupt_samples for ld in loaders)),
     }
     if run.meter is not None:
         metrics.update(run.meter.summary(run.model.config))
@@ -708,7 +725,9 @@ def _checkpoint_and_report(run: _Run, cfg: TrainConfig, ctx: WorkerContext, epoc
         ctx.log(
             f"epoch {epoch + 1}/{cfg.epochs}: train loss {metrics['train_loss']:.4f} "
             f"acc {metrics['train_acc']:.4f} | test loss {metrics['test_loss']:.4f} "
-            f"acc {metrics['test_acc']:.4f} | {metrics['images_per_s']:.0f} img/s"
+            f"acc {metrics['test_acc']:.4f}"
+            + (f" | val acc {metrics['val_acc']:.4f}" if "val_acc" in metrics else "")
+            + f" | {metrics['images_per_s']:.0f} img/s"
             + (f" | {metrics['energy_per_image_uj']:.3f} uJ/img" if "energy_per_image_uj" in metrics else "")
         )
     try:
