@@ -282,11 +282,12 @@ class Objective:
     startup_trials: Optional[int] = None
     storage: Optional[str] = None
 
-    def metrics(self) -> tuple[list[str], list[str]]:
-        """Tune metric names and modes."""
+    def metrics(self, acc: str = "test_acc") -> tuple[list[str], list[str]]:
+        """Tune metric names and modes; ``acc`` names the accuracy ranked on
+        (:attr:`SearchConfig.acc_metric`)."""
         if self.mode == "single":
-            return ["test_acc"], ["max"]
-        names, modes = ["test_acc", "energy_per_image_uj"], ["max", "min"]
+            return [acc], ["max"]
+        names, modes = [acc, "energy_per_image_uj"], ["max", "min"]
         if self.include_params:
             names.append("num_params")
             modes.append("min")
@@ -533,6 +534,13 @@ class SearchConfig:
 
     def registered_model_name(self) -> str:
         return self.select.registered_model or f"{self.name}-best"
+
+    @property
+    def acc_metric(self) -> str:
+        """The accuracy trials are ranked, halved and selected on: ``val_acc`` (the training
+        shards every trial holds out, ``train.holdout_shards``) or, without held-out shards,
+        ``test_acc`` (the selected trial's test figure is then optimistic: the best of many)."""
+        return "val_acc" if int(self.train.get("holdout_shards") or 0) > 0 else "test_acc"
 
     def to_dict(self) -> dict[str, Any]:
         """A YAML-able dict: what the parent run logs and what ``--resume`` re-reads."""

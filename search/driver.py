@@ -142,10 +142,12 @@ def _progress_line(trial: Any, status: str, extra: str, *, elapsed: float, done:
     """The progress line of a trial that ended: count, who, status, accuracy, energy, architecture."""
     res = trial.last_result or {}
     acc = res.get("test_acc")
+    val = res.get("val_acc")
     en = res.get("energy_per_image_uj")
     spec = TrialSpec.from_dict(trial.config["resolved"])
     who = f"baseline {spec.label}" if spec.is_baseline else f"trial-{trial.trial_id}"
     return (f"[{elapsed:6.0f}s] {done:>3}/{total} {who} {status:<10} "
+            + (f"val acc {val:.4f} " if isinstance(val, (int, float)) and not res.get("infeasible") else "")
             + (f"acc {acc:.4f} " if isinstance(acc, (int, float)) else "")
             + (f"energy {en:.3f} uJ " if isinstance(en, (int, float)) else "")
             + f"| {spec.describe()} {extra}")
@@ -254,7 +256,7 @@ def _searcher(cfg: SearchConfig, baselines: list[dict[str, Any]], first_rung: Op
         # Few trials: start modelling after a handful of random ones.
         startup = cfg.objective.startup_trials or max(2, min(8, cfg.budget.num_trials // 3))
         sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=startup)
-    names, modes = cfg.objective.metrics()
+    names, modes = cfg.objective.metrics(cfg.acc_metric)
     if cfg.objective.mode == "multi":
         # Multi-objective: metric/mode on the searcher, TuneConfig's left unset.
         inner = OptunaSearch(space=Sampler(cfg), metric=names, mode=modes, sampler=sampler, study_name=cfg.name,
@@ -426,7 +428,7 @@ def _scheduler(cfg: SearchConfig, num_trials: int, log: Optional[Callable[[str],
                              grace_period=cfg.asha.grace_period, reduction_factor=cfg.asha.reduction_factor)
     from search.scheduler import MultiObjectiveASHA
 
-    names, modes = cfg.objective.metrics()
+    names, modes = cfg.objective.metrics(cfg.acc_metric)
     return MultiObjectiveASHA(metrics=names, modes=modes, max_t=epochs, grace_period=cfg.asha.grace_period,
                               reduction_factor=cfg.asha.reduction_factor, num_trials=num_trials,
                               state_file=str(cfg.search_dir() / _SCHEDULER_FILE), log=log, max_running=max_running)
@@ -661,7 +663,7 @@ def _new_search(cfg: SearchConfig, trainable: Any, uri: str, parent: str, *, qui
 
     baselines = [baseline_spec(cfg, b).to_dict() for b in cfg.baselines if not b.estimate_only]
     total = cfg.budget.num_trials + len(baselines)
-    names, modes = cfg.objective.metrics()
+    names, modes = cfg.objective.metrics(cfg.acc_metric)
     single = cfg.objective.mode == "single"
     progress = _tune_callback_cls()(total=total, uri=uri, experiment=cfg.experiment, parent_run_id=parent,
                                     quiet=quiet)
@@ -696,7 +698,7 @@ def _new_search(cfg: SearchConfig, trainable: Any, uri: str, parent: str, *, qui
         cfg.search_dir(), trainable, [progress, *(callbacks or [])], reuse_actors=in_process(cfg.scale),
         search_alg=searcher,
         scheduler=scheduler,
-        metric="test_acc" if single else None,
+        metric=cfg.acc_metric if single else None,
         mode="max" if single else None,
         num_samples=total,
         max_concurrent_trials=None if pausing else n_conc,
@@ -777,7 +779,7 @@ def finalize(cfg: SearchConfig, uri: str, parent: str, *, register: bool = True,
             r.status = settle_run(uri, r.run_id, "stopped", r.reason, epochs=r.epochs)
     with_params = cfg.objective.include_params
     front = pareto_front(rows, with_params=with_params)
-    names, modes = cfg.objective.metrics()
+    names, modes = cfg.objective.metrics(cfg.acc_metric)
     directions = ["maximize" if m == "max" else "minimize" for m in modes]
     if cfg.objective.mode == "single":
         directions = ["maximize", "minimize"]  # the plots still show the accuracy/energy trade-off
@@ -791,7 +793,10 @@ def finalize(cfg: SearchConfig, uri: str, parent: str, *, register: bool = True,
                                              "mixersnn.registered_model": f"{cfg.registered_model_name()}/{version}"})
         link_selected_model(uri, parent, cfg.registered_model_name(), version)
     log("")
-    log(format_table(sorted(rows, key=lambda r: -(r.test_acc if r.test_acc is not None else -1)),
+    if cfg.acc_metric == "test_acc" and cfg.mode == "trials":
+        log("note: no training shards held out (train.holdout_shards: 0): trials were ranked and selected on the "
+            "test split, so the selected trial's test accuracy is optimistic (the best of many noisy figures)")
+    log(format_table(sorted(rows, key=lambda r: -(r.acc if r.acc is not None else -1)),
                      title=f"trials of {cfg.name!r} (best first; * = Pareto front, B = baseline)",
                      mark={r.run_id for r in front}))
     log("")
@@ -806,7 +811,9 @@ def finalize(cfg: SearchConfig, uri: str, parent: str, *, register: bool = True,
         log("")
         log(prescreen)
     if best is not None:
-        log(f"\nselected ({cfg.select.criterion}): trial-{best.trial_id} acc {best.test_acc:.4f}, "
+        log(f"\nselected ({cfg.select.criterion}): trial-{best.trial_id} "
+            + (f"val acc {best.val_acc:.4f} (held-out shards), " if best.val_acc is not None else "")
+            + f"test acc {best.test_acc:.4f}, "
             f"{best.energy_uj:.3f} uJ/image, {best.num_params:,} params"
             + (f" -> registered as {cfg.registered_model_name()} version {version}" if version else ""))
     if best is not None and cfg.select.scale_family:

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     name = parent.info.run_name
     rows = collect_trials(uri, parent.info.run_id)
     front = pareto_front(rows, with_params=args.params)
-    board = sorted(rows, key=lambda r: -(r.test_acc if r.test_acc is not None else -1))[: args.top]
+    board = sorted(rows, key=lambda r: -(r.acc if r.acc is not None else -1))[: args.top]
     trials = [r for r in rows if not r.is_baseline]
     counts = {s: sum(r.status == s for r in trials)
               for s in ("ok", "stopped", "failed", "infeasible", "screened", "running")}
@@ -45,7 +45,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"search {name!r} ({parent.info.status}) in {args.experiment!r}: {len(trials)} trials "
           + ", ".join(f"{v} {k}" for k, v in counts.items() if v) + (f"; {nb} baseline(s)" if nb else ""))
     print()
-    print(format_table(board, title=f"leaderboard (top {args.top} by test accuracy; * = Pareto front, B = baseline)",
+    print(format_table(board, title=f"leaderboard (top {args.top} by "
+                       + ("held-out accuracy" if any(r.val_acc is not None for r in rows) else "test accuracy")
+                       + "; * = Pareto front, B = baseline)",
                        mark={r.run_id for r in front}))
     print()
     print(format_table(front, title="Pareto front: accuracy (max) vs energy per image (min)"

@@ -62,7 +62,7 @@ class TrialRow:
         status: ok, failed, infeasible, screened (its zero-cost score was in the lowest
             ``prescreen.drop_fraction`` of the candidates scored before it: never trained),
             stopped (by ASHA or the time budget) or running.
-        test_acc: last test accuracy (None if no epoch finished).
+        test_acc: last test accuracy (None if no epoch finished): the figure reported.
         energy_uj: measured energy per image (last epoch), or the estimate if it never trained.
         num_params: parameter count.
         epochs: epochs finished.
@@ -74,6 +74,8 @@ class TrialRow:
         label: the baseline's label ("" for trials).
         zero_cost_score: the zero-cost pre-screen score (``search.zero_cost_score``), or None
             when the trial was not scored (no ``prescreen:``, a baseline, infeasible).
+        val_acc: last accuracy on the training shards held out from it
+            (``train.holdout_shards``), or None when nothing was held out.
     """
 
     run_id: str
@@ -89,6 +91,15 @@ class TrialRow:
     kind: str = "trial"
     label: str = ""
     zero_cost_score: Optional[float] = None
+    val_acc: Optional[float] = None
+
+    @property
+    def acc(self) -> Optional[float]:
+        """The accuracy the search ranks, keeps and selects on: on the held-out training
+        shards when the trial had them, else on the test split. Selecting on the test split
+        makes the chosen trial's test figure the best of many noisy draws (optimistic);
+        with held-out shards its test accuracy is an unbiased estimate."""
+        return self.val_acc if self.val_acc is not None else self.test_acc
 
     @property
     def is_baseline(self) -> bool:
@@ -102,7 +113,7 @@ class TrialRow:
     @property
     def scored(self) -> bool:
         """Trained and measured: eligible for the Pareto front."""
-        return self.status in ("ok", "stopped") and self.test_acc is not None and self.energy_uj is not None
+        return self.status in ("ok", "stopped") and self.acc is not None and self.energy_uj is not None
 
     def arch(self) -> str:
         p = self.params
@@ -149,11 +160,12 @@ def collect_trials(uri: str, parent_run_id: str) -> list[TrialRow]:
         energy = m.get("energy_per_image_uj", m.get("search.energy_uj_dense" if status == "estimate"
                                                     else "search.energy_uj_est"))
         n = m.get("num_params")
+        trained = status not in ("infeasible", "screened")
         rows.append(TrialRow(
             run_id=r.info.run_id,
             trial_id=t.get("mixersnn.trial_id", r.info.run_name),
             status=status,
-            test_acc=m.get("test_acc") if status not in ("infeasible", "screened") else None,
+            test_acc=m.get("test_acc") if trained else None,
             energy_uj=energy,
             num_params=int(n) if n is not None else None,
             epochs=int(m.get("epochs_completed", 0)),
@@ -163,6 +175,7 @@ def collect_trials(uri: str, parent_run_id: str) -> list[TrialRow]:
             kind="baseline" if t.get("mixersnn.kind") == "baseline" else "trial",
             label=t.get(BASELINE_TAG, ""),
             zero_cost_score=m.get(SCORE_METRIC),
+            val_acc=m.get("val_acc") if trained else None,
         ))
     return sorted(rows, key=lambda r: r.trial_id)
 
@@ -227,9 +240,10 @@ def epochs_logged(uri: str, run_id: str) -> int:
     return max(MLflowTracker(uri, run_id).logged_epochs(), default=-1) + 1
 
 
-def _objectives(row: TrialRow, with_params: bool) -> tuple[float, ...]:
-    """Objectives as minimisation: (-accuracy, energy[, params])."""
-    v = (-float(row.test_acc), float(row.energy_uj))
+def _objectives(row: TrialRow, with_params: bool, *, test: bool = False) -> tuple[float, ...]:
+    """Objectives as minimisation: (-accuracy, energy[, params]); the accuracy is the one
+    the search selects on (:attr:`TrialRow.acc`), or with ``test`` the test split's."""
+    v = (-float(row.test_acc if test else row.acc), float(row.energy_uj))
     return v + ((float(row.num_params or 0),) if with_params else ())
 
 
@@ -249,12 +263,15 @@ def pareto_front(rows: Sequence[TrialRow], *, with_params: bool = False) -> list
                 break
         if not dominated:
             front.append(a)
-    return sorted(front, key=lambda r: (r.energy_uj, -r.test_acc))
+    return sorted(front, key=lambda r: (r.energy_uj, -r.acc))
 
 
 def compare_baselines(rows: Sequence[TrialRow], front: Sequence[TrialRow], *,
                       with_params: bool = False) -> list[dict[str, Any]]:
-    """Each baseline against the search's Pareto front.
+    """Each baseline against the search's Pareto front, on test accuracy and energy.
+
+    The front is chosen on :attr:`TrialRow.acc` (held-out shards where the search has them),
+    so the test figures compared here were not used to pick the points that beat a baseline.
 
     Returns one dict per baseline: ``label``, ``status``, ``test_acc``, ``energy_uj``,
     ``num_params``, ``dominated_by`` (how many front points dominate it) and ``by``: the
@@ -266,9 +283,9 @@ def compare_baselines(rows: Sequence[TrialRow], front: Sequence[TrialRow], *,
     for b in (r for r in rows if r.is_baseline):
         d: dict[str, Any] = {"label": b.label, "run_id": b.run_id, "status": b.status, "test_acc": b.test_acc,
                              "energy_uj": b.energy_uj, "num_params": b.num_params, "dominated_by": 0, "by": None}
-        if b.scored:
-            vb = _objectives(b, with_params)
-            dom = [f for f in front if dominates(_objectives(f, with_params), vb)]
+        if b.scored and b.test_acc is not None:
+            vb = _objectives(b, with_params, test=True)
+            dom = [f for f in front if f.test_acc is not None and dominates(_objectives(f, with_params, test=True), vb)]
             d["dominated_by"] = len(dom)
             if dom:
                 f = min(dom, key=lambda r: (r.energy_uj, -r.test_acc))
@@ -311,7 +328,7 @@ def prescreen_summary(rows: Sequence[TrialRow]) -> Optional[dict[str, Any]]:
     """How well the zero-cost pre-screen's score ranked this search's candidates.
 
     The rank correlation (:func:`mixersnn.accounting.zero_cost.rank_correlation`) of the score
-    with test accuracy over the trials that trained and have both (:attr:`TrialRow.scored`:
+    with the accuracy the search ranks on (:attr:`TrialRow.acc`) over the trials that trained and have both (:attr:`TrialRow.scored`:
     finished, or stopped by successive halving or the time budget with the accuracy they
     reached). Baselines are never scored. A singular kernel's score is recorded as the lowest
     float (MLflow stores no infinities) and so ranks last.
@@ -328,7 +345,7 @@ def prescreen_summary(rows: Sequence[TrialRow]) -> Optional[dict[str, Any]]:
     if not cands:
         return None
     trained = [r for r in cands if r.scored]
-    corr = rank_correlation([r.zero_cost_score for r in trained], [r.test_acc for r in trained])
+    corr = rank_correlation([r.zero_cost_score for r in trained], [r.acc for r in trained])
     out: dict[str, Any] = {k: (float(corr[k]) if math.isfinite(corr[k]) else None)
                            for k in ("kendall_tau", "spearman_rho", "kendall_p", "spearman_p")}
     out.update(n=int(corr["n"]), scored=len(cands),
@@ -354,25 +371,29 @@ def format_prescreen(summary: Optional[dict[str, Any]]) -> str:
 
 
 def format_table(rows: Sequence[TrialRow], *, title: str = "", mark: Optional[set[str]] = None) -> str:
-    """A fixed-width table: trial, status, accuracy, energy, parameters, epochs, architecture.
-    The first column marks rows in ``mark`` with ``*`` and baselines with ``B``."""
+    """A fixed-width table: trial, status, accuracy (held-out shards' beside the test split's
+    when the trials had them), energy, parameters, epochs, architecture. The first column marks
+    rows in ``mark`` with ``*`` and baselines with ``B``."""
     mark = mark or set()
-    head = f"{'':1} {'trial':<14} {'status':<10} {'test_acc':>8} {'uJ/img':>8} {'params':>9} {'ep':>3}  architecture / reason"
+    val = any(r.val_acc is not None for r in rows)
+    head = (f"{'':1} {'trial':<14} {'status':<10} " + (f"{'val_acc':>8} " if val else "")
+            + f"{'test_acc':>8} {'uJ/img':>8} {'params':>9} {'ep':>3}  architecture / reason")
     lines = ([title] if title else []) + [head, "-" * len(head)]
     for r in rows:
-        acc = f"{r.test_acc:.4f}" if r.test_acc is not None else "-"
+        acc = (f"{r.val_acc:.4f} " if r.val_acc is not None else f"{'-':>8} ") if val else ""
+        acc += f"{r.test_acc:>8.4f}" if r.test_acc is not None else f"{'-':>8}"
         en = f"{r.energy_uj:.3f}" if r.energy_uj is not None else "-"
         n = f"{r.num_params:,}" if r.num_params is not None else "-"
         tail = r.arch() + (f"  [{r.reason}]" if r.reason else "")
         flag = "*" if r.run_id in mark else ("B" if r.is_baseline else " ")
-        lines.append(f"{flag:1} {r.name:<14} {r.status:<10} {acc:>8} {en:>8} {n:>9} {r.epochs:>3}  {tail}")
+        lines.append(f"{flag:1} {r.name:<14} {r.status:<10} {acc} {en:>8} {n:>9} {r.epochs:>3}  {tail}")
     return "\n".join(lines)
 
 
 def rows_to_csv(rows: Sequence[TrialRow]) -> str:
     buf = io.StringIO()
     keys = ["trial_id", "run_id", "kind", "label", "status", "test_acc", "energy_uj", "num_params", "epochs", "reason",
-            "over_energy", "zero_cost_score"]
+            "over_energy", "zero_cost_score", "val_acc"]
     pkeys = sorted({k for r in rows for k in r.params})
     w = csv.writer(buf)
     w.writerow(keys + pkeys)
@@ -402,7 +423,8 @@ def pareto_figure(rows: Sequence[TrialRow], front: Sequence[TrialRow], *, title:
     if front:
         xs, ys = [r.energy_uj for r in front], [r.test_acc for r in front]
         ax.step(xs, ys, where="post", c="C0", lw=1.2)
-        ax.scatter(xs, ys, c="C0", s=36, zorder=3, label="Pareto front")
+        chosen = " (chosen on held-out shards)" if any(r.val_acc is not None for r in front) else ""
+        ax.scatter(xs, ys, c="C0", s=36, zorder=3, label="Pareto front" + chosen)
         for r in front:
             ax.annotate(r.trial_id.split("_")[-1], (r.energy_uj, r.test_acc), fontsize=7,
                         xytext=(3, -9), textcoords="offset points")
@@ -438,7 +460,7 @@ def _optuna_study(rows: Sequence[TrialRow], directions: list[str]) -> Any:
                 continue
             params[name] = json.loads(raw)  # the trial logs each sampled value as JSON
             dists[name] = optuna.distributions.json_to_distribution(dist_json)
-        values = [r.test_acc, r.energy_uj][: len(directions)]
+        values = [r.acc, r.energy_uj][: len(directions)]
         if len(directions) == 3:
             values.append(float(r.num_params or 0))
         study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, values=values))
@@ -458,6 +480,7 @@ def optuna_figures(rows: Sequence[TrialRow], directions: list[str]) -> dict[str,
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = _optuna_study(rows, directions)
+    acc_name = "val_acc" if any(r.val_acc is not None for r in rows) else "test_acc"
     figs: dict[str, Any] = {}
     multi = len(directions) > 1
     target = (lambda t: t.values[0]) if multi else None
@@ -465,18 +488,18 @@ def optuna_figures(rows: Sequence[TrialRow], directions: list[str]) -> dict[str,
         warnings.simplefilter("ignore")  # optuna marks its matplotlib backend experimental
         if len(study.trials) >= 1:
             try:
-                figs["optuna_history.png"] = ovm.plot_optimization_history(study, target=target, target_name="test_acc").figure
+                figs["optuna_history.png"] = ovm.plot_optimization_history(study, target=target, target_name=acc_name).figure
             except Exception:
                 pass
         if len(study.trials) >= 2:
             try:
                 figs["optuna_param_importances.png"] = ovm.plot_param_importances(
-                    study, target=target, target_name="test_acc").figure
+                    study, target=target, target_name=acc_name).figure
             except Exception:
                 pass
             if multi:
                 try:
-                    ax = ovm.plot_pareto_front(study, target_names=["test_acc", "energy_uj"] + (["params"] if len(directions) == 3 else []))
+                    ax = ovm.plot_pareto_front(study, target_names=[acc_name, "energy_uj"] + (["params"] if len(directions) == 3 else []))
                     figs["optuna_pareto.png"] = ax.figure
                 except Exception:
                     pass
@@ -485,21 +508,22 @@ def optuna_figures(rows: Sequence[TrialRow], directions: list[str]) -> dict[str,
 
 def select_best(rows: Sequence[TrialRow], criterion: str, max_energy_uj: Optional[float]) -> Optional[TrialRow]:
     """The trial to register: ``max_acc`` (subject to the measured-energy cap) or ``knee``
-    (the front point nearest the ideal corner, accuracy and log-energy scaled to [0, 1])."""
+    (the front point nearest the ideal corner, accuracy and log-energy scaled to [0, 1]); on
+    :attr:`TrialRow.acc`, so with held-out shards the test split plays no part in the choice."""
     ok = [r for r in rows if r.status == "ok" and r.scored and not r.over_energy and not r.is_baseline]
     if max_energy_uj is not None:
         ok = [r for r in ok if r.energy_uj <= max_energy_uj]
     if not ok:
         return None
     if criterion == "max_acc":
-        return max(ok, key=lambda r: (r.test_acc, -r.energy_uj))
+        return max(ok, key=lambda r: (r.acc, -r.energy_uj))
     front = pareto_front(ok)
-    accs = [r.test_acc for r in front]
+    accs = [r.acc for r in front]
     logs = [math.log(max(r.energy_uj, 1e-12)) for r in front]
     a0, a1, e0, e1 = min(accs), max(accs), min(logs), max(logs)
 
     def dist(r: TrialRow) -> float:
-        a = (r.test_acc - a0) / (a1 - a0) if a1 > a0 else 1.0
+        a = (r.acc - a0) / (a1 - a0) if a1 > a0 else 1.0
         e = (math.log(max(r.energy_uj, 1e-12)) - e0) / (e1 - e0) if e1 > e0 else 0.0
         return math.hypot(1 - a, e)
 
@@ -519,6 +543,8 @@ def register_best(uri: str, row: TrialRow, model_name: str, *, tmp: Optional[str
     tags = {"mixersnn.trial_id": row.trial_id}
     if row.test_acc is not None:
         tags["mixersnn.test_acc"] = f"{row.test_acc:.4f}"
+    if row.val_acc is not None:
+        tags["mixersnn.val_acc"] = f"{row.val_acc:.4f}"
     if row.energy_uj is not None:
         tags["mixersnn.energy_per_image_uj"] = f"{row.energy_uj:.4f}"
     return log_registered_model(uri, row.run_id, model_name, tags=tags, tmp=tmp)
@@ -530,12 +556,13 @@ LEADERBOARD_FILE = "search/leaderboard.json"
 
 
 def leaderboard(rows: Sequence[TrialRow], front: Sequence[TrialRow]) -> dict[str, list[Any]]:
-    """Every trial and baseline, best test accuracy first, as table columns: rank, trial,
-    status, whether it is on the Pareto front, accuracy, energy, parameters, epochs, the
+    """Every trial and baseline, best first (:attr:`TrialRow.acc`), as table columns: rank, trial,
+    status, whether it is on the Pareto front, accuracy (the held-out shards' too, where the
+    trials had them), energy, parameters, epochs, the
     architecture, the reason of a stop or failure, and the child run's id; with a zero-cost
     pre-screen, each row's score too (``zero_cost_score``, None where not scored)."""
     on_front = {r.run_id for r in front}
-    ranked = sorted(rows, key=lambda r: (r.test_acc is None, -(r.test_acc or 0.0), r.trial_id))
+    ranked = sorted(rows, key=lambda r: (r.acc is None, -(r.acc or 0.0), r.trial_id))
     cols: dict[str, list[Any]] = {k: [] for k in ("rank", "trial", "status", "pareto", "test_acc",
                                                    "energy_per_image_uj", "num_params", "epochs", "architecture",
                                                    "reason", "run_id")}
@@ -544,6 +571,8 @@ def leaderboard(rows: Sequence[TrialRow], front: Sequence[TrialRow]) -> dict[str
                      ("test_acc", r.test_acc), ("energy_per_image_uj", r.energy_uj), ("num_params", r.num_params),
                      ("epochs", r.epochs), ("architecture", r.arch()), ("reason", r.reason), ("run_id", r.run_id)):
             cols[k].append(v)
+    if any(r.val_acc is not None for r in rows):
+        cols["val_acc"] = [r.val_acc for r in ranked]
     if any(r.zero_cost_score is not None for r in rows):
         cols["zero_cost_score"] = [r.zero_cost_score for r in ranked]
     return cols
@@ -602,7 +631,13 @@ def log_summary(uri: str, parent_run_id: str, rows: Sequence[TrialRow], front: S
         summary["baselines_dominated"] = float(sum(c["by"] is not None for c in comps))
     scored = [r for r in trials if r.scored]
     if scored:
-        summary["best_test_acc"] = max(r.test_acc for r in scored)
+        # The test figure of the trial ranked best, not the best test figure: with held-out
+        # shards the test split never chose it.
+        top = max(scored, key=lambda r: (r.acc, -r.energy_uj))
+        if top.test_acc is not None:
+            summary["best_test_acc"] = top.test_acc
+        if top.val_acc is not None:
+            summary["best_val_acc"] = top.val_acc
         summary["min_energy_per_image_uj"] = min(r.energy_uj for r in scored)
     pre = prescreen_summary(rows)
     if pre is not None:

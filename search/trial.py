@@ -117,13 +117,16 @@ class SearchContext:
 class TrialOutcome:
     """A trial's last Tune report: every objective (parameters are not in the epoch reports)
     and ``search_final``, which tells the progress callback and the scheduler that the trial
-    ended on its own (trained, or never trained because it is infeasible)."""
+    ended on its own (trained, or never trained because it is infeasible). ``val_acc``, the
+    held-out shards' accuracy, is reported when the trial had them (and as the sentinel 0 by
+    a trial that never trained, whichever accuracy the search ranks on)."""
 
     test_acc: float
     energy_per_image_uj: float
     num_params: float
     infeasible: bool = False
     screened: bool = False
+    val_acc: Optional[float] = None
 
     def report(self) -> dict[str, Any]:
         """The report; a screened candidate's also says ``screened`` (it is reported as
@@ -132,6 +135,8 @@ class TrialOutcome:
                "num_params": self.num_params, "infeasible": int(self.infeasible or self.screened), "search_final": 1}
         if self.screened:
             out["screened"] = 1
+        if self.val_acc is not None or self.infeasible or self.screened:
+            out["val_acc"] = self.val_acc if self.val_acc is not None else self.test_acc
         return out
 
 
@@ -141,11 +146,12 @@ def screened_report(spec: TrialSpec) -> dict[str, Any]:
     return TrialOutcome(0.0, float(spec.energy_uj_est), float(spec.num_params), screened=True).report()
 
 
-def final_report(spec: TrialSpec, test_acc: Optional[float], energy: Optional[float]) -> dict[str, Any]:
-    """A trained trial's :class:`TrialOutcome` report (its estimate stands in for energy it
-    never measured)."""
-    return TrialOutcome(float(test_acc if test_acc is not None else 0.0),
-                        float(energy if energy is not None else spec.energy_uj_est), float(spec.num_params)).report()
+def final_report(spec: TrialSpec, metrics: dict[str, Any]) -> dict[str, Any]:
+    """A trained trial's :class:`TrialOutcome` report from its last ``metrics`` (its
+    estimate stands in for energy it never measured)."""
+    energy, acc, val = (metrics.get(k) for k in ("energy_per_image_uj", "test_acc", "val_acc"))
+    return TrialOutcome(float(acc if acc is not None else 0.0), float(energy if energy is not None else spec.energy_uj_est),
+                        float(spec.num_params), val_acc=None if val is None else float(val)).report()
 
 
 def trained_before(tr: Any, spec: TrialSpec) -> Optional[dict[str, Any]]:
@@ -160,7 +166,7 @@ def trained_before(tr: Any, spec: TrialSpec) -> Optional[dict[str, Any]]:
         return None
     if "epochs_completed" not in data.metrics:
         tr.log_metrics({"epochs_completed": epochs_logged(tr.uri, tr.run_id)}, step=0)
-    return final_report(spec, data.metrics.get("test_acc"), data.metrics.get("energy_per_image_uj"))
+    return final_report(spec, data.metrics)
 
 
 def _train_here(cfg: Any, tracker: Any, threads: int) -> dict[str, Any]:
@@ -458,4 +464,4 @@ def _settle_trained(tr: Any, ctx: SearchContext, spec: TrialSpec, m: dict[str, A
         reason = f"measured energy {energy:.4g} uJ > constraints.max_energy_uj={ctx.max_energy_uj:g}"
         over = {"mixersnn.over_energy_limit": True}
     settle_run(uri, run_id, "ok", reason, epochs=int(m.get("epoch", -1)) + 1, tags=over)
-    ray.tune.report(final_report(spec, m.get("test_acc"), energy))
+    ray.tune.report(final_report(spec, m))

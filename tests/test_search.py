@@ -587,6 +587,35 @@ def test_halving_search_pauses_at_the_rung_promotes_the_best_and_fails_nan(shard
     assert {r.status for r in res.rows} <= {"ok", "stopped", "failed"}
 
 
+@pytest.mark.slow
+def test_a_search_with_held_out_shards_ranks_trials_on_them_in_tune(shards: Path, tmp_path: Path, local_ray) -> None:  # type: ignore[no-untyped-def]
+    """A real single-objective Tune search with ``train.holdout_shards``: Tune's metric is the
+    held-out accuracy every epoch reports, and the selected trial is the best there."""
+    from mlflow.tracking import MlflowClient
+
+    from search.driver import run_search
+    from search.config import load_search_config
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    path = _yaml(tmp_path / "search.yaml", _tiny_config(
+        tmp_path, shards, uri, "heldout", space=dict(ASHA_SPACE), constraints={},
+        train={**TINY_TRAIN, "holdout_shards": 1}, objective={"mode": "single", "sampler": "tpe", "startup_trials": 2},
+        budget={"num_trials": 2, "max_concurrent_trials": 2}, asha={"enabled": False}))
+    cfg = load_search_config(path)
+    lines: list[str] = []
+    res = run_search(cfg, quiet=True, register=False, log=lines.append)
+
+    _, children = _children(MlflowClient(uri), "exp-heldout")
+    assert len(children) == 2 and {c.data.tags["mixersnn.trial_status"] for c in children} == {"ok"}
+    for c in children:
+        # One shard of 64 images held out of the 256 training ones: never trained on.
+        assert c.data.params["train.holdout_shards"] == "1" and 0 <= c.data.metrics["val_acc"] <= 1
+        assert c.data.metrics["val_samples"] == 64
+    best = max(children, key=lambda c: (c.data.metrics["val_acc"], -c.data.metrics["energy_per_image_uj"]))
+    assert res.best.run_id == best.info.run_id and res.best.val_acc == best.data.metrics["val_acc"]
+    assert any("val acc" in ln and "(held-out shards)" in ln for ln in lines)
+
+
 def status_of(status: dict, ids: set) -> set:  # type: ignore[type-arg]
     return {status[t] for t in ids}
 
@@ -619,6 +648,66 @@ def test_finalize_counts_the_epochs_of_a_trial_cut_off_by_the_time_budget(tmp_pa
     assert run.info.status == "KILLED" and run.data.metrics["epochs_completed"] == 2
     assert run.data.tags[STATUS_TAG] == "stopped" and "after 2 epoch(s)" in run.data.tags["mixersnn.reason"]
     assert [r.run_id for r in res.front] == [child]  # a stopped trial still counts with what it measured
+
+
+def _finished_trial(uri: str, cfg, parent: str, tid: str, val: float | None, test: float, energy: float) -> str:  # type: ignore[no-untyped-def]
+    """A trained trial's record as the trial function leaves it (one epoch, status ok)."""
+    from search.tracking import STATUS_TAG
+    from trainers.tracking import MLflowTracker, start_run
+
+    child = start_run(uri, cfg.experiment, f"trial-{tid}", parent_run_id=parent,
+                      tags={"mixersnn.kind": "trial", "mixersnn.trial_id": tid, STATUS_TAG: "ok"})
+    tr = MLflowTracker(uri, child)
+    tr.log_metrics({"num_params": 1000, "epochs_completed": 1}, step=0)
+    tr.log_metrics({"test_acc": test, "energy_per_image_uj": energy, **({"val_acc": val} if val is not None else {})},
+                   step=0)
+    return child
+
+
+@pytest.mark.parametrize("held_out", [True, False])
+def test_trials_are_ranked_and_selected_on_held_out_shards_not_the_test_split(tmp_path: Path, held_out: bool) -> None:
+    """With ``train.holdout_shards`` the front, the leaderboard and the registered choice
+    follow the held-out shards' accuracy, and the reported test figure is the chosen trial's
+    (not the best test figure of all); without, the summary says the choice is optimistic."""
+    from mlflow.tracking import MlflowClient
+
+    from search.driver import finalize
+    from search.config import load_search_config
+    from search.tracking import LEADERBOARD_FILE, compare_baselines
+    from trainers.tracking import start_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_search_config(None, name="sel", experiment="exp-sel", tracking_uri=uri,
+                             train={"holdout_shards": 1} if held_out else {})
+    assert cfg.acc_metric == ("val_acc" if held_out else "test_acc")
+    assert cfg.objective.metrics(cfg.acc_metric)[0] == [cfg.acc_metric, "energy_per_image_uj"]
+    parent = start_run(uri, cfg.experiment, cfg.name, tags={"mixersnn.kind": "search"})
+    # a: best on the held-out shards; b: best on the test split; same energy.
+    a = _finished_trial(uri, cfg, parent, "a_00000", 0.80 if held_out else None, 0.70, 1.0)
+    b = _finished_trial(uri, cfg, parent, "b_00001", 0.60 if held_out else None, 0.75, 1.0)
+
+    lines: list[str] = []
+    res = finalize(cfg, uri, parent, register=False, log=lines.append)
+
+    want = a if held_out else b
+    assert res.best.run_id == want and [r.run_id for r in res.front] == [want]
+    text = "\n".join(lines)
+    assert ("val_acc" in text and "val acc 0.8000 (held-out shards), test acc 0.7000" in text) == held_out
+    assert ("note: no training shards held out" in text) != held_out
+    summary = MlflowClient(uri).get_run(parent).data.metrics
+    assert summary["best_test_acc"] == (0.70 if held_out else 0.75)  # the chosen trial's test figure
+    board = json.loads(Path(MlflowClient(uri).download_artifacts(parent, LEADERBOARD_FILE, str(tmp_path))).read_text())
+    cols = board["columns"]
+    first = dict(zip(cols, board["data"][0]))
+    assert first["run_id"] == want and ("val_acc" in cols) == held_out
+    # A baseline is compared with the front on the test split: the front chosen on held-out
+    # shards keeps its test figure (0.70), which does not dominate a 0.72 baseline.
+    if held_out:
+        from search.tracking import TrialRow
+
+        base = TrialRow("base", "base", "ok", 0.72, 1.5, 900, 1, kind="baseline", label="ref", val_acc=0.5)
+        (cmp,) = compare_baselines([*res.rows, base], res.front)
+        assert cmp["by"] is None and cmp["dominated_by"] == 0
 
 
 def test_two_searches_of_one_name_in_one_experiment_keep_their_own_runs(shards: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
