@@ -194,7 +194,7 @@ def lif_multistep(
         and the membrane after the last step ``[...]`` (None with ``return_v_final=False``).
     """
     _check_x_seq(x_seq)  # before the options, so a bad input is reported first
-    return _lif_apply(
+    return _lif_run(
         x_seq, v_init, _lif_params(options), backend=backend, return_v_final=return_v_final
     )
 
@@ -220,6 +220,18 @@ def _lif_apply(
     (``p``), as :class:`mixersnn.neurons.LIF` holds them. Internal: the other arguments are
     lif_multistep's."""
     _check_x_seq(x_seq)
+    return _lif_run(x_seq, v_init, p, backend=backend, return_v_final=return_v_final)
+
+
+def _lif_run(
+    x_seq: torch.Tensor,
+    v_init: Optional[torch.Tensor],
+    p: LIFParams,
+    *,
+    backend: str,
+    return_v_final: bool,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """:func:`_lif_apply` after ``x_seq`` was checked: the initial membrane, then the backend."""
     if v_init is None:
         v0 = None  # rest (p.v_rest), which every backend starts from without reading a tensor
     else:
