@@ -85,7 +85,8 @@ class TrainConfig:
             predictions (in-place distillation). None: an ordinary run.
         sandwich_random: random subnets per supernet step (besides largest and smallest).
         holdout_shards: hold out the last N shards of the training split: the run never trains
-            on them (the one-shot search ranks subnets there, not on the test split).
+            on them and reports its accuracy there every epoch (``val_acc``, ``val_loss``); a
+            search ranks and selects on them, not on the test split.
     """
 
     model: str = "mlp_spe_t"
