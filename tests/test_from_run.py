@@ -99,6 +99,23 @@ def test_from_run_retrains_the_spec_with_flags_on_top_and_links_the_source(store
     assert new_spec.source == {"run_id": store.run_id}
 
 
+def test_a_retrain_keeps_the_held_out_shards_unless_told(store: Store, capsys) -> None:  # type: ignore[no-untyped-def]
+    """A run that held out training shards (as search trials do) is retrained holding out
+    the same ones, reporting val_acc and saying so; ``--holdout-shards 0`` trains on them."""
+    from trainers.spec import read_run_spec
+
+    held = store.train("--data", str(store.shards), "--epochs", "1", *TINY, "--holdout-shards", "2",
+                       "--max-eval-batches", "none")
+    assert held["val_samples"] == 2 * 128 and 0 <= held["val_acc"] <= 1
+    capsys.readouterr()
+    again = store.train("--from-run", held["run_id"], "--epochs", "1")
+    assert "holding out 2 training shard(s) as the search did" in capsys.readouterr().err
+    assert again["val_samples"] == 2 * 128 and read_run_spec(store.uri, again["run_id"]).train["holdout_shards"] == 2
+    full = store.train("--from-run", held["run_id"], "--epochs", "1", "--holdout-shards", "0")
+    assert not any(k.startswith("val_") for k in full)
+    assert read_run_spec(store.uri, full["run_id"]).train["holdout_shards"] == 0
+
+
 def test_from_model_with_scale_trains_the_family_member(store: Store) -> None:
     from trainers.spec import read_run_spec
 

@@ -23,7 +23,7 @@ _TRAIN_FLAGS = {
     "grad_clip": "grad_clip", "augment": "augment", "seed": "seed", "data_workers": "data_workers",
     "max_steps_per_epoch": "max_steps_per_epoch", "max_eval_batches": "max_eval_batches",
     "time_budget_s": "time_budget_s", "samples_per_epoch": "samples_per_epoch", "tracking_uri": "tracking_uri",
-    "experiment": "experiment", "run_name": "run_name",
+    "experiment": "experiment", "run_name": "run_name", "holdout_shards": "holdout_shards",
 }
 _MODEL_FLAGS = {
     "img_size": "img_size", "in_chans": "in_chans", "num_classes": "num_classes",
@@ -124,6 +124,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="images per epoch over all workers ('none': the whole split, e.g. over a search trial's)")
     o.add_argument("--max-steps-per-epoch", type=_or_none(int), help="smoke runs ('none': no cap)")
     o.add_argument("--max-eval-batches", type=_or_none(int), help="smoke runs ('none': the whole eval split)")
+    o.add_argument("--holdout-shards", type=int,
+                   help="never train on the last N shards of the training split; report val_acc on them each epoch "
+                   "(a search trial's retrain keeps its held-out shards; 0: train on them too)")
     s = p.add_argument_group("scale")
     s.add_argument("--workers", type=int, help="data-parallel workers: Ray Train DDP ranks (scale.num_workers)")
     s.add_argument("--gpus-per-worker", type=float, help="> 0 turns GPUs on")
@@ -438,11 +441,13 @@ def _say_origin(cfg: Any, scale: Any, origin: dict[str, Any]) -> None:
     scaled = f", scaled {_scale_text(origin['scale'])}" if "scale" in origin else ""
     limits = {k: getattr(cfg, k) for k in ("time_budget_s", "samples_per_epoch", "max_steps_per_epoch",
                                            "max_eval_batches") if getattr(cfg, k) is not None}
+    held = (f", holding out {cfg.holdout_shards} training shard(s) as the search did (--holdout-shards 0 trains "
+            "on them too)") if cfg.holdout_shards else ""
     lim = (", limits " + ", ".join(f"{k}={v}" for k, v in limits.items()) + " (flags with 'none' lift them: "
            "--time-budget-s none, --samples-per-epoch none, ...)") if limits else ""
     print(f"training from {where}{scaled}: C={mc.embed_dim} depths={list(mc.depths)} T={mc.T} p={mc.patch_size} "
           f"spe={mc.spe}, {cfg.epochs} epoch(s), batch {cfg.batch_size} x {scale.num_workers} worker(s), "
-          f"lr {cfg.lr:g}{lim}", file=sys.stderr)
+          f"lr {cfg.lr:g}{lim}{held}", file=sys.stderr)
 
 
 def _scale_text(d: dict[str, Any]) -> str:
