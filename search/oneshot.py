@@ -438,10 +438,16 @@ def _retrain(cfg: SearchConfig, uri: str, parent: str, state: _State, i: int, s:
     """Phase 3, one finalist: a stand-alone Ray Train run recorded as a trial of the search."""
     arch = spec_overrides(s.spec)
     _train_run(cfg, uri, parent, state, f"finalist-{i}", model=cfg.base_model, arch=arch,
-               train=dict(cfg.oneshot.finalist_train), log=log,
+               train=_held_out(cfg, cfg.oneshot.finalist_train), log=log,
                extra_tags={"mixersnn.oneshot_finalist": "true"},
                extra_metrics={"search.predicted_acc": s.acc, "search.predicted_energy_uj": s.energy_uj},
                what=f"finalist {_arch(s.spec)} (predicted {s.acc:.4f})")
+
+
+def _held_out(cfg: SearchConfig, train: dict[str, Any]) -> dict[str, Any]:
+    """``train`` holding out the shards the supernet never saw: finalists and baselines train
+    without them, and the registered finalist is chosen on them, not on the test split."""
+    return {**train, "holdout_shards": cfg.oneshot.holdout_shards}
 
 
 def _train_baselines(cfg: SearchConfig, uri: str, parent: str, state: _State, log: Callable[[str], None]) -> None:
@@ -455,7 +461,7 @@ def _train_baselines(cfg: SearchConfig, uri: str, parent: str, state: _State, lo
             continue
         spec = baseline_spec(cfg, b)
         _train_run(cfg, uri, parent, state, spec.run_name, model=b.model, arch=dict(spec.arch),
-                   train={**cfg.oneshot.finalist_train, **spec.train}, log=log, kind="baseline",
+                   train=_held_out(cfg, {**cfg.oneshot.finalist_train, **spec.train}), log=log, kind="baseline",
                    extra_tags={BASELINE_TAG: b.label}, what=f"baseline {b.label}")
 
 

@@ -200,10 +200,14 @@ def test_oneshot_search_end_to_end(fmnist_shards: Path, tmp_path: Path, capsys: 
         rows = collect_trials(uri, res.parent_run_id)
         assert sorted(r.trial_id for r in rows) == ["finalist-0", "finalist-1"]  # the supernet run is not a trial
         assert all(r.status == "ok" and r.test_acc is not None and r.energy_uj > 0 for r in rows)
+        # Finalists train without the shards the supernet never saw, and are chosen on them.
+        assert all(r.val_acc is not None for r in rows)
         assert res.best is not None and res.registered_version == "1"
+        assert res.best.val_acc == max(r.val_acc for r in rows)
         for r in rows:
             run = client.get_run(r.run_id)
             assert "search.predicted_acc" in run.data.metrics and run.data.tags["mixersnn.oneshot_finalist"] == "true"
+            assert run.data.params["train.holdout_shards"] == "2"
         arts = {a.path for a in client.list_artifacts(res.parent_run_id, "search")}
         assert {"search/oneshot_scores.csv", "search/oneshot_front.png", "search/oneshot_finalists.json"} <= arts
         scores = client.download_artifacts(res.parent_run_id, "search/oneshot_scores.csv", str(tmp_path))
