@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import add_common_args, interleaved_medians, pool_mode, pool_modes, write_json  # noqa: E402
 
+from mixersnn.kernels import keep_heap_pages  # noqa: E402
 from mixersnn.models import create_model  # noqa: E402
 from mixersnn.models.mixer_snn import compile_model, compile_unavailable_reason  # noqa: E402
 from mixersnn.neurons import available_backends  # noqa: E402
@@ -242,7 +243,8 @@ def cuda_rows(args: argparse.Namespace) -> list[dict]:
 def print_table(result: dict) -> None:
     meta = result["meta"]
     print(f"Training step (torch {meta['torch']}, {meta['threads']} CPU threads); baseline: the 'torch' "
-          f"LIF backend, eager, default optimiser, timed in the same interleaved rounds")  # fmt: skip
+          f"LIF backend, eager, default optimiser, timed in the same interleaved rounds; freed host memory "
+          + ("kept mapped (keep_heap_pages)" if meta.get("heap_kept") else "returned as glibc decides"))  # fmt: skip
     cpu = [r for r in result["rows"] if r["device"] == "cpu"]
     for row in dict.fromkeys(r["row"] for r in cpu):
         rs = [r for r in cpu if r["row"] == row]
@@ -288,6 +290,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                     choices=["reference", "eager", "compiled", "compiled-blocks", "cudagraphs", "cudagraphs-model"],
                     default=None, help="CUDA variants (default: reference eager, plus compiled-blocks and "
                     "cudagraphs (per block) with --compile)")  # fmt: skip
+    ap.add_argument("--heap", choices=["keep", "default"], default="keep",
+                    help="keep freed host memory mapped, as mixersnn train does on the CPU (keep_heap_pages), or "
+                    "leave glibc's malloc at its defaults (the process-wide setting applies to every variant)")
     add_common_args(ap, smoke_help="batch 2, one repeat (CI)")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -299,6 +304,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     meta = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "heap_kept": keep_heap_pages() if args.heap == "keep" else False,
         "steps": args.steps,
         "backends": {"cpu": available_backends("cpu")},
     }

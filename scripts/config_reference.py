@@ -30,6 +30,8 @@ ENVIRONMENT = {
     "MIXERSNN_DATA": ("~/.cache/mixersnn/data", "where the embedded data set's shards are built and kept"),
     "MIXERSNN_CACHE": ("~/.cache/mixersnn", "compiled CPU kernels (`kernels/lif_cpu_<hash>.so`)"),
     "MIXERSNN_CPU_POOL_MB": ("2048", "the most idle memory the CPU kernels' buffer pool keeps (MB)"),
+    "MIXERSNN_KEEP_HEAP": ("1", "0 leaves glibc's malloc at its defaults; else training on the CPU keeps "
+                           "freed heap memory mapped (`keep_heap_pages`)"),
     "MLFLOW_TRACKING_URI": ("sqlite:///./mlflow.db", "the MLflow store when neither `--tracking-uri` nor "
                             "`tracking_uri:` is given"),
     "MLFLOW_EXPERIMENT_NAME": ("`mixersnn` (train), `mixersnn-search` (search)",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -163,3 +164,41 @@ def _check_lif_pass_rows_and_neuron(result: dict) -> None:
     traf = {r["pool"]: r for r in result["rows"] if r["backend"] == "cpu-traf"}
     assert {k: r["bytes_per_element"] for k, r in traf.items()} == {"-": 24, "fwd": 12, "bwd": 12}
     assert result["meta"]["kernels_vs_traffic"] == {k: pytest.approx(kern[k]["ms"] / traf[k]["ms"]) for k in traf}
+
+
+_HEAP_PROBE = """
+import resource, sys, torch
+from mixersnn.kernels import keep_heap_pages
+kept = keep_heap_pages() if sys.argv[1] == "keep" else False
+sizes = [(1 << 20) * k // 4 for k in (1, 3, 2, 5, 4, 7, 6)]  # 1-7 MiB of fp32, as a step's activations
+def burst():
+    ts = [torch.ones(n) for n in sizes]
+    del ts
+burst()
+r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    burst()
+faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0) / 10
+print(kept, faults, sum(sizes) * 4 // 4096)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings")
+def test_kept_heap_pages_are_reused_without_page_faults() -> None:
+    """After ``keep_heap_pages`` a process that frees and re-allocates a step's worth of
+    1-7 MiB tensors reuses mapped memory; glibc's defaults fault much of it in again."""
+
+    def probe(mode: str) -> tuple[bool, float, int]:
+        out = subprocess.run([sys.executable, "-c", _HEAP_PROBE, mode], capture_output=True, text=True, check=True,
+                             cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        kept, faults, pages = out.stdout.split()
+        return kept == "True", float(faults), int(pages)
+
+    kept, faults, pages = probe("keep")
+    assert kept and faults < 0.1 * pages, (faults, pages)
+    default, faults0, _ = probe("default")
+    assert not default and faults0 > 2 * faults, (faults0, faults)
+    # Opting out leaves glibc alone.
+    out = subprocess.run([sys.executable, "-c", "from mixersnn.kernels import keep_heap_pages; print(keep_heap_pages())"],
+                         capture_output=True, text=True, check=True, cwd=ROOT, env={**os.environ, "MIXERSNN_KEEP_HEAP": "0"})
+    assert out.stdout.strip() == "False"

@@ -452,6 +452,10 @@ def _setup(cfg: TrainConfig, ctx: WorkerContext) -> _Run:
     ``ctx.resume_dir`` when given; a new run logs its parameters."""
     torch.manual_seed(cfg.seed + ctx.rank)
     device = ctx.device
+    if device.type == "cpu":
+        from mixersnn.kernels import keep_heap_pages
+
+        keep_heap_pages()  # every step allocates the same sizes: reuse mapped pages, no faults
     spec = resolve_data(cfg.data)
     overrides = {"img_size": spec.img_size, "in_chans": spec.in_chans, "num_classes": spec.num_classes}
     overrides.update(cfg.model_overrides)

@@ -9,12 +9,13 @@ reason instead, and asking for that backend by name raises with it.
 
 The "cpu" backend takes large outputs from a pool of already-mapped buffers, so they stop
 paying first-touch page faults every step (``mixersnn.kernels._alloc``; ``pool_stats()``,
-``set_pool_limit()``, ``empty_cache()``).
+``set_pool_limit()``, ``empty_cache()``); ``keep_heap_pages()`` keeps the smaller ones, which
+glibc's heap serves, mapped from step to step (the training loop calls it on the CPU).
 """
 
 from __future__ import annotations
 
-from mixersnn.kernels._alloc import empty_cache, pool_limit, pool_stats, set_pool_limit
+from mixersnn.kernels._alloc import empty_cache, keep_heap_pages, pool_limit, pool_stats, set_pool_limit
 from mixersnn.kernels.cpu import cpu_unavailable_reason, lif_cpu
 from mixersnn.kernels.cupy_backend import cupy_unavailable_reason, lif_cupy
 from mixersnn.neurons.backends import Backend, register_backend
@@ -25,6 +26,7 @@ __all__ = [
     "cpu_unavailable_reason",
     "cupy_unavailable_reason",
     "empty_cache",
+    "keep_heap_pages",
     "pool_limit",
     "pool_stats",
     "set_pool_limit",
