@@ -338,7 +338,7 @@ def build_loaders(cfg: TrainConfig, spec: DataSpec, img_size: int, ctx: WorkerCo
     ``cache_data`` says so. The validation loader reads the ``holdout_shards`` held out of the
     training split with the eval transform; None when nothing is held out.
 
-    ``auto`` caches a split of fixed-size images (both splits within :data:`CACHE_LIMIT_BYTES`)
+    ``auto`` caches a split of fixed-size images (all splits within :data:`CACHE_LIMIT_BYTES`)
     when this process holds it decoded already (a reused search-trial process), or when the
     run reads at least as many samples as the split holds: decoding it once then costs no more
     than streaming. Transforms follow the model's input size, which may differ from the
