@@ -1,10 +1,12 @@
 """Training-step throughput against a fixed baseline, the two rows of issue 24, measured side by side.
 
 Measured, not asserted. The baseline is our plain-torch reference: the "torch" LIF backend
-(the per-step loop), eager, with torch's default (per-parameter) optimiser; the authors' code
-is not installed here, so every figure is a ratio to that reference timed in the same
-interleaved rounds (``_common.interleaved_medians``), which cancels the drift of a shared
-machine.
+(the per-step loop), eager, with torch's default (per-parameter) optimiser; every figure is a
+ratio to that reference timed in the same interleaved rounds (``_common.interleaved_medians``),
+which cancels the drift of a shared machine. With ``--authors DIR`` (a checkout of the
+authors' repository, EMI-Group/mixer-snn, with ``spikingjelly==0.0.0.0.14`` and ``einops``
+importable) their own model is timed in the same rounds too, sized like ours for each row (the
+parameter counts are printed side by side), and each row says how much faster ours is.
 
 CPU (32 px, same weights and batch for every variant):
 
@@ -26,6 +28,7 @@ graphs ("reduce-overhead", static shapes) per block ("cudagraphs") or whole
     .venv/bin/python benchmarks/train_step.py --compile       # plus the compiled model
     .venv/bin/python benchmarks/train_step.py --rows small --repeats 15
     .venv/bin/python benchmarks/train_step.py --smoke         # one repeat, tiny batches (CI)
+    .venv/bin/python benchmarks/train_step.py --authors ~/src/mixer-snn   # against the authors' code
     .venv/bin/python benchmarks/train_step.py --cuda-only --compile --json out.json  # GPU
 """
 
@@ -100,6 +103,51 @@ def make_step(row: str, backend: str, *, fast: bool, compiled: Optional[str], im
     return step, model
 
 
+#: The authors' multi-step Mixer-SNN in their repository (EMI-Group/mixer-snn), the variant built
+#: from SpikingJelly's multi-step layers (their ``mixers_sparse_patchcell.py`` uses torch's
+#: BatchNorm on 5-D input and does not run in multi-step mode).
+AUTHORS_MODULE = "models.mixers_sparse_patchcell_origin"
+
+
+def make_authors_step(row: str, authors_dir: Path, *, images: torch.Tensor, labels: torch.Tensor,
+                      T: Optional[int] = None) -> tuple[Callable[[], float], torch.nn.Module]:  # fmt: skip
+    """The authors' code for ``row``: their ``sMLPNet`` from a checkout of their repository at
+    ``authors_dir`` (SpikingJelly and einops importable), sized like our model for the row, in
+    SpikingJelly's multi-step mode, stepped as their training script does (the batch repeated
+    over T, the T-averaged output, torch's default AdamW, ``functional.reset_net`` after)."""
+    import importlib
+
+    if str(authors_dir) not in sys.path:
+        sys.path.insert(0, str(authors_dir))
+    try:
+        from spikingjelly.activation_based import functional
+        net_cls = importlib.import_module(AUTHORS_MODULE).sMLPNet
+    except ImportError as err:
+        raise SystemExit(f"--authors {authors_dir}: cannot import the authors' model ({err}); it needs a checkout of "
+                         f"EMI-Group/mixer-snn holding {AUTHORS_MODULE.replace('.', '/')}.py, and "
+                         "`pip install spikingjelly==0.0.0.0.14 einops`") from None
+    over = dict(ROWS[row]["overrides"], **({"T": T} if T is not None else {}))
+    c = create_model("mlp_spe_t", **over).config
+    torch.manual_seed(0)
+    if not float(c.mlp_ratio).is_integer():
+        raise SystemExit(f"--authors: their sMLPNet takes an integer MLP ratio; row {row!r} has {c.mlp_ratio}")
+    net = net_cls(in_channels=3, dim=c.embed_dim, alpha=int(c.mlp_ratio), num_classes=c.num_classes,
+                  patch_size=c.patch_size, image_size=c.img_size, depths=list(c.depths)).train()
+    functional.set_step_mode(net, "m")
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3) if ROWS[row]["optimizer"] else None
+
+    def step() -> float:
+        (opt or net).zero_grad(set_to_none=True)
+        loss = F.cross_entropy(net(images.unsqueeze(0).repeat(c.T, 1, 1, 1, 1)).mean(0), labels)
+        loss.backward()
+        if opt is not None:
+            opt.step()
+        functional.reset_net(net)
+        return float(loss.detach())
+
+    return step, net
+
+
 def _row_dict(row: str, variant: str, backend: str, pool: str, secs: float, ref_s: Optional[float],
               batch: int, loss: float, ref_loss: Optional[float], first_s: Optional[float] = None) -> dict:  # fmt: skip
     return {
@@ -141,13 +189,20 @@ def cpu_rows(args: argparse.Namespace) -> list[dict]:
             if args.compile and compile_reason is None:
                 variants["compiled"] = ("cpu", True, "model")
                 variants["compiled-blocks"] = ("cpu", True, "blocks")
-        steps, losses, first = {}, {}, {}
+        steps, losses, first, params = {}, {}, {}, {}
         for name, (backend, fast, compiled) in variants.items():
-            fn, _ = make_step(row, backend, fast=fast, compiled=compiled, images=images, labels=labels, T=T)
+            fn, model = make_step(row, backend, fast=fast, compiled=compiled, images=images, labels=labels, T=T)
             t0 = time.perf_counter()
             losses[name] = fn()  # the first step (compiles when compiled), then the timed ones
             first[name] = time.perf_counter() - t0
-            steps[name] = fn
+            steps[name], params[name] = fn, sum(p.numel() for p in model.parameters())
+        if args.authors is not None:
+            variants["authors"] = ("sj", False, None)
+            fn, model = make_authors_step(row, args.authors, images=images, labels=labels, T=T)
+            t0 = time.perf_counter()
+            losses["authors"] = fn()
+            first["authors"] = time.perf_counter() - t0
+            steps["authors"], params["authors"] = fn, sum(p.numel() for p in model.parameters())
         # The first losses are all taken before any optimiser step: same weights, same batch.
         ref_loss = losses["reference"]
         ref_times: list[float] = []
@@ -159,10 +214,16 @@ def cpu_rows(args: argparse.Namespace) -> list[dict]:
                 names = [n for n in steps if mode in (None, "pool") or n in ("reference", "eager")]
                 med = interleaved_medians({n: steps[n] for n in names}, torch.device("cpu"), args.warmup, args.repeats)
             ref_times.append(med["reference"])
-            out += [_row_dict(row, n, variants[n][0], label, med[n], med["reference"], batch, losses[n], ref_loss, first[n])
+            # The authors' model has its own initialisation: no loss to compare with the reference's.
+            out += [_row_dict(row, n, variants[n][0], label, med[n], med["reference"], batch, losses[n],
+                              None if n == "authors" else ref_loss, first[n]) | {"num_params": params[n]}
                     for n in names if n != "reference"]  # fmt: skip
+            if "authors" in med:
+                for d in out[-(len(names) - 1):]:
+                    d["vs_authors"] = med["authors"] / med[d["variant"]]
         ref = statistics.median(ref_times)
-        rows.append(_row_dict(row, "reference", "torch", "-", ref, ref, batch, ref_loss, ref_loss, first["reference"]))
+        rows.append(_row_dict(row, "reference", "torch", "-", ref, ref, batch, ref_loss, ref_loss, first["reference"])
+                    | {"num_params": params["reference"]})
         rows += out
     return rows
 
@@ -257,6 +318,12 @@ def print_table(result: dict) -> None:
             first = "" if r.get("first_step_s") is None else f"{r['first_step_s']:.1f}"
             print(f"{r['variant']:15} {r['backend']:8} {r['pool']:6} {r['ms_step']:9.1f} {r['images_per_s']:8.1f} "
                   f"{ratio:>7} {diff:>11} {first:>10}")  # fmt: skip
+        for r in rs:
+            if r.get("vs_authors") is not None and r["variant"] != "authors":
+                print(f"  {r['variant']} ({r['pool']}) vs the authors' code (sj, same rounds): {r['vs_authors']:.2f}x")
+        auth = [r for r in rs if r["variant"] == "authors"]
+        if auth:
+            print(f"  parameters: authors' {auth[0]['num_params']:,}, ours {rs[0]['num_params']:,}")
     gpu = [r for r in result["rows"] if r["device"] == "cuda" and r.get("variant") != "-"]
     if gpu:
         print("\nCUDA, 224 px, MLP-SPE-T, bf16 autocast, forward + backward + SGD")
@@ -290,6 +357,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                     choices=["reference", "eager", "compiled", "compiled-blocks", "cudagraphs", "cudagraphs-model"],
                     default=None, help="CUDA variants (default: reference eager, plus compiled-blocks and "
                     "cudagraphs (per block) with --compile)")  # fmt: skip
+    ap.add_argument("--authors", type=Path, default=None, metavar="DIR",
+                    help="also time the authors' code in the same rounds: a checkout of EMI-Group/mixer-snn (needs "
+                    "spikingjelly==0.0.0.0.14 and einops); each row then says how much faster ours is")
     ap.add_argument("--heap", choices=["keep", "default"], default="keep",
                     help="keep freed host memory mapped, as mixersnn train does on the CPU (keep_heap_pages), or "
                     "leave glibc's malloc at its defaults (the process-wide setting applies to every variant)")

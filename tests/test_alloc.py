@@ -202,3 +202,12 @@ def test_kept_heap_pages_are_reused_without_page_faults() -> None:
     out = subprocess.run([sys.executable, "-c", "from mixersnn.kernels import keep_heap_pages; print(keep_heap_pages())"],
                          capture_output=True, text=True, check=True, cwd=ROOT, env={**os.environ, "MIXERSNN_KEEP_HEAP": "0"})
     assert out.stdout.strip() == "False"
+
+
+def test_train_step_authors_flag_without_their_code_says_what_it_needs(tmp_path: Path) -> None:
+    """``benchmarks/train_step.py --authors DIR`` times the authors' model from a checkout of
+    their repository; a folder without it stops with what the flag needs, before timing."""
+    proc = subprocess.run([sys.executable, "benchmarks/train_step.py", "--smoke", "--rows", "small", "--authors",
+                           str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode != 0
+    assert "EMI-Group/mixer-snn" in proc.stderr and "models/mixers_sparse_patchcell_origin.py" in proc.stderr
