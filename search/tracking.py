@@ -376,17 +376,18 @@ def format_table(rows: Sequence[TrialRow], *, title: str = "", mark: Optional[se
     rows in ``mark`` with ``*`` and baselines with ``B``."""
     mark = mark or set()
     val = any(r.val_acc is not None for r in rows)
-    head = (f"{'':1} {'trial':<14} {'status':<10} " + (f"{'val_acc':>8} " if val else "")
+    w = max([14, *(len(r.name) for r in rows)])  # baseline names run longer than trial ids
+    head = (f"{'':1} {'trial':<{w}} {'status':<10} " + (f"{'val_acc':>8} " if val else "")
             + f"{'test_acc':>8} {'uJ/img':>8} {'params':>9} {'ep':>3}  architecture / reason")
     lines = ([title] if title else []) + [head, "-" * len(head)]
     for r in rows:
-        acc = (f"{r.val_acc:.4f} " if r.val_acc is not None else f"{'-':>8} ") if val else ""
+        acc = (f"{r.val_acc:>8.4f} " if r.val_acc is not None else f"{'-':>8} ") if val else ""
         acc += f"{r.test_acc:>8.4f}" if r.test_acc is not None else f"{'-':>8}"
         en = f"{r.energy_uj:.3f}" if r.energy_uj is not None else "-"
         n = f"{r.num_params:,}" if r.num_params is not None else "-"
         tail = r.arch() + (f"  [{r.reason}]" if r.reason else "")
         flag = "*" if r.run_id in mark else ("B" if r.is_baseline else " ")
-        lines.append(f"{flag:1} {r.name:<14} {r.status:<10} {acc} {en:>8} {n:>9} {r.epochs:>3}  {tail}")
+        lines.append(f"{flag:1} {r.name:<{w}} {r.status:<10} {acc} {en:>8} {n:>9} {r.epochs:>3}  {tail}")
     return "\n".join(lines)
 
 
