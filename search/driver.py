@@ -761,8 +761,8 @@ def _restore(directory: Path, trainable: Any) -> Any:
 def finalize(cfg: SearchConfig, uri: str, parent: str, *, register: bool = True,
              log: Callable[[str], None] = print) -> SearchResult:
     """Settle leftover statuses, then log the Pareto front, plots and registry entry."""
-    from search.tracking import (compare_baselines, format_comparison, format_prescreen, format_table, log_summary,
-                                 pareto_front, prescreen_summary, register_best, select_best)
+    from search.tracking import (best_first, compare_baselines, format_comparison, format_prescreen, format_table,
+                                 log_summary, pareto_front, prescreen_summary, register_best, select_best)
     from trainers.tracking import MLflowTracker
 
     rows = collect_trials(uri, parent)
@@ -796,7 +796,7 @@ def finalize(cfg: SearchConfig, uri: str, parent: str, *, register: bool = True,
     if cfg.acc_metric == "test_acc" and cfg.mode == "trials":
         log("note: no training shards held out (train.holdout_shards: 0): trials were ranked and selected on the "
             "test split, so the selected trial's test accuracy is optimistic (the best of many noisy figures)")
-    log(format_table(sorted(rows, key=lambda r: -(r.acc if r.acc is not None else -1)),
+    log(format_table(sorted(rows, key=best_first),
                      title=f"trials of {cfg.name!r} (best first; * = Pareto front, B = baseline)",
                      mark={r.run_id for r in front}))
     log("")

@@ -28,8 +28,8 @@ def run(args: argparse.Namespace) -> int:
     """The tables and plot, or with ``--json`` the same facts as one JSON object."""
     import matplotlib.pyplot as plt
 
-    from search.tracking import (collect_trials, compare_baselines, format_comparison, format_prescreen, format_table,
-                                 pareto_figure, pareto_front, prescreen_summary)
+    from search.tracking import (best_first, collect_trials, compare_baselines, format_comparison, format_prescreen,
+                                 format_table, held_out, pareto_figure, pareto_front, prescreen_summary)
 
     uri, parent = find_parent(args, notes=not getattr(args, "json", False))
     if getattr(args, "json", False):
@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     name = parent.info.run_name
     rows = collect_trials(uri, parent.info.run_id)
     front = pareto_front(rows, with_params=args.params)
-    board = sorted(rows, key=lambda r: -(r.acc if r.acc is not None else -1))[: args.top]
+    board = sorted(rows, key=best_first)[: args.top]
     trials = [r for r in rows if not r.is_baseline]
     counts = {s: sum(r.status == s for r in trials)
               for s in ("ok", "stopped", "failed", "infeasible", "screened", "running")}
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
           + ", ".join(f"{v} {k}" for k, v in counts.items() if v) + (f"; {nb} baseline(s)" if nb else ""))
     print()
     print(format_table(board, title=f"leaderboard (top {args.top} by "
-                       + ("held-out accuracy" if any(r.val_acc is not None for r in rows) else "test accuracy")
+                       + ("held-out accuracy" if held_out(rows) else "test accuracy")
                        + "; * = Pareto front, B = baseline)",
                        mark={r.run_id for r in front}))
     print()

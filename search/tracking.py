@@ -22,6 +22,8 @@ from trainers.tracking import mlflow_client
 
 __all__ = [
     "TrialRow",
+    "best_first",
+    "held_out",
     "collect_trials",
     "pareto_front",
     "format_table",
@@ -126,6 +128,16 @@ class TrialRow:
         width = f"w={p['arch.stage_dims']}" if p.get("arch.stage_dims") else f"C={p.get('arch.embed_dim', '?')}"
         return (f"{width} d={p.get('arch.depths', '?')} T={p.get('arch.T', '?')} "
                 f"p={p.get('arch.patch_size', '?')} r={p.get('arch.mlp_ratio', '?')} spe={spe}")
+
+
+def best_first(row: TrialRow) -> tuple[Any, ...]:
+    """Sort key: the highest :attr:`TrialRow.acc` first, rows without one last, then trial id."""
+    return (row.acc is None, -(row.acc or 0.0), row.trial_id)
+
+
+def held_out(rows: Sequence[TrialRow]) -> bool:
+    """Whether the trials were ranked on held-out shards (any row has a ``val_acc``)."""
+    return any(r.val_acc is not None for r in rows)
 
 
 def find_search_runs(uri: str, experiment: str, name: Optional[str] = None) -> list[Any]:
@@ -375,7 +387,7 @@ def format_table(rows: Sequence[TrialRow], *, title: str = "", mark: Optional[se
     when the trials had them), energy, parameters, epochs, architecture. The first column marks
     rows in ``mark`` with ``*`` and baselines with ``B``."""
     mark = mark or set()
-    val = any(r.val_acc is not None for r in rows)
+    val = held_out(rows)
     w = max([14, *(len(r.name) for r in rows)])  # baseline names run longer than trial ids
     head = (f"{'':1} {'trial':<{w}} {'status':<10} " + (f"{'val_acc':>8} " if val else "")
             + f"{'test_acc':>8} {'uJ/img':>8} {'params':>9} {'ep':>3}  architecture / reason")
@@ -424,7 +436,7 @@ def pareto_figure(rows: Sequence[TrialRow], front: Sequence[TrialRow], *, title:
     if front:
         xs, ys = [r.energy_uj for r in front], [r.test_acc for r in front]
         ax.step(xs, ys, where="post", c="C0", lw=1.2)
-        chosen = " (chosen on held-out shards)" if any(r.val_acc is not None for r in front) else ""
+        chosen = " (chosen on held-out shards)" if held_out(front) else ""
         ax.scatter(xs, ys, c="C0", s=36, zorder=3, label="Pareto front" + chosen)
         for r in front:
             ax.annotate(r.trial_id.split("_")[-1], (r.energy_uj, r.test_acc), fontsize=7,
@@ -481,7 +493,7 @@ def optuna_figures(rows: Sequence[TrialRow], directions: list[str]) -> dict[str,
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = _optuna_study(rows, directions)
-    acc_name = "val_acc" if any(r.val_acc is not None for r in rows) else "test_acc"
+    acc_name = "val_acc" if held_out(rows) else "test_acc"
     figs: dict[str, Any] = {}
     multi = len(directions) > 1
     target = (lambda t: t.values[0]) if multi else None
@@ -563,7 +575,7 @@ def leaderboard(rows: Sequence[TrialRow], front: Sequence[TrialRow]) -> dict[str
     architecture, the reason of a stop or failure, and the child run's id; with a zero-cost
     pre-screen, each row's score too (``zero_cost_score``, None where not scored)."""
     on_front = {r.run_id for r in front}
-    ranked = sorted(rows, key=lambda r: (r.acc is None, -(r.acc or 0.0), r.trial_id))
+    ranked = sorted(rows, key=best_first)
     cols: dict[str, list[Any]] = {k: [] for k in ("rank", "trial", "status", "pareto", "test_acc",
                                                    "energy_per_image_uj", "num_params", "epochs", "architecture",
                                                    "reason", "run_id")}
@@ -572,7 +584,7 @@ def leaderboard(rows: Sequence[TrialRow], front: Sequence[TrialRow]) -> dict[str
                      ("test_acc", r.test_acc), ("energy_per_image_uj", r.energy_uj), ("num_params", r.num_params),
                      ("epochs", r.epochs), ("architecture", r.arch()), ("reason", r.reason), ("run_id", r.run_id)):
             cols[k].append(v)
-    if any(r.val_acc is not None for r in rows):
+    if held_out(rows):
         cols["val_acc"] = [r.val_acc for r in ranked]
     if any(r.zero_cost_score is not None for r in rows):
         cols["zero_cost_score"] = [r.zero_cost_score for r in ranked]
