@@ -39,6 +39,7 @@ import statistics
 import sys
 import time
 import traceback
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -189,20 +190,18 @@ def cpu_rows(args: argparse.Namespace) -> list[dict]:
             if args.compile and compile_reason is None:
                 variants["compiled"] = ("cpu", True, "model")
                 variants["compiled-blocks"] = ("cpu", True, "blocks")
+        makers = {name: partial(make_step, row, backend, fast=fast, compiled=compiled)
+                  for name, (backend, fast, compiled) in variants.items()}
+        if args.authors is not None:
+            variants["authors"] = ("sj", False, None)
+            makers["authors"] = partial(make_authors_step, row, args.authors)
         steps, losses, first, params = {}, {}, {}, {}
-        for name, (backend, fast, compiled) in variants.items():
-            fn, model = make_step(row, backend, fast=fast, compiled=compiled, images=images, labels=labels, T=T)
+        for name, make in makers.items():
+            fn, model = make(images=images, labels=labels, T=T)
             t0 = time.perf_counter()
             losses[name] = fn()  # the first step (compiles when compiled), then the timed ones
             first[name] = time.perf_counter() - t0
             steps[name], params[name] = fn, sum(p.numel() for p in model.parameters())
-        if args.authors is not None:
-            variants["authors"] = ("sj", False, None)
-            fn, model = make_authors_step(row, args.authors, images=images, labels=labels, T=T)
-            t0 = time.perf_counter()
-            losses["authors"] = fn()
-            first["authors"] = time.perf_counter() - t0
-            steps["authors"], params["authors"] = fn, sum(p.numel() for p in model.parameters())
         # The first losses are all taken before any optimiser step: same weights, same batch.
         ref_loss = losses["reference"]
         ref_times: list[float] = []
