@@ -12,8 +12,10 @@ CPU (32 px, same weights and batch for every variant):
 
 - row "spe_t": ``create_model("mlp_spe_t", img_size=32, num_classes=10, T=4)``, batch 8,
   forward + backward (ms); the fused "cpu" backend with its output pool off ("fresh") and on
-  ("pool", the default), plus with ``--compile`` the compiled model (one graph) and its
-  blocks compiled one by one ("compiled-blocks": a fraction of the compile time).
+  ("pool", the default), the same with dense synapses ("dense-synapses": ``F.linear`` where
+  the model's event-driven synapses run, so the row shows what ``spike_linear`` adds), plus
+  with ``--compile`` the compiled model (one graph) and its blocks compiled one by one
+  ("compiled-blocks": a fraction of the compile time).
 - row "small": C=24, depths 1-1-2-1, T=2, batch 64, forward + backward + AdamW step
   (images/s); the optimised variant is what ``mixersnn train`` runs (the auto backend and
   ``trainers.loop.build_optimizer``: fused AdamW), plus the compiled variants with ``--compile``.
@@ -51,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_common_args, interleaved_medians, pool_mode, pool_modes, write_json  # noqa: E402
 
 from mixersnn.kernels import keep_heap_pages  # noqa: E402
+from mixersnn.kernels.spike_linear import set_event_driven  # noqa: E402
 from mixersnn.models import create_model  # noqa: E402
 from mixersnn.models.mixer_snn import compile_model, compile_unavailable_reason  # noqa: E402
 from mixersnn.neurons import available_backends  # noqa: E402
@@ -71,11 +74,13 @@ def _train_config(lr: float):  # type: ignore[no-untyped-def]
 
 
 def make_step(row: str, backend: str, *, fast: bool, compiled: Optional[str], images: torch.Tensor,
-              labels: torch.Tensor, T: Optional[int] = None) -> tuple[Callable[[], float], torch.nn.Module]:  # fmt: skip
+              labels: torch.Tensor, T: Optional[int] = None,
+              event_driven: bool = True) -> tuple[Callable[[], float], torch.nn.Module]:  # fmt: skip
     """A closure running one training step of ``row``'s model; returns (step, model).
 
     ``fast`` picks the loop's fused optimiser (else torch's default AdamW); ``compiled`` (a
-    scope, "model" or "blocks") wraps the model in :func:`compile_model` (a failure raises).
+    scope, "model" or "blocks") wraps the model in :func:`compile_model` (a failure raises);
+    ``event_driven`` False gives a fused-backend model dense synapses (``F.linear``).
     """
     spec = ROWS[row]
     over = dict(spec["overrides"])
@@ -83,6 +88,8 @@ def make_step(row: str, backend: str, *, fast: bool, compiled: Optional[str], im
         over["T"] = T
     torch.manual_seed(0)  # identical weights for every variant
     model = create_model("mlp_spe_t", backend=backend, **over).train()
+    if not event_driven:
+        set_event_driven(model, False)
     opt = None
     if spec["optimizer"]:
         from trainers.loop import build_optimizer
@@ -183,17 +190,18 @@ def cpu_rows(args: argparse.Namespace) -> list[dict]:
         images = torch.randn(batch, 3, 32, 32, generator=gen)
         labels = torch.randint(0, 10, (batch,), generator=gen)
         T = args.steps
-        # name -> (backend, fast optimiser, compile scope or None)
-        variants: dict[str, tuple[str, bool, Optional[str]]] = {"reference": ("torch", False, None)}
+        # name -> (backend, fast optimiser, compile scope or None, event-driven synapses)
+        variants: dict[str, tuple[str, bool, Optional[str], bool]] = {"reference": ("torch", False, None, False)}
         if fused_ok:
-            variants["eager"] = ("cpu", True, None)
+            variants["eager"] = ("cpu", True, None, True)
+            variants["dense-synapses"] = ("cpu", True, None, False)  # what the synapse kernels add
             if args.compile and compile_reason is None:
-                variants["compiled"] = ("cpu", True, "model")
-                variants["compiled-blocks"] = ("cpu", True, "blocks")
-        makers = {name: partial(make_step, row, backend, fast=fast, compiled=compiled)
-                  for name, (backend, fast, compiled) in variants.items()}
+                variants["compiled"] = ("cpu", True, "model", True)
+                variants["compiled-blocks"] = ("cpu", True, "blocks", True)
+        makers = {name: partial(make_step, row, backend, fast=fast, compiled=compiled, event_driven=event)
+                  for name, (backend, fast, compiled, event) in variants.items()}
         if args.authors is not None:
-            variants["authors"] = ("sj", False, None)
+            variants["authors"] = ("sj", False, None, False)
             makers["authors"] = partial(make_authors_step, row, args.authors)
         steps, losses, first, params = {}, {}, {}, {}
         for name, make in makers.items():

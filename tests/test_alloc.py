@@ -136,7 +136,9 @@ def test_benchmark_smoke_runs_measure_the_pool_side_by_side(script: str, tmp_pat
     seen = {(r["backend"], r["pool"]) for r in rows}
     assert {("torch", "-"), ("cpu", "fresh"), ("cpu", "pool")} <= seen, seen
     if script == "train_step.py":
-        # Same weights and batch: the fused kernels give the reference's loss, pool or not.
+        # Same weights and batch: the fused kernels give the reference's loss, pool or not, with
+        # event-driven synapses ("eager") or dense ones ("dense-synapses").
+        assert {"eager", "dense-synapses"} <= {r["variant"] for r in rows}
         assert all(r["loss_diff_vs_reference"] is None or r["loss_diff_vs_reference"] < 1e-4 for r in rows), rows
     else:
         _check_lif_pass_rows_and_neuron(result)

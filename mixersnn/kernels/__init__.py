@@ -11,6 +11,9 @@ The "cpu" backend takes large outputs from a pool of already-mapped buffers, so 
 paying first-touch page faults every step (``mixersnn.kernels._alloc``; ``pool_stats()``,
 ``set_pool_limit()``, ``empty_cache()``); ``keep_heap_pages()`` keeps the smaller ones, which
 glibc's heap serves, mapped from step to step (the training loop calls it on the CPU).
+
+``mixersnn.kernels.spike_linear``: the event-driven synapses (a linear layer over spikes that
+works per nonzero on the CPU), built into the "cpu" backend's library.
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """The "cpu" LIF backend: lif.cu compiled as host C++ (OpenMP + simd) and called via ctypes.
 
+The same library carries the event-driven synapse kernels (``spike_mm.cpp``, see
+:mod:`mixersnn.kernels.spike_linear`).
+
 The shared library is built once per (source, flags, compiler, CPU) and cached at
 ``${MIXERSNN_CACHE:-~/.cache/mixersnn}/kernels/lif_cpu_<hash>.so``. It is written to a temporary
 file in the same directory and moved into place with ``os.replace``, so a concurrent process
@@ -47,6 +50,9 @@ __all__ = [
 # as pure; -fno-trapping-math lets the vectoriser if-convert selects (FP exceptions are never
 # enabled here); neither changes a result. No -ffast-math: it would reorder the forward
 # arithmetic.
+#: Host-only C++ appended to the build: the event-driven synapses (``spike_linear.py``).
+SPIKE_MM_SOURCE = Path(__file__).resolve().parent / "spike_mm.cpp"
+
 _BASE_FLAGS: tuple[str, ...] = (
     "-O3",
     "-std=c++17",
@@ -126,7 +132,8 @@ def _build_recipe(cxx_env: Optional[str]) -> tuple[str, list[str], str]:
         [cxx, "--version"], capture_output=True, text=True, check=False
     ).stdout.splitlines()[:1]
     flags = list(_BASE_FLAGS) + list(_arch_flags())
-    src = kernel_source("host")
+    # The event-driven synapse kernels (host only) share the library and its cache entry.
+    src = kernel_source("host") + "\n" + SPIKE_MM_SOURCE.read_text()
     key = "\n".join([src, " ".join(flags), cxx, *version, _cpu_identity()])
     build_id = hashlib.sha256(key.encode()).hexdigest()[:24]
     # The id inside the library lets a load verify that the file is the one it asked for.
@@ -186,6 +193,7 @@ def load_library(*, use_memory_cache: bool = True) -> CpuLibrary:
             if lib is None:
                 raise RuntimeError(f"the freshly built {path} does not load; delete it and retry")
         _declare(lib)
+        _declare_spike_mm(lib)
         if str(path) not in _LOADED:
             # First load in this process (a reload maps the same library: keep its setting).
             lib.lif_set_stream_min_bytes(last_level_cache_bytes())
@@ -231,6 +239,20 @@ def _declare(lib: ctypes.CDLL, dtypes: tuple[str, ...] = ("float32",)) -> None:
     for name in ("lif_traffic_forward", "lif_traffic_backward"):
         getattr(lib, name).argtypes = [ptr, ptr, ptr, i64, i32, i32]
         getattr(lib, name).restype = None
+
+
+def _declare_spike_mm(lib: ctypes.CDLL) -> None:
+    ptr, i64, i32 = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int
+    signatures = {
+        "spk_count": ([ptr, i64, i64, ptr, i32], i64),
+        "spk_fill": ([ptr, i64, i64, ptr, ptr, ptr, i32], None),
+        "spk_linear_fwd": ([ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i32], None),
+        "spk_linear_wgrad": ([ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i32], None),
+    }
+    for name, (argtypes, restype) in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes = argtypes
+        fn.restype = restype
 
 
 _STATUS: list[Optional[str]] = []

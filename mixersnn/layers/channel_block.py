@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mixersnn.kernels.spike_linear import SpikeLinear
 from mixersnn.layers.common import NeuronFactory, fold, from_tokens, to_tokens, unfold
 
 __all__ = ["SpikingChannelBlock"]
@@ -26,10 +27,10 @@ class SpikingChannelBlock(nn.Module):
 
     def __init__(self, *, dim: int, hidden: int, num_tokens: int, neuron: NeuronFactory) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
+        self.fc1 = SpikeLinear(dim, hidden)  # both read spikes: event-driven on the CPU
         self.bn1 = nn.BatchNorm1d(num_tokens)
         self.lif = neuron()
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc2 = SpikeLinear(hidden, dim)
         self.bn2 = nn.BatchNorm1d(num_tokens)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mixersnn.kernels.spike_linear import spike_linear
+
 __all__ = ["NeuronFactory", "fold", "unfold", "to_tokens", "from_tokens", "ConvBN", "PointwiseConv2d"]
 
 NeuronFactory = Callable[[], nn.Module]
@@ -79,7 +81,9 @@ class PointwiseConv2d(nn.Conv2d):
     moves from oneDNN's convolution, which is slow for these shapes on CPUs (a few channels
     over a long spatial axis, or a 1x1 grid), to a GEMM:
 
-    - channels-last input (C innermost): ``linear`` over C, output channels-last;
+    - channels-last input (C innermost): ``linear`` over C, output channels-last; computed
+      from the input's nonzeros on the CPU while ``event_driven`` is True (the default, see
+      :func:`mixersnn.kernels.spike_linear.spike_linear`);
     - otherwise: ``W @ x.view(N, C, H*W)`` per sample (``bmm``), output contiguous NCHW.
 
     Args:
@@ -87,6 +91,8 @@ class PointwiseConv2d(nn.Conv2d):
         out_ch: output channels.
         bias: learnable bias.
     """
+
+    event_driven: bool = True
 
     def __init__(self, in_ch: int, out_ch: int, *, bias: bool = True) -> None:
         super().__init__(in_ch, out_ch, 1, bias=bias)
@@ -98,7 +104,8 @@ class PointwiseConv2d(nn.Conv2d):
             return super().forward(x)
         N, _, H, W = x.shape
         if x.is_contiguous(memory_format=torch.channels_last) and not (x.is_contiguous() and H * W > 1):
-            return F.linear(x.permute(0, 2, 3, 1), w, self.bias).permute(0, 3, 1, 2)
+            linear = spike_linear if self.event_driven else F.linear
+            return linear(x.permute(0, 2, 3, 1), w, self.bias).permute(0, 3, 1, 2)
         # One small [C_out, C_in] @ [C_in, H*W] per sample: bmm over the expanded weight (a
         # view) is 3-5x faster than torch.matmul, which transposes x into one tall mm.
         xs = x.reshape(N, self.in_channels, H * W)

@@ -12,6 +12,7 @@ from typing import Callable, Optional, Type, Union
 import torch
 from torch import nn
 
+from mixersnn.kernels.spike_linear import set_event_driven
 from mixersnn.layers import (
     ClassifierHead,
     ConvDownsample,
@@ -139,6 +140,8 @@ class MixerSNN(nn.Module):
         self.stages = build_stages(config, neuron=neuron, token_block=token_block, channel_block=channel_block,
                                    patch_embed=patch_embed, spe_embed=spe_embed, downsample=downsample)
         self.head = head(dim=config.widths[-1], num_classes=config.num_classes)
+        # The plain-torch reference backend stays plain torch in its synapses too.
+        set_event_driven(self, config.neuron.backend != "torch")
 
     @property
     def T(self) -> int:

@@ -1,0 +1,235 @@
+"""Event-driven synapses (``spike_mm.cpp`` through ``spike_linear``) against ``F.linear``.
+
+Values and all three gradients must equal the dense layer's to fp32 summation-order tolerance,
+for spikes and for any other sparse input; where the sparse kernels do not apply the result
+must be ``F.linear``'s, bit for bit. The models use them for their channel MLPs and fusing
+convs on the CPU, except with the plain-torch reference backend.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mixersnn.kernels import cpu as cpu_kernels
+from mixersnn.kernels import spike_linear as spike_linear_module
+from mixersnn.kernels.spike_linear import MAX_DENSITY, MIN_MACS, SpikeLinear, set_event_driven, spike_linear
+from mixersnn.layers import PointwiseConv2d
+from mixersnn.models import create_model
+
+pytestmark = pytest.mark.skipif(
+    cpu_kernels.cpu_unavailable_reason() is not None,
+    reason=f"cpu kernels unavailable: {cpu_kernels.cpu_unavailable_reason()}",
+)
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(autouse=True)
+def any_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small layers normally take the dense GEMM (``MIN_MACS``); here every size runs the
+    kernels, so the odd shapes below test them (one test puts the floor back)."""
+    monkeypatch.setattr(spike_linear_module, "MIN_MACS", 0)
+
+
+def _grad_fn_names(t: torch.Tensor, depth: int = 3) -> set[str]:
+    names, frontier = set(), [t.grad_fn]
+    for _ in range(depth):
+        nxt = []
+        for fn in frontier:
+            if fn is not None:
+                names.add(type(fn).__name__)
+                nxt.extend(f for f, _ in fn.next_functions)
+        frontier = nxt
+    return names
+
+
+def _both(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, grad: bool = True):
+    """(sparse, dense) results: output, then grads of x, w, b (None where not asked)."""
+    out = []
+    for fn in (spike_linear, F.linear):
+        xs, ws = x.clone().requires_grad_(grad), w.clone().requires_grad_(grad)
+        bs = None if b is None else b.clone().requires_grad_(grad)
+        y = fn(xs, ws, bs)
+        if grad:
+            g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+            y.backward(g)
+        out.append((y, xs.grad, ws.grad, None if bs is None else bs.grad))
+    return out
+
+
+@pytest.mark.parametrize(
+    "lead, K, N",
+    [((1,), 1, 1), ((7,), 5, 3), ((33,), 17, 70), ((4, 8, 16), 78, 234), ((128,), 312, 936), ((2, 16), 936, 65),
+     ((3,), 40, 128)],
+)  # fmt: skip
+@pytest.mark.parametrize("bias", [True, False])
+def test_spikes_give_the_dense_layers_values_and_gradients(lead, K, N, bias) -> None:
+    gen = torch.Generator().manual_seed(K * 1000 + N)
+    x = (torch.rand(*lead, K, generator=gen) < 0.1).float()
+    w, b = torch.randn(N, K, generator=gen), torch.randn(N, generator=gen) if bias else None
+    (y, gx, gw, gb), (y_ref, gx_ref, gw_ref, gb_ref) = _both(x, w, b)
+    assert y.shape == y_ref.shape == (*lead, N)
+    torch.testing.assert_close(y, y_ref, **TOL)
+    torch.testing.assert_close(gx, gx_ref, **TOL)
+    torch.testing.assert_close(gw, gw_ref, **TOL)
+    if bias:
+        torch.testing.assert_close(gb, gb_ref, **TOL)
+
+
+def test_the_sparse_kernels_are_what_runs_on_sparse_cpu_input() -> None:
+    x = (torch.rand(64, 100) < 0.1).float()
+    y = spike_linear(x, torch.randn(30, 100, requires_grad=True))
+    assert "_SpikeLinearFnBackward" in _grad_fn_names(y)
+
+
+def test_any_sparse_values_not_only_spikes() -> None:
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.rand(50, 90, generator=gen) < 0.15
+    x = torch.randn(50, 90, generator=gen) * mask  # graded values, and some exact zeros
+    w, b = torch.randn(70, 90, generator=gen), torch.randn(70, generator=gen)
+    (y, gx, gw, gb), (y_ref, gx_ref, gw_ref, gb_ref) = _both(x, w, b)
+    for got, want in ((y, y_ref), (gx, gx_ref), (gw, gw_ref), (gb, gb_ref)):
+        torch.testing.assert_close(got, want, **TOL)
+
+
+def test_all_zero_input_gives_the_bias_and_no_weight_gradient() -> None:
+    w = torch.randn(20, 33, requires_grad=True)
+    b = torch.randn(20, requires_grad=True)
+    y = spike_linear(torch.zeros(9, 33), w, b)
+    assert torch.equal(y, b.detach().expand(9, 20))
+    y.sum().backward()
+    assert torch.equal(w.grad, torch.zeros_like(w))
+    assert torch.equal(b.grad, torch.full((20,), 9.0))
+
+
+def test_nan_and_inf_inputs_propagate_like_the_dense_layer() -> None:
+    x = torch.zeros(4, 20)
+    x[1, 3], x[2, 7], x[3, 0] = float("nan"), float("inf"), 1.0
+    w = torch.randn(5, 20)
+    y, y_ref = spike_linear(x, w), F.linear(x, w)
+    assert torch.equal(torch.isnan(y), torch.isnan(y_ref))
+    assert torch.equal(torch.isinf(y), torch.isinf(y_ref))
+    finite = torch.isfinite(y_ref)
+    torch.testing.assert_close(y[finite], y_ref[finite], **TOL)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["dense", "float64", "non-contiguous", "autocast", "no-grad-weight"],
+)
+def test_where_the_kernels_do_not_apply_it_is_f_linear(case: str) -> None:
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.rand(40, 24, generator=gen) < 0.1).float()
+    w, b = torch.randn(16, 24, generator=gen), torch.randn(16, generator=gen)
+    if case == "dense":
+        x = (torch.rand(40, 24, generator=gen) < MAX_DENSITY + 0.2).float()
+    elif case == "float64":
+        x, w, b = x.double(), w.double(), b.double()
+    elif case == "non-contiguous":
+        x = (torch.rand(24, 40, generator=gen) < 0.1).float().t()
+    if case == "autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, y_ref = spike_linear(x, w, b), F.linear(x, w, b)
+        assert y.dtype == y_ref.dtype == torch.bfloat16
+        assert torch.equal(y, y_ref)
+        return
+    if case == "no-grad-weight":  # frozen weights still take the sparse path, and no grad is made
+        xs = x.clone().requires_grad_()
+        y = spike_linear(xs, w, b)
+        y.sum().backward()
+        torch.testing.assert_close(xs.grad, torch.ones(40, 16) @ w, **TOL)
+        return
+    y = spike_linear(x.requires_grad_(), w.requires_grad_(), b)
+    assert "_SpikeLinearFnBackward" not in _grad_fn_names(y)
+    assert torch.equal(y, F.linear(x, w, b))
+
+
+def test_layers_below_the_size_floor_take_the_dense_gemm(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(spike_linear_module, "MIN_MACS", MIN_MACS)
+    K, N = 128, 256
+    rows = MIN_MACS // (K * N)  # exactly at the floor: event-driven; one row fewer: dense
+    w = torch.randn(N, K, requires_grad=True)
+    for M, event in ((rows, True), (rows - 1, False)):
+        x = (torch.rand(M, K) < 0.1).float()
+        y = spike_linear(x, w)
+        assert ("_SpikeLinearFnBackward" in _grad_fn_names(y)) is event, M
+        torch.testing.assert_close(y, F.linear(x, w), **TOL)
+
+
+def test_a_shape_mismatch_raises_the_dense_layers_error() -> None:
+    with pytest.raises(RuntimeError, match="shape"):
+        spike_linear(torch.zeros(3, 5), torch.zeros(4, 6))
+
+
+def test_the_modules_switch_between_event_driven_and_dense() -> None:
+    torch.manual_seed(0)
+    lin = SpikeLinear(48, 20)
+    conv = PointwiseConv2d(48, 20, bias=False)
+    spikes = (torch.rand(6, 48, 3, 3) < 0.1).float().contiguous(memory_format=torch.channels_last)
+    tokens = spikes.permute(0, 2, 3, 1)
+    for on in (True, False):
+        assert set_event_driven(torch.nn.Sequential(lin, conv), on) == 2
+        y_lin, y_conv = lin(tokens), conv(spikes)
+        assert ("_SpikeLinearFnBackward" in _grad_fn_names(y_lin, 2)) is on
+        assert ("_SpikeLinearFnBackward" in _grad_fn_names(y_conv, 4)) is on
+        torch.testing.assert_close(y_lin, F.linear(tokens, lin.weight, lin.bias), **TOL)
+        torch.testing.assert_close(y_conv, F.conv2d(spikes, conv.weight), **TOL)
+
+
+def test_models_are_event_driven_except_with_the_reference_backend() -> None:
+    over = dict(img_size=32, num_classes=10, T=2, embed_dim=6, depths=(1, 1, 1, 1))
+    fast = create_model("mlp_spe_t", backend="auto", **over)
+    ref = create_model("mlp_spe_t", backend="torch", **over)
+    flags = lambda m: {type(mod).__name__: mod.event_driven for mod in m.modules() if hasattr(type(mod), "event_driven")}  # noqa: E731
+    assert flags(fast) == {"SpikeLinear": True, "PointwiseConv2d": True}
+    assert flags(ref) == {"SpikeLinear": False, "PointwiseConv2d": False}
+    assert [n for n, _ in fast.state_dict().items()] == [n for n, _ in ref.state_dict().items()]
+
+
+def test_a_models_training_step_matches_its_dense_twin() -> None:
+    """Same weights and batch, event-driven vs dense synapses: the loss and every gradient agree
+    to fp32 tolerance. (Another summation order could flip a spike sitting at the threshold; on
+    this seed none does.)"""
+    over = dict(img_size=32, num_classes=10, T=2, embed_dim=12, depths=(1, 1, 1, 1))
+    torch.manual_seed(0)
+    model = create_model("mlp_spe_t", backend="cpu", **over).train()
+    images, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    results = []
+    for on in (True, False):
+        set_event_driven(model, on)
+        model.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(images).mean(0), labels)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss, grads), (loss_ref, grads_ref) = results
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-4, atol=1e-5)
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_under_torch_compile_it_traces_as_a_plain_linear_without_a_graph_break() -> None:
+    torch._dynamo.reset()
+    lin = SpikeLinear(40, 24)
+    x = (torch.rand(16, 40) < 0.1).float()
+    compiled = torch.compile(lin, backend="aot_eager", fullgraph=True, dynamic=False)  # raises on a break
+    torch.testing.assert_close(compiled(x), F.linear(x, lin.weight, lin.bias), rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_the_synapse_benchmark_times_both_paths(tmp_path) -> None:
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "syn.json"
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "synapses.py"), "--smoke", "--json", str(out)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    # Sparse rows take the kernels, the 50% rows the dense GEMM; every row is timed both ways.
+    assert [r["event_driven"] for r in rows] == [r["density"] <= MAX_DENSITY for r in rows] == [True, False] * 2
+    assert all(r["fwd_sparse_ms"] > 0 and r["step_dense_ms"] > 0 for r in rows)
