@@ -3,7 +3,8 @@
 Measured, not asserted. For each layer shape of MLP-SPE-T at 32 px (T=4, batch 8: the
 ``spe_t`` row of ``train_step.py``; rows M = T*B*tokens, in K, out N) and each input density,
 times a forward alone and a forward + backward (gradients of input, weight and bias) of both,
-in the same interleaved rounds (``_common.interleaved_medians``), on random 0/1 spikes.
+in the same interleaved rounds (``_common.interleaved_medians``), on random 0/1 spikes, with
+freed memory kept mapped as ``mixersnn train`` keeps it (``keep_heap_pages``).
 "fwd x" and "step x" are the dense time over the event-driven one (above 1: the kernels pay);
 "path" says whether ``spike_linear`` took its kernels ("event") or ``F.linear`` ("dense":
 above ``MAX_DENSITY``, or below ``MIN_MACS`` multiply-adds).
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import interleaved_medians, write_json  # noqa: E402
 
+from mixersnn.kernels import keep_heap_pages  # noqa: E402
 from mixersnn.kernels.spike_linear import MAX_DENSITY, MIN_MACS, SpikeLinear, sparse_linear_available, spike_linear  # noqa: E402
 from mixersnn.models import create_model  # noqa: E402
 
@@ -86,6 +88,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="two small shapes, two densities, one repeat")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
+    keep_heap_pages()  # as the training loop does: freed scratch stays mapped between calls
     if not sparse_linear_available():
         raise SystemExit("the cpu kernel library does not load here (see mixersnn.kernels.cpu_unavailable_reason())")
     shapes, densities = SHAPES, args.densities

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from mixersnn.kernels import cpu as cpu_kernels
 from mixersnn.kernels import spike_linear as spike_linear_module
-from mixersnn.kernels.spike_linear import MAX_DENSITY, MIN_MACS, SpikeLinear, set_event_driven, spike_linear
+from mixersnn.kernels.spike_linear import FORWARD_MIN_ROWS, MAX_DENSITY, MIN_MACS, SpikeLinear, set_event_driven, spike_linear
 from mixersnn.layers import PointwiseConv2d
 from mixersnn.models import create_model
 
@@ -76,6 +76,38 @@ def test_spikes_give_the_dense_layers_values_and_gradients(lead, K, N, bias) -> 
     torch.testing.assert_close(gw, gw_ref, **TOL)
     if bias:
         torch.testing.assert_close(gb, gb_ref, **TOL)
+
+
+@pytest.mark.parametrize("threads", [1, 3, 8])
+def test_any_thread_count_gives_the_same_gradients(threads: int) -> None:
+    """Few column blocks and many threads: the weight gradient splits the rows into ranges
+    (one partial sum each, added in order); 8 threads on 2 blocks of 2048 rows use 4 ranges."""
+    gen = torch.Generator().manual_seed(threads)
+    x = (torch.rand(2048, 90, generator=gen) < 0.1).float()
+    w, b = torch.randn(78, 90, generator=gen), torch.randn(78, generator=gen)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        (y, gx, gw, gb), (y_ref, gx_ref, gw_ref, gb_ref) = _both(x, w, b)
+    finally:
+        torch.set_num_threads(before)
+    for got, want in ((y, y_ref), (gx, gx_ref), (gw, gw_ref), (gb, gb_ref)):
+        torch.testing.assert_close(got, want, **TOL)
+    ranges = (threads + 1) // 2  # one slab per (block, range), or one per thread when a range each
+    slabs = threads if ranges == 1 else 2 * ranges
+    assert spike_linear_module._lib().spk_wgrad_scratch(2048, 90, 78, threads) == slabs * 90 * 64
+
+
+@pytest.mark.parametrize("rows", [FORWARD_MIN_ROWS - 1, FORWARD_MIN_ROWS])
+def test_both_forward_products_give_the_dense_layers_result(rows: int) -> None:
+    """Under FORWARD_MIN_ROWS rows the forward is the BLAS's and the weight gradient still the
+    kernel's; from it on both are the kernels'."""
+    gen = torch.Generator().manual_seed(rows)
+    x = (torch.rand(rows, 150, generator=gen) < 0.1).float()
+    w, b = torch.randn(130, 150, generator=gen), torch.randn(130, generator=gen)
+    (y, gx, gw, gb), (y_ref, gx_ref, gw_ref, gb_ref) = _both(x, w, b)
+    for got, want in ((y, y_ref), (gx, gx_ref), (gw, gw_ref), (gb, gb_ref)):
+        torch.testing.assert_close(got, want, **TOL)
 
 
 def test_the_sparse_kernels_are_what_runs_on_sparse_cpu_input() -> None:

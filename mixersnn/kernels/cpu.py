@@ -248,6 +248,7 @@ def _declare_spike_mm(lib: ctypes.CDLL) -> None:
         "spk_fill": ([ptr, i64, i64, ptr, ptr, ptr, i32], None),
         "spk_linear_fwd": ([ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i32], None),
         "spk_linear_wgrad": ([ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i32], None),
+        "spk_wgrad_scratch": ([i64, i64, i64, i32], i64),
     }
     for name, (argtypes, restype) in signatures.items():
         fn = getattr(lib, name)

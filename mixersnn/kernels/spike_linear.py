@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["MAX_DENSITY", "MIN_MACS", "spike_linear", "sparse_linear_available", "SpikeLinear", "set_event_driven"]
+__all__ = ["MAX_DENSITY", "MIN_MACS", "FORWARD_MIN_ROWS", "spike_linear", "sparse_linear_available", "SpikeLinear", "set_event_driven"]
 
 #: Above this fraction of nonzeros the dense GEMM is used: at 0.3 the sparse weight gradient
 #: is already slower than the BLAS on this project's 2-core EPYC (docs/benchmarks.md).
@@ -32,6 +32,11 @@ MAX_DENSITY = 0.25
 #: the extra calls cost some 40 us, which a layer this small does not earn back
 #: (break-even measured at 4-7 million; every layer of the paper's models is above this).
 MIN_MACS = 1 << 23
+
+#: With fewer rows than this the forward product is the BLAS's (the weight gradient stays
+#: event-driven): transposing W costs what the whole dense product does when it has so few
+#: rows (32 rows: 0.7-0.9x the dense time; 128 rows: 1.5-2.3x faster; docs/benchmarks.md).
+FORWARD_MIN_ROWS = 64
 
 
 def sparse_linear_available() -> bool:
@@ -76,12 +81,14 @@ class _SpikeLinearFn(torch.autograd.Function):
         N = weight.shape[0]
         w = weight.contiguous()
         b = None if bias is None else bias.contiguous()
-        y = x.new_empty(M, N)
-        blocks = -(-N // 64)
-        scratch = x.new_empty(blocks * (K + 1) * 64)
-        _lib().spk_linear_fwd(x.data_ptr(), row_ptr.data_ptr(), cols.data_ptr(), w.data_ptr(),
-                              None if b is None else b.data_ptr(), y.data_ptr(), scratch.data_ptr(),
-                              M, K, N, torch.get_num_threads())  # fmt: skip
+        if M < FORWARD_MIN_ROWS:
+            y = x @ w.t() if b is None else torch.addmm(b, x, w.t())
+        else:
+            y = x.new_empty(M, N)
+            scratch = x.new_empty(-(-N // 64) * (K + 1) * 64)
+            _lib().spk_linear_fwd(x.data_ptr(), row_ptr.data_ptr(), cols.data_ptr(), w.data_ptr(),
+                                  None if b is None else b.data_ptr(), y.data_ptr(), scratch.data_ptr(),
+                                  M, K, N, torch.get_num_threads())  # fmt: skip
         ctx.save_for_backward(x, w, row_ptr, cols)
         ctx.has_bias = bias is not None
         return y
@@ -98,9 +105,10 @@ class _SpikeLinearFn(torch.autograd.Function):
             N = w.shape[0]
             threads = torch.get_num_threads()
             grad_w = torch.empty_like(w)
-            scratch = x.new_empty(threads * K * 64)
-            _lib().spk_linear_wgrad(x.data_ptr(), row_ptr.data_ptr(), cols.data_ptr(), gy.data_ptr(),
-                                    grad_w.data_ptr(), scratch.data_ptr(), M, K, N, threads)  # fmt: skip
+            lib = _lib()
+            scratch = x.new_empty(lib.spk_wgrad_scratch(M, K, N, threads))
+            lib.spk_linear_wgrad(x.data_ptr(), row_ptr.data_ptr(), cols.data_ptr(), gy.data_ptr(),
+                                 grad_w.data_ptr(), scratch.data_ptr(), M, K, N, threads)  # fmt: skip
         grad_b = gy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b, None, None
 

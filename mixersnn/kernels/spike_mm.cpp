@@ -226,31 +226,90 @@ extern "C" void spk_linear_fwd(const float* s, const int* row_ptr, const int* co
   }
 }
 
-// gw [N, K] = gy [M, N]^T @ s [M, K]. acc: scratch of threads * K * 64 floats.
+namespace {
+
+// How many row ranges spk_linear_wgrad splits M into: 1 when there are at least as many
+// column blocks as threads, else enough (block, range) tasks for every thread, each range at
+// least 256 rows.
+long long wgrad_ranges(long long M, long long N, int threads) {
+  const long long blocks = (N + kBlock - 1) / kBlock;
+  const long long ranges = (threads + blocks - 1) / blocks;
+  const long long most = M / 256 > 1 ? M / 256 : 1;
+  return ranges < most ? ranges : most;
+}
+
+// gw[n0 + j, k0 + kk] = at[k0 + kk, j] for one 16-row tile of a block's gw^T slab.
+inline void store_transposed(const float* at, float* gw, long long K, long long n0, long long width, long long k0) {
+  const long long kb = K - k0 < kLanes ? K - k0 : kLanes;
+  for (long long j = 0; j < width; ++j) {
+    float* dst = gw + (n0 + j) * K + k0;
+    for (long long kk = 0; kk < kb; ++kk) dst[kk] = at[(k0 + kk) * kBlock + j];
+  }
+}
+
+void wgrad_block_range(const float* s, const int* row_ptr, const int* cols, const float* gy, float* at,
+                       long long m0, long long m1, long long K, long long N, long long c) {
+  const long long width = block_width(c, N);
+  memset(at, 0, sizeof(float) * K * kBlock);
+  switch (vectors(width)) {
+    case 1: wgrad_rows<1>(s, row_ptr, cols, gy, at, m0, m1, K, N, c * kBlock, width); break;
+    case 2: wgrad_rows<2>(s, row_ptr, cols, gy, at, m0, m1, K, N, c * kBlock, width); break;
+    case 3: wgrad_rows<3>(s, row_ptr, cols, gy, at, m0, m1, K, N, c * kBlock, width); break;
+    default: wgrad_rows<4>(s, row_ptr, cols, gy, at, m0, m1, K, N, c * kBlock, width); break;
+  }
+}
+
+}  // namespace
+
+// Floats of scratch spk_linear_wgrad needs for these sizes and threads.
+extern "C" long long spk_wgrad_scratch(long long M, long long K, long long N, int threads) {
+  const long long ranges = wgrad_ranges(M, N, threads);
+  const long long blocks = (N + kBlock - 1) / kBlock;
+  return (ranges == 1 ? (long long)threads : blocks * ranges) * K * kBlock;
+}
+
+// gw [N, K] = gy [M, N]^T @ s [M, K]; acc: spk_wgrad_scratch(M, K, N, threads) floats.
+// With a column block per thread or more, each thread sums whole blocks into its own [K, 64]
+// slab of gw^T (reused, so it stays in L2) and writes each out transposed. With fewer blocks
+// than threads, each (block, row range) task sums into a slab of its own; the slabs of a
+// block are then added in range order (the result does not depend on scheduling) and written.
 extern "C" void spk_linear_wgrad(const float* s, const int* row_ptr, const int* cols, const float* gy,
                                  float* gw, float* acc, long long M, long long K, long long N, int threads) {
   omp_set_num_threads(threads);
   const long long blocks = (N + kBlock - 1) / kBlock;
+  const long long ranges = wgrad_ranges(M, N, threads);
+  const long long slab = K * kBlock;
+  if (ranges == 1) {
+#pragma omp parallel
+    {
+      float* at = acc + (long long)omp_get_thread_num() * slab;
+#pragma omp for schedule(static)
+      for (long long c = 0; c < blocks; ++c) {
+        wgrad_block_range(s, row_ptr, cols, gy, at, 0, M, K, N, c);
+        for (long long k0 = 0; k0 < K; k0 += kLanes) store_transposed(at, gw, K, c * kBlock, block_width(c, N), k0);
+      }
+    }
+    return;
+  }
+  const long long k_tiles = (K + kLanes - 1) / kLanes;
 #pragma omp parallel
   {
-    float* at = acc + (long long)omp_get_thread_num() * K * kBlock;  // gw^T's block, [K, 64]
-#pragma omp for schedule(static)
+#pragma omp for collapse(2) schedule(static)
+    for (long long c = 0; c < blocks; ++c)
+      for (long long r = 0; r < ranges; ++r)
+        wgrad_block_range(s, row_ptr, cols, gy, acc + (c * ranges + r) * slab, M * r / ranges,
+                          M * (r + 1) / ranges, K, N, c);
+    // (the implicit barrier: every slab is complete)
+#pragma omp for collapse(2) schedule(static)
     for (long long c = 0; c < blocks; ++c) {
-      const long long n0 = c * kBlock, width = block_width(c, N);
-      memset(at, 0, sizeof(float) * K * kBlock);
-      switch (vectors(width)) {
-        case 1: wgrad_rows<1>(s, row_ptr, cols, gy, at, 0, M, K, N, n0, width); break;
-        case 2: wgrad_rows<2>(s, row_ptr, cols, gy, at, 0, M, K, N, n0, width); break;
-        case 3: wgrad_rows<3>(s, row_ptr, cols, gy, at, 0, M, K, N, n0, width); break;
-        default: wgrad_rows<4>(s, row_ptr, cols, gy, at, 0, M, K, N, n0, width); break;
-      }
-      // gw[n0 + j, k] = at[k, j], in 16-column tiles.
-      for (long long k0 = 0; k0 < K; k0 += kLanes) {
-        const long long kb = K - k0 < kLanes ? K - k0 : kLanes;
-        for (long long j = 0; j < width; ++j) {
-          float* dst = gw + (n0 + j) * K + k0;
-          for (long long kk = 0; kk < kb; ++kk) dst[kk] = at[(k0 + kk) * kBlock + j];
+      for (long long t = 0; t < k_tiles; ++t) {
+        const long long k0 = t * kLanes, kb = K - k0 < kLanes ? K - k0 : kLanes;
+        float* first = acc + c * ranges * slab;
+        for (long long r = 1; r < ranges; ++r) {
+          const float* more = first + r * slab;
+          for (long long i = k0 * kBlock; i < (k0 + kb) * kBlock; i += kLanes) store(first + i, load(first + i) + load(more + i));
         }
+        store_transposed(first, gw, K, c * kBlock, block_width(c, N), k0);
       }
     }
   }
