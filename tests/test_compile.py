@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixersnn.kernels.custom_op import lif_backward, lif_forward, lif_op, op_supports
-from mixersnn.kernels.spike_linear import set_event_driven
 from mixersnn.models import create_model
 from mixersnn.models.mixer_snn import CompiledModel, compile_model, compile_unavailable_reason
 from mixersnn.neurons import LIF, lif_multistep, make_lif_params
@@ -139,9 +138,6 @@ def _compare(model_c: nn.Module, model_e: nn.Module, *, rtol: float, atol: float
     g = torch.Generator().manual_seed(1)
     img, labels = torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g)
     out_c, grads_c = _loss_and_grads(model_c, model_e, img, labels)
-    # A traced graph has dense synapses (spike_linear is F.linear under torch.compile); the
-    # eager twin computes the same arithmetic, so the tolerance measures the tracing alone.
-    set_event_driven(model_e, False)
     out_e, grads_e = _loss_and_grads(model_e, model_e, img, labels)
     torch.testing.assert_close(out_c, out_e, rtol=rtol, atol=atol)
     for name in grads_e:

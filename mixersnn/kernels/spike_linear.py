@@ -9,9 +9,11 @@ output and the weight gradient from them alone (``spike_mm.cpp``); the input's g
 result as ``F.linear`` up to fp32 summation order; the input only has to be sparse to pay.
 
 Where it does not apply it *is* ``F.linear``: CUDA tensors (cuBLAS on dense tensors is the
-faster GPU path), other dtypes, CPU autocast, tracing by ``torch.compile`` (Inductor then sees
-a plain linear), inputs that are not contiguous, layers smaller than :data:`MIN_MACS`
-multiply-adds, and inputs denser than :data:`MAX_DENSITY`.
+faster GPU path), other dtypes, CPU autocast, inputs that are not contiguous, layers smaller
+than :data:`MIN_MACS` multiply-adds, and inputs denser than :data:`MAX_DENSITY`. Under
+``torch.compile`` the kernels are the custom ops ``mixersnn::spike_linear`` and
+``mixersnn::spike_linear_weight_grad`` (fake and autograd rules registered), one node each in
+the graph.
 """
 
 from __future__ import annotations
@@ -47,14 +49,16 @@ def sparse_linear_available() -> bool:
 
 
 def _eligible(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
+    """Whether the kernels apply: known from dtypes, devices, shapes and layout alone (so a
+    compiled graph decides it once); the input's density is decided at run time."""
     if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
         return False
     if bias is not None and bias.dtype != torch.float32:
         return False
-    if x.dim() < 2 or x.numel() == 0 or x.numel() >= 2**31 or not x.is_contiguous():
+    if x.dim() < 2 or x.shape[-1] != weight.shape[-1] or x.numel() * weight.shape[0] < MIN_MACS:
+        return False  # (a shape mismatch is left to F.linear's error)
+    if x.numel() >= 2**31 or not x.is_contiguous():
         return False  # (the nonzero lists index with int32)
-    if torch.compiler.is_compiling():
-        return False
     if torch.is_autocast_enabled("cpu"):
         return False
     return sparse_linear_available()
@@ -71,27 +75,63 @@ def _lib():  # type: ignore[no-untyped-def]
     return _LIB[0]
 
 
+# ----------------------------------------------------------------------------- kernel calls
+# What the eager autograd.Function and the custom ops (torch.compile) share: x is [M, K]
+# contiguous fp32, weight [N, K].
+def _nonzeros(x: Tensor) -> Optional[tuple[Tensor, Tensor]]:
+    """(row_ptr [M + 1], cols [nnz]) listing the nonzeros of ``x`` row by row, or None when
+    more than :data:`MAX_DENSITY` of it is nonzero (the dense GEMM is then faster)."""
+    M, K = x.shape
+    lib = _lib()
+    threads = torch.get_num_threads()
+    row_ptr = torch.empty(M + 1, dtype=torch.int32)
+    nnz = lib.spk_count(x.data_ptr(), M, K, row_ptr.data_ptr(), threads)
+    if nnz > MAX_DENSITY * M * K:
+        return None
+    cols = torch.empty(max(nnz, 1), dtype=torch.int32)
+    scratch = torch.empty(threads * (K + 16), dtype=torch.int32)
+    lib.spk_fill(x.data_ptr(), M, K, row_ptr.data_ptr(), cols.data_ptr(), scratch.data_ptr(), threads)
+    return row_ptr, cols
+
+
+def _forward(x: Tensor, w: Tensor, b: Optional[Tensor], row_ptr: Tensor, cols: Tensor) -> Tensor:
+    M, K = x.shape
+    N = w.shape[0]
+    w = w.contiguous()
+    b = None if b is None else b.contiguous()
+    if M < FORWARD_MIN_ROWS:
+        return x @ w.t() if b is None else torch.addmm(b, x, w.t())
+    y = x.new_empty(M, N)
+    scratch = x.new_empty(-(-N // 64) * (K + 1) * 64)
+    _lib().spk_linear_fwd(x.data_ptr(), row_ptr.data_ptr(), cols.data_ptr(), w.data_ptr(),
+                          None if b is None else b.data_ptr(), y.data_ptr(), scratch.data_ptr(),
+                          M, K, N, torch.get_num_threads())  # fmt: skip
+    return y
+
+
+def _weight_grad(x: Tensor, gy: Tensor, row_ptr: Tensor, cols: Tensor) -> Tensor:
+    """``gy^T @ x`` from the nonzeros of ``x``; ``gy`` [M, N] contiguous."""
+    M, K = x.shape
+    N = gy.shape[1]
+    threads = torch.get_num_threads()
+    lib = _lib()
+    grad_w = x.new_empty(N, K)
+    scratch = x.new_empty(lib.spk_wgrad_scratch(M, K, N, threads))
+    lib.spk_linear_wgrad(x.data_ptr(), row_ptr.data_ptr(), cols.data_ptr(), gy.data_ptr(),
+                         grad_w.data_ptr(), scratch.data_ptr(), M, K, N, threads)  # fmt: skip
+    return grad_w
+
+
 class _SpikeLinearFn(torch.autograd.Function):
-    """``y = x @ W^T + b`` from the nonzeros of ``x`` (``[M, K]``, listed in ``row_ptr``/``cols``)."""
+    """Eager: ``y = x @ W^T + b`` from the nonzeros of ``x`` (``[M, K]``, listed in
+    ``row_ptr``/``cols``, which are kept for the weight gradient)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], row_ptr: Tensor,  # type: ignore[override]
                 cols: Tensor) -> Tensor:  # fmt: skip
-        M, K = x.shape
-        N = weight.shape[0]
-        w = weight.contiguous()
-        b = None if bias is None else bias.contiguous()
-        if M < FORWARD_MIN_ROWS:
-            y = x @ w.t() if b is None else torch.addmm(b, x, w.t())
-        else:
-            y = x.new_empty(M, N)
-            scratch = x.new_empty(-(-N // 64) * (K + 1) * 64)
-            _lib().spk_linear_fwd(x.data_ptr(), row_ptr.data_ptr(), cols.data_ptr(), w.data_ptr(),
-                                  None if b is None else b.data_ptr(), y.data_ptr(), scratch.data_ptr(),
-                                  M, K, N, torch.get_num_threads())  # fmt: skip
-        ctx.save_for_backward(x, w, row_ptr, cols)
+        ctx.save_for_backward(x, weight, row_ptr, cols)
         ctx.has_bias = bias is not None
-        return y
+        return _forward(x, weight, bias, row_ptr, cols)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -99,23 +139,62 @@ class _SpikeLinearFn(torch.autograd.Function):
         x, w, row_ptr, cols = ctx.saved_tensors
         gy = grad_y.contiguous()
         grad_x = gy @ w if ctx.needs_input_grad[0] else None
-        grad_w = None
-        if ctx.needs_input_grad[1]:
-            M, K = x.shape
-            N = w.shape[0]
-            threads = torch.get_num_threads()
-            grad_w = torch.empty_like(w)
-            lib = _lib()
-            scratch = x.new_empty(lib.spk_wgrad_scratch(M, K, N, threads))
-            lib.spk_linear_wgrad(x.data_ptr(), row_ptr.data_ptr(), cols.data_ptr(), gy.data_ptr(),
-                                 grad_w.data_ptr(), scratch.data_ptr(), M, K, N, threads)  # fmt: skip
+        grad_w = _weight_grad(x, gy, row_ptr, cols) if ctx.needs_input_grad[1] else None
         grad_b = gy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b, None, None
+
+
+# ----------------------------------------------------------------------------- torch.compile
+# The same kernels as custom ops, so a compiled graph keeps them: one opaque node forward, one
+# for the weight gradient (which lists the nonzeros again: a few microseconds, and no
+# data-dependent shapes between ops). Each decides on the density itself.
+@torch.library.custom_op("mixersnn::spike_linear", mutates_args=())
+def spike_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``F.linear`` of ``x [M, K]`` (contiguous fp32 CPU) from its nonzeros: ``[M, N]``."""
+    nz = _nonzeros(x)
+    return F.linear(x, weight, bias) if nz is None else _forward(x, weight, bias, *nz)
+
+
+@spike_linear_op.register_fake
+def _(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@torch.library.custom_op("mixersnn::spike_linear_weight_grad", mutates_args=())
+def spike_linear_weight_grad(x: Tensor, grad_y: Tensor) -> Tensor:
+    """``grad_y^T @ x`` (``[N, K]``) from the nonzeros of ``x [M, K]``."""
+    gy = grad_y.contiguous()
+    nz = _nonzeros(x)
+    return gy.t() @ x if nz is None else _weight_grad(x, gy, *nz)
+
+
+@spike_linear_weight_grad.register_fake
+def _(x: Tensor, grad_y: Tensor) -> Tensor:
+    return x.new_empty(grad_y.shape[1], x.shape[1])
+
+
+def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    x, weight, bias = inputs
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, weight)
+
+
+def _backward(ctx, grad_y):  # type: ignore[no-untyped-def]
+    x, weight = ctx.saved_tensors
+    grad_x = grad_y @ weight if ctx.needs_input_grad[0] else None
+    grad_w = torch.ops.mixersnn.spike_linear_weight_grad(x, grad_y) if ctx.needs_input_grad[1] else None
+    grad_b = grad_y.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    return grad_x, grad_w, grad_b
+
+
+spike_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def spike_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``F.linear(x, weight, bias)``, computed from the nonzeros of ``x`` where that applies
     (see the module docstring) and its density is at most :data:`MAX_DENSITY`.
+
+    Under ``torch.compile`` the kernels run as the ``mixersnn::spike_linear`` custom op.
 
     Args:
         x: ``[..., K]`` input, typically spikes.
@@ -125,23 +204,16 @@ def spike_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Te
     Returns:
         ``[..., N]``, as ``F.linear``.
     """
-    if (not _eligible(x, weight, bias) or x.shape[-1] != weight.shape[-1]
-            or x.numel() * weight.shape[0] < MIN_MACS):  # fmt: skip
-        return F.linear(x, weight, bias)  # (a shape mismatch raises F.linear's error)
-    K = x.shape[-1]
-    x2 = x.view(-1, K)
-    M = x2.shape[0]
-    lib = _lib()
-    threads = torch.get_num_threads()
-    row_ptr = torch.empty(M + 1, dtype=torch.int32)
-    nnz = lib.spk_count(x2.data_ptr(), M, K, row_ptr.data_ptr(), threads)
-    if nnz > MAX_DENSITY * M * K:
+    if not _eligible(x, weight, bias):
         return F.linear(x, weight, bias)
-    cols = torch.empty(max(nnz, 1), dtype=torch.int32)
-    scratch = torch.empty(threads * (K + 16), dtype=torch.int32)
-    lib.spk_fill(x2.data_ptr(), M, K, row_ptr.data_ptr(), cols.data_ptr(), scratch.data_ptr(), threads)
-    y = _SpikeLinearFn.apply(x2, weight, bias, row_ptr, cols)
-    return y.view(*x.shape[:-1], weight.shape[0])
+    K, N = x.shape[-1], weight.shape[0]
+    x2 = x.view(-1, K)
+    if torch.compiler.is_compiling():
+        return torch.ops.mixersnn.spike_linear(x2, weight, bias).view(*x.shape[:-1], N)
+    nz = _nonzeros(x2)
+    if nz is None:
+        return F.linear(x, weight, bias)
+    return _SpikeLinearFn.apply(x2, weight, bias, *nz).view(*x.shape[:-1], N)
 
 
 class SpikeLinear(nn.Linear):

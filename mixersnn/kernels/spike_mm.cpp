@@ -15,10 +15,12 @@
 // dense and stays with the BLAS.
 //
 // Both products run over column blocks of w's N rows (kBlock = 64 floats, four 16-lane
-// vectors): a block of w^T ([K, 64], at most a few hundred KiB) stays in L2 while every row
-// of s visits it, so w is transposed once per call, block by block, and never in full.
-// Accumulation is in fp32 in the order of increasing k (forward) or m (weight gradient); the
-// bias is added last.
+// vectors; a narrower last block computes only the vectors it has): a block of w^T ([K, 64],
+// at most a few hundred KiB) stays in L2 while the rows of s visit it. The forward transposes
+// w once per call, block by block, then splits (block, 32-row tile) tasks over the threads;
+// the weight gradient gives each thread whole blocks, or (block, row range) tasks when there
+// are fewer blocks than threads. Accumulation is in fp32 in the order of increasing k
+// (forward) or m (weight gradient); the bias is added last.
 
 #include <omp.h>
 #include <string.h>
