@@ -274,3 +274,34 @@ def test_the_custom_ops_pass_torch_library_opcheck(density: float) -> None:
     torch.library.opcheck(torch.ops.mixersnn.spike_linear.default, (x, w, b))
     torch.library.opcheck(torch.ops.mixersnn.spike_linear.default, (x, w, None))
     torch.library.opcheck(torch.ops.mixersnn.spike_linear_weight_grad.default, (x, torch.randn(70, 20, generator=gen)))
+
+
+@pytest.fixture(scope="module")
+def portable_library(tmp_path_factory):  # type: ignore[no-untyped-def]
+    """The synapse kernels built without AVX-512 (as for an AVX2-only CPU, such as many cloud
+    EPYCs): the scalar count/fill paths and the split vectors. The backend's flags otherwise."""
+    import ctypes
+    import os
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the AVX-512 and portable builds differ only on x86-64")
+    _, cmd, _ = cpu_kernels._build_recipe(os.environ.get("CXX"))
+    dest = tmp_path_factory.mktemp("portable") / "spike_mm_portable.so"
+    cpu_kernels._compile(cpu_kernels.SPIKE_MM_SOURCE.read_text(), [*cmd, "-mno-avx512f"], dest)
+    lib = ctypes.CDLL(str(dest))
+    cpu_kernels._declare_spike_mm(lib)
+    return lib
+
+
+@pytest.mark.parametrize("lead, K, N", [((7,), 5, 3), ((100,), 37, 70), ((4, 8, 16), 78, 234), ((40,), 300, 129)])
+def test_the_build_without_avx512_gives_the_same_results(portable_library, monkeypatch, lead, K, N) -> None:
+    monkeypatch.setattr(spike_linear_module, "_LIB", [portable_library])
+    gen = torch.Generator().manual_seed(K + N)
+    x = (torch.rand(*lead, K, generator=gen) < 0.1).float()
+    x[(0,) * len(lead)][K // 2] = float("nan")  # the scalar count must see a NaN as a nonzero
+    w, b = torch.randn(N, K, generator=gen), torch.randn(N, generator=gen)
+    (y, gx, gw, gb), (y_ref, gx_ref, gw_ref, gb_ref) = _both(x, w, b)
+    assert "_SpikeLinearFnBackward" in _grad_fn_names(spike_linear(x, w.requires_grad_()))
+    for got, want in ((y, y_ref), (gx, gx_ref), (gw, gw_ref), (gb, gb_ref)):
+        torch.testing.assert_close(got, want, equal_nan=True, **TOL)
