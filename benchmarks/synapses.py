@@ -32,7 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import interleaved_medians, write_json  # noqa: E402
 
 from mixersnn.kernels import keep_heap_pages  # noqa: E402
-from mixersnn.kernels.spike_linear import MAX_DENSITY, MIN_MACS, SpikeLinear, sparse_linear_available, spike_linear  # noqa: E402
+from mixersnn.kernels.spike_linear import (  # noqa: E402
+    MAX_DENSITY,
+    MIN_MACS,
+    SpikeLinear,
+    sparse_linear_available,
+    spike_linear,
+)
 from mixersnn.models import create_model  # noqa: E402
 
 #: (M, K, N) of MLP-SPE-T's synapses at 32 px, T=4, batch 8 (channel fc1, fc2, fuse per stage).
@@ -47,7 +53,10 @@ def firing_rates() -> dict[str, float]:
     rates: dict[str, float] = {}
     for name, mod in model.named_modules():
         if hasattr(type(mod), "event_driven") and (isinstance(mod, SpikeLinear) or name.endswith("fuse")):
-            mod.register_forward_pre_hook(lambda m, inp, n=name: rates.__setitem__(n, float((inp[0] != 0).float().mean())))
+            def record(m, inp, n=name):  # type: ignore[no-untyped-def]
+                rates[n] = float((inp[0] != 0).float().mean())
+
+            mod.register_forward_pre_hook(record)
     with torch.no_grad():
         model(torch.randn(8, 3, 32, 32))
     return rates

@@ -14,7 +14,14 @@ import torch.nn.functional as F
 
 from mixersnn.kernels import cpu as cpu_kernels
 from mixersnn.kernels import spike_linear as spike_linear_module
-from mixersnn.kernels.spike_linear import FORWARD_MIN_ROWS, MAX_DENSITY, MIN_MACS, SpikeLinear, set_event_driven, spike_linear
+from mixersnn.kernels.spike_linear import (
+    FORWARD_MIN_ROWS,
+    MAX_DENSITY,
+    MIN_MACS,
+    SpikeLinear,
+    set_event_driven,
+    spike_linear,
+)
 from mixersnn.layers import PointwiseConv2d
 from mixersnn.models import create_model
 
@@ -214,7 +221,10 @@ def test_models_are_event_driven_except_with_the_reference_backend() -> None:
     over = dict(img_size=32, num_classes=10, T=2, embed_dim=6, depths=(1, 1, 1, 1))
     fast = create_model("mlp_spe_t", backend="auto", **over)
     ref = create_model("mlp_spe_t", backend="torch", **over)
-    flags = lambda m: {type(mod).__name__: mod.event_driven for mod in m.modules() if hasattr(type(mod), "event_driven")}  # noqa: E731
+
+    def flags(m):  # type: ignore[no-untyped-def]
+        return {type(mod).__name__: mod.event_driven for mod in m.modules() if hasattr(type(mod), "event_driven")}
+
     assert flags(fast) == {"SpikeLinear": True, "PointwiseConv2d": True}
     assert flags(ref) == {"SpikeLinear": False, "PointwiseConv2d": False}
     assert [n for n, _ in fast.state_dict().items()] == [n for n, _ in ref.state_dict().items()]

@@ -45,14 +45,14 @@ __all__ = [
     "set_stream_threshold",
 ]
 
+#: Host-only C++ appended to the build: the event-driven synapses (``spike_linear.py``).
+SPIKE_MM_SOURCE = Path(__file__).resolve().parent / "spike_mm.cpp"
+
 # -ffp-contract=off: no fused multiply-add, so the charge step rounds exactly like the torch
 # reference and spikes match bit for bit. -fno-math-errno lets the compiler treat math calls
 # as pure; -fno-trapping-math lets the vectoriser if-convert selects (FP exceptions are never
 # enabled here); neither changes a result. No -ffast-math: it would reorder the forward
 # arithmetic.
-#: Host-only C++ appended to the build: the event-driven synapses (``spike_linear.py``).
-SPIKE_MM_SOURCE = Path(__file__).resolve().parent / "spike_mm.cpp"
-
 _BASE_FLAGS: tuple[str, ...] = (
     "-O3",
     "-std=c++17",

@@ -1,7 +1,7 @@
 """Event-driven synapses: a linear layer over spikes that does work per spike, not per input.
 
 Every channel-mixing Linear and fusing 1x1 conv of the model reads spikes; at the firing
-rates these models run at (4-13% at initialisation, see docs/benchmarks.md) a dense GEMM
+rates these models run at (2-11% at initialisation, see docs/benchmarks.md) a dense GEMM
 spends most of its multiplies on zeros. :func:`spike_linear` is ``F.linear`` that, on CPU fp32
 tensors with the cpu kernel library loaded, lists the input's nonzeros once and computes the
 output and the weight gradient from them alone (``spike_mm.cpp``); the input's gradient,
@@ -24,7 +24,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["MAX_DENSITY", "MIN_MACS", "FORWARD_MIN_ROWS", "spike_linear", "sparse_linear_available", "SpikeLinear", "set_event_driven"]
+__all__ = [
+    "MAX_DENSITY",
+    "MIN_MACS",
+    "FORWARD_MIN_ROWS",
+    "spike_linear",
+    "sparse_linear_available",
+    "SpikeLinear",
+    "set_event_driven",
+]
 
 #: Above this fraction of nonzeros the dense GEMM is used: at 0.3 the sparse weight gradient
 #: is already slower than the BLAS on this project's 2-core EPYC (docs/benchmarks.md).

@@ -309,7 +309,8 @@ extern "C" void spk_linear_wgrad(const float* s, const int* row_ptr, const int* 
         float* first = acc + c * ranges * slab;
         for (long long r = 1; r < ranges; ++r) {
           const float* more = first + r * slab;
-          for (long long i = k0 * kBlock; i < (k0 + kb) * kBlock; i += kLanes) store(first + i, load(first + i) + load(more + i));
+          for (long long i = k0 * kBlock; i < (k0 + kb) * kBlock; i += kLanes)
+            store(first + i, load(first + i) + load(more + i));
         }
         store_transposed(first, gw, K, c * kBlock, block_width(c, N), k0);
       }
