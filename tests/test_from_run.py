@@ -116,6 +116,28 @@ def test_a_retrain_keeps_the_held_out_shards_unless_told(store: Store, capsys) -
     assert read_run_spec(store.uri, full["run_id"]).train["holdout_shards"] == 0
 
 
+def test_a_recipe_yaml_that_changes_the_source_architecture_is_named(store: Store, capsys) -> None:  # type: ignore[no-untyped-def]
+    """A recipe's YAML written for another architecture (``model_overrides``) replaces the
+    source's values: allowed, but said before training and recorded in the new run's spec;
+    a YAML that repeats the source's values, or sets none, says nothing."""
+    from trainers.spec import read_run_spec
+
+    recipe = store.root / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"train": {"lr": 0.002, "model_overrides": {"depths": [2, 1], "embed_dim": 12}}}))
+    capsys.readouterr()
+    res = store.train("--from-run", store.run_id, "--config", str(recipe), "--epochs", "1")
+    err = capsys.readouterr().err
+    assert "model_overrides change the source's architecture: depths [1, 1] -> [2, 1];" in err
+    assert "embed_dim" not in err.split("architecture:")[1].split(";")[0]  # 12 is the source's width
+    spec = read_run_spec(store.uri, res["run_id"])
+    assert spec.model_config.depths == (2, 1) and spec.train["lr"] == 0.002
+    assert spec.source["config_model_overrides"] == {"depths": {"from": [1, 1], "to": [2, 1]}}
+    recipe.write_text(yaml.safe_dump({"train": {"lr": 0.002, "model_overrides": {"depths": [1, 1]}}}))
+    res = store.train("--from-run", store.run_id, "--config", str(recipe), "--epochs", "1", "--run-name", "same-arch")
+    assert "change the source's architecture" not in capsys.readouterr().err
+    assert "config_model_overrides" not in read_run_spec(store.uri, res["run_id"]).source
+
+
 def test_from_model_with_scale_trains_the_family_member(store: Store) -> None:
     from trainers.spec import read_run_spec
 

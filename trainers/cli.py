@@ -224,6 +224,9 @@ def _build(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
         base = src.spec.train_dict()
         yaml_over = dict(train_d.pop("model_overrides", None) or {})
         train_d = {**base, **train_d, "model_overrides": {**base["model_overrides"], **yaml_over}}
+        replaced = _replaced_architecture(src.spec.model_config, yaml_over)
+        if replaced:
+            origin["config_model_overrides"] = replaced
         scale_d.setdefault("num_workers", src.spec.num_workers)  # the source's global batch, unless told
         origin["run_id"] = src.run_id
         if src.model_uri:
@@ -251,6 +254,17 @@ def _build(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
     if args.gpus_per_worker:
         scale_d["use_gpu"] = True
     return TrainConfig.from_dict(train_d), from_known_keys(ScaleConfig, scale_d, "scale"), origin
+
+
+def _replaced_architecture(source: Any, yaml_over: dict[str, Any]) -> dict[str, Any]:
+    """The YAML's ``model_overrides`` that change the source's architecture (``source``: its
+    model config), each as ``{"from": source's value, "to": the YAML's}``. A recipe's YAML
+    written for another architecture would otherwise build a hybrid without a word."""
+    def plain(x: Any) -> Any:
+        return list(x) if isinstance(x, (list, tuple)) else x
+
+    return {k: {"from": plain(getattr(source, k, None)), "to": plain(v)} for k, v in yaml_over.items()
+            if plain(getattr(source, k, None)) != plain(v)}
 
 
 def _copy_given(args: argparse.Namespace, flags: dict[str, str], into: dict[str, Any]) -> None:
@@ -445,6 +459,12 @@ def _say_origin(cfg: Any, scale: Any, origin: dict[str, Any]) -> None:
             "on them too)") if cfg.holdout_shards else ""
     lim = (", limits " + ", ".join(f"{k}={v}" for k, v in limits.items()) + " (flags with 'none' lift them: "
            "--time-budget-s none, --samples-per-epoch none, ...)") if limits else ""
+    replaced = origin.get("config_model_overrides")
+    if replaced:
+        changes = ", ".join(f"{k} {d['from']} -> {d['to']}" for k, d in replaced.items())
+        print(f"note: the --config file's model_overrides change the source's architecture: {changes}; to train "
+              f"the source's architecture with that file's recipe, remove model_overrides from it (or give the "
+              f"source's values as flags, e.g. --depths, --T)", file=sys.stderr)
     print(f"training from {where}{scaled}: C={mc.embed_dim} depths={list(mc.depths)} T={mc.T} p={mc.patch_size} "
           f"spe={mc.spe}, {cfg.epochs} epoch(s), batch {cfg.batch_size} x {scale.num_workers} worker(s), "
           f"lr {cfg.lr:g}{lim}{held}", file=sys.stderr)

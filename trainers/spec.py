@@ -55,7 +55,8 @@ class RunSpec:
         num_workers: data-parallel workers (with ``batch_size`` per worker: the global batch).
         kind: ``train`` (``mixersnn train``), ``trial`` or ``baseline`` (a search's).
         source: where it came from when retrained or scaled: ``run_id``, ``model_uri``,
-            ``scale`` (each only when set).
+            ``scale``, ``config_model_overrides`` (the architecture fields a ``--config``
+            file changed, each ``{"from", "to"}``); each only when set.
     """
 
     model: str
