@@ -124,6 +124,9 @@ def run(args: argparse.Namespace) -> int:
     uri = resolve_tracking_uri(cfg.tracking_uri)
     print(f"report again: mixersnn report {cfg.experiment} --search {cfg.name}"
           + (f" --tracking-uri {cfg.tracking_uri}" if cfg.tracking_uri else ""))
+    retrain = retrain_command(cfg, res)
+    if retrain:
+        print(f"train the selected model again, for as long as the search ran: {retrain}")
     from trainers.tracking import mlflow_client
 
     experiment_id = mlflow_client(uri).get_run(res.parent_run_id).info.experiment_id
@@ -132,6 +135,20 @@ def run(args: argparse.Namespace) -> int:
     if not study_db.startswith("sqlite:///") or Path(study_db[len("sqlite:///"):]).exists():
         print(f"the Optuna study: optuna-dashboard {study_db}")
     return 0
+
+
+def retrain_command(cfg: Any, res: Any) -> Optional[str]:
+    """The one command that trains the search's selected model again from fresh weights,
+    for the search's own time budget (the cosine follows the clock, so it anneals fully) and
+    without the trials' per-epoch and evaluation caps; None when nothing was selected."""
+    if res.best is None:
+        return None
+    src = (f"--from-model models:/{cfg.registered_model_name()}/{res.registered_version}"
+           if res.registered_version else f"--from-run {res.best.run_id}")
+    budget = cfg.budget.time_budget_s
+    length = f"--epochs 40 --time-budget-s {budget:g}" if budget else "--epochs 30 --time-budget-s none"
+    return (f"mixersnn train {src} {length} --samples-per-epoch none --max-eval-batches none"
+            + (f" --tracking-uri {cfg.tracking_uri}" if cfg.tracking_uri else ""))
 
 
 def _row_json(row: Any, front_ids: set[str]) -> dict[str, Any]:
@@ -151,7 +168,7 @@ def _result_json(res: Any, cfg: Any) -> dict[str, Any]:
     return {"search": cfg.name, "experiment": cfg.experiment, "parent_run_id": res.parent_run_id,
             "tracking_uri": res.tracking_uri, "wall_s": res.wall_s,
             "best": _row_json(res.best, front_ids) if res.best is not None else None,
-            "registered_version": res.registered_version,
+            "registered_version": res.registered_version, "retrain_command": retrain_command(cfg, res),
             "front": [_row_json(r, front_ids) for r in res.front],
             "trials": [_row_json(r, front_ids) for r in res.rows],
             "baselines": compare_baselines(res.rows, res.front),

@@ -215,6 +215,7 @@ def test_report_json_prints_the_front(monkeypatch: pytest.MonkeyPatch, capsys: p
 
 def test_search_json_result_is_plain_json() -> None:
     from search.cli import _result_json
+    from search.config import load_search_config
     from search.driver import SearchResult
     from search.tracking import TrialRow
 
@@ -222,9 +223,26 @@ def test_search_json_result_is_plain_json() -> None:
     res = SearchResult(name="s", parent_run_id="p", tracking_uri="sqlite:///x.db", rows=[row], front=[row], best=row,
                        registered_version="1", wall_s=12.0)
 
-    class Cfg:
-        name, experiment, mode = "s", "e", "trials"
-
-    out = json.loads(json.dumps(_result_json(res, Cfg())))
+    cfg = load_search_config(None, name="s", experiment="e", budget={"time_budget_s": 660},
+                             select={"registered_model": "s-best"})
+    out = json.loads(json.dumps(_result_json(res, cfg)))
     assert out["best"]["run_id"] == "r1" and out["front"][0]["pareto"] is True and out["registered_version"] == "1"
     assert out["prescreen"] is None and out["oneshot"] is None and out["baselines"] == []
+    assert out["retrain_command"] == ("mixersnn train --from-model models:/s-best/1 --epochs 40 --time-budget-s 660 "
+                                      "--samples-per-epoch none --max-eval-batches none")
+
+
+def test_the_retrain_command_names_the_run_when_nothing_was_registered_and_lifts_the_budget_without_one() -> None:
+    from search.cli import retrain_command
+    from search.config import load_search_config
+    from search.driver import SearchResult
+    from search.tracking import TrialRow
+
+    row = TrialRow("r1", "t1", "ok", 0.9, 0.5, 1000, 3)
+    res = SearchResult(name="s", parent_run_id="p", tracking_uri="sqlite:///x.db", rows=[row], front=[row], best=row,
+                       registered_version=None, wall_s=12.0)
+    cfg = load_search_config(None, tracking_uri="http://127.0.0.1:5000")
+    cmd = retrain_command(cfg, res)
+    assert cmd.startswith("mixersnn train --from-run r1 --epochs 30 --time-budget-s none ")
+    assert cmd.endswith("--tracking-uri http://127.0.0.1:5000")
+    assert retrain_command(cfg, SearchResult("s", "p", "u", [], [], None, None, 0.0)) is None

@@ -239,6 +239,15 @@ def test_killed_driver_resumes_a_halving_search_without_duplicates(shards: Path,
     # The trials the kill interrupted continued from their checkpoints instead of starting again.
     assert any(c.data.metrics.get("resumed_from_epoch") is not None for c in children)
     assert len(client.search_model_versions(f"name='{name}-best'")) == 1, done.stdout[-2000:]
+    # The printed retrain command runs as printed (one epoch here, in this process's way).
+    hint = "train the selected model again, for as long as the search ran: "
+    line = next(x for x in done.stdout.splitlines() if x.startswith(hint))[len(hint):]
+    assert f"--from-model models:/{name}-best/1 " in line and f"--tracking-uri {mlflow_server}" in line
+    again = subprocess.run([sys.executable, "-m", "mixersnn.cli", *line.split()[1:], "--no-ray", "--epochs", "1",
+                            "--json"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    best = client.get_model_version(f"{name}-best", "1").run_id
+    assert json.loads(again.stdout.strip().splitlines()[-1])["source"]["run_id"] == best
     # The sampler's study (objective.storage's default, beside Tune's state) outlived the
     # killed driver and was continued: each of Tune's trials scored once, at the rung; a
     # proposal the killed driver asked after Tune's last save is closed as failed, none waits.
