@@ -97,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     kw = {"address": args.address} if args.address else {}
+    local = not (args.address or os.environ.get("RAY_ADDRESS"))  # a Ray runtime of its own, on this machine
     if args.verbose:
         kw["log_to_driver"] = True
     try:
@@ -113,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(_result_json(res, cfg), default=str))
+        print(json.dumps(_result_json(res, cfg, local=local), default=str))
         return 0
     trials = [r for r in res.rows if not r.is_baseline]
     scored = [r for r in trials if r.scored]
@@ -124,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     uri = resolve_tracking_uri(cfg.tracking_uri)
     print(f"report again: mixersnn report {cfg.experiment} --search {cfg.name}"
           + (f" --tracking-uri {cfg.tracking_uri}" if cfg.tracking_uri else ""))
-    retrain = retrain_command(cfg, res)
+    retrain = retrain_command(cfg, res, local=local)
     if retrain:
         print(f"train the selected model again, for as long as the search ran: {retrain}")
     from trainers.tracking import mlflow_client
@@ -137,10 +138,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def retrain_command(cfg: Any, res: Any) -> Optional[str]:
+def retrain_command(cfg: Any, res: Any, *, local: bool = False) -> Optional[str]:
     """The one command that trains the search's selected model again from fresh weights,
     for the search's own time budget (the cosine follows the clock, so it anneals fully) and
-    without the trials' per-epoch and evaluation caps; None when nothing was selected."""
+    without the trials' per-epoch and evaluation caps; None when nothing was selected.
+    ``local``: the search ran on a Ray runtime of its own on this machine; where its trials
+    trained in process (one CPU worker) the retrain then does too (``--no-ray``: no Ray
+    Train controllers beside the one worker)."""
+    from search.trial import in_process
+
     if res.best is None:
         return None
     src = (f"--from-model models:/{cfg.registered_model_name()}/{res.registered_version}"
@@ -148,7 +154,8 @@ def retrain_command(cfg: Any, res: Any) -> Optional[str]:
     budget = cfg.budget.time_budget_s
     length = f"--epochs 40 --time-budget-s {budget:g}" if budget else "--epochs 30 --time-budget-s none"
     return (f"mixersnn train {src} {length} --samples-per-epoch none --max-eval-batches none"
-            + (f" --tracking-uri {cfg.tracking_uri}" if cfg.tracking_uri else ""))
+            + (f" --tracking-uri {cfg.tracking_uri}" if cfg.tracking_uri else "")
+            + (" --no-ray" if local and in_process(cfg.scale) else ""))
 
 
 def _row_json(row: Any, front_ids: set[str]) -> dict[str, Any]:
@@ -158,7 +165,7 @@ def _row_json(row: Any, front_ids: set[str]) -> dict[str, Any]:
     return {"name": row.name, **asdict(row), "architecture": row.arch(), "pareto": row.run_id in front_ids}
 
 
-def _result_json(res: Any, cfg: Any) -> dict[str, Any]:
+def _result_json(res: Any, cfg: Any, *, local: bool = False) -> dict[str, Any]:
     """``search --json``: the finished search, with the keys ``report --json`` gives it too
     (``baselines``, ``prescreen``, ``oneshot``: null where the search had none)."""
     from search.oneshot import load_finalists
@@ -168,7 +175,7 @@ def _result_json(res: Any, cfg: Any) -> dict[str, Any]:
     return {"search": cfg.name, "experiment": cfg.experiment, "parent_run_id": res.parent_run_id,
             "tracking_uri": res.tracking_uri, "wall_s": res.wall_s,
             "best": _row_json(res.best, front_ids) if res.best is not None else None,
-            "registered_version": res.registered_version, "retrain_command": retrain_command(cfg, res),
+            "registered_version": res.registered_version, "retrain_command": retrain_command(cfg, res, local=local),
             "front": [_row_json(r, front_ids) for r in res.front],
             "trials": [_row_json(r, front_ids) for r in res.rows],
             "baselines": compare_baselines(res.rows, res.front),

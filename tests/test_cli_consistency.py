@@ -246,3 +246,8 @@ def test_the_retrain_command_names_the_run_when_nothing_was_registered_and_lifts
     assert cmd.startswith("mixersnn train --from-run r1 --epochs 30 --time-budget-s none ")
     assert cmd.endswith("--tracking-uri http://127.0.0.1:5000")
     assert retrain_command(cfg, SearchResult("s", "p", "u", [], [], None, None, 0.0)) is None
+    # A search on a Ray runtime of its own, trials in process: the retrain runs without Ray too;
+    # on a cluster, or with Ray Train workers per trial, through Ray Train.
+    assert retrain_command(cfg, res, local=True).endswith(" --no-ray")
+    two = load_search_config(None, scale={"num_workers": 2, "cpus_per_worker": 0.5})
+    assert "--no-ray" not in retrain_command(two, res, local=True)

@@ -243,8 +243,9 @@ def test_killed_driver_resumes_a_halving_search_without_duplicates(shards: Path,
     hint = "train the selected model again, for as long as the search ran: "
     line = next(x for x in done.stdout.splitlines() if x.startswith(hint))[len(hint):]
     assert f"--from-model models:/{name}-best/1 " in line and f"--tracking-uri {mlflow_server}" in line
-    again = subprocess.run([sys.executable, "-m", "mixersnn.cli", *line.split()[1:], "--no-ray", "--epochs", "1",
-                            "--json"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert line.endswith(" --no-ray")  # a local search whose trials trained in process
+    again = subprocess.run([sys.executable, "-m", "mixersnn.cli", *line.split()[1:], "--epochs", "1", "--json"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     best = client.get_model_version(f"{name}-best", "1").run_id
     assert json.loads(again.stdout.strip().splitlines()[-1])["source"]["run_id"] == best
