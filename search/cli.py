@@ -139,23 +139,27 @@ def run(args: argparse.Namespace) -> int:
 
 
 def retrain_command(cfg: Any, res: Any, *, local: bool = False) -> Optional[str]:
-    """The one command that trains the search's selected model again from fresh weights,
-    for the search's own time budget (the cosine follows the clock, so it anneals fully) and
-    without the trials' per-epoch and evaluation caps; None when nothing was selected.
-    ``local``: the search ran on a Ray runtime of its own on this machine; where its trials
-    trained in process (one CPU worker) the retrain then does too (``--no-ray``: no Ray
-    Train controllers beside the one worker)."""
+    """The one command that trains the search's selected model again (:func:`retrain_line`);
+    None when nothing was selected. ``local``: the search ran on a Ray runtime of its own on
+    this machine; where its trials trained in process (one CPU worker) the retrain then does
+    too (``--no-ray``: no Ray Train controllers beside the one worker)."""
     from search.trial import in_process
 
     if res.best is None:
         return None
     src = (f"--from-model models:/{cfg.registered_model_name()}/{res.registered_version}"
            if res.registered_version else f"--from-run {res.best.run_id}")
-    budget = cfg.budget.time_budget_s
-    length = f"--epochs 40 --time-budget-s {budget:g}" if budget else "--epochs 30 --time-budget-s none"
-    return (f"mixersnn train {src} {length} --samples-per-epoch none --max-eval-batches none"
-            + (f" --tracking-uri {cfg.tracking_uri}" if cfg.tracking_uri else "")
-            + (" --no-ray" if local and in_process(cfg.scale) else ""))
+    return retrain_line(src, cfg.budget.time_budget_s, cfg.tracking_uri, no_ray=local and in_process(cfg.scale))
+
+
+def retrain_line(source: str, time_budget_s: Optional[float], tracking_uri: Optional[str], *,
+                 no_ray: bool = False) -> str:
+    """``mixersnn train`` of ``source`` (``--from-model URI`` or ``--from-run ID``) from fresh
+    weights, for ``time_budget_s`` (the search's own budget; the cosine follows the clock, so
+    it anneals fully) and without a search trial's per-epoch and evaluation caps."""
+    length = f"--epochs 40 --time-budget-s {time_budget_s:g}" if time_budget_s else "--epochs 30 --time-budget-s none"
+    return (f"mixersnn train {source} {length} --samples-per-epoch none --max-eval-batches none"
+            + (f" --tracking-uri {tracking_uri}" if tracking_uri else "") + (" --no-ray" if no_ray else ""))
 
 
 def _row_json(row: Any, front_ids: set[str]) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Optional
 
 HELP = "Print a search's leaderboard and Pareto front from MLflow and write the Pareto plot."
 
@@ -69,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     reg = parent.data.tags.get("mixersnn.registered_model")
     if reg:
         print(f"\nregistered model: {reg} (trial {parent.data.tags.get('mixersnn.best_trial')})")
+        print(f"train it again, for as long as the search ran: {_retrain(args, parent)}")
     out = Path(args.out or f"{name}-pareto.png")
     fig = pareto_figure(rows, front, title=f"{name}: accuracy vs energy per image")
     fig.savefig(out)
@@ -140,6 +142,7 @@ def _print_json(args: argparse.Namespace, uri: str, parent) -> int:  # type: ign
         "search": parent.info.run_name, "experiment": args.experiment, "parent_run_id": parent.info.run_id,
         "status": parent.info.status, "tracking_uri": uri,
         "registered_model": parent.data.tags.get("mixersnn.registered_model"),
+        "retrain_command": _retrain(args, parent),
         "front": [_row_json(r, ids) for r in front],
         "trials": [_row_json(r, ids) for r in rows],
         "baselines": compare_baselines(rows, front, with_params=args.params),
@@ -148,6 +151,25 @@ def _print_json(args: argparse.Namespace, uri: str, parent) -> int:  # type: ign
         **({"plot": args.out} if args.out else {}),
     }, default=str))
     return 0
+
+
+def _retrain(args: argparse.Namespace, parent) -> Optional[str]:  # type: ignore[no-untyped-def]
+    """The command that trains the search's registered model again for as long as the search
+    ran (the one the search printed, less ``--no-ray``: where it will run is not known here);
+    None when the search registered none."""
+    import json
+
+    from search.cli import retrain_line
+
+    reg = parent.data.tags.get("mixersnn.registered_model")
+    if not reg:
+        return None
+    try:
+        budget = json.loads(parent.data.params.get("budget", "{}")).get("time_budget_s")
+    except (ValueError, AttributeError):
+        budget = None  # a search logged before its config was recorded as parameters
+    uri = reg if reg.startswith("models:/") else f"models:/{reg}"
+    return retrain_line(f"--from-model {uri}", budget, args.tracking_uri)
 
 
 def _started(run) -> str:  # type: ignore[no-untyped-def]

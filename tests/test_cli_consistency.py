@@ -197,6 +197,7 @@ def test_report_json_prints_the_front(monkeypatch: pytest.MonkeyPatch, capsys: p
 
         class data:
             tags = {"mixersnn.registered_model": "models:/demo-best/1"}
+            params = {"budget": json.dumps({"num_trials": 4, "time_budget_s": 300.0})}
 
     monkeypatch.setattr(ttracking, "check_tracking_server", lambda uri: None)
     monkeypatch.setattr(tracking, "find_search_runs", lambda uri, exp, name: [Parent()])
@@ -208,6 +209,9 @@ def test_report_json_prints_the_front(monkeypatch: pytest.MonkeyPatch, capsys: p
     assert run_report(args) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["search"] == "demo" and out["registered_model"] == "models:/demo-best/1"
+    assert out["retrain_command"] == ("mixersnn train --from-model models:/demo-best/1 --epochs 40 --time-budget-s 300 "
+                                      "--samples-per-epoch none --max-eval-batches none --tracking-uri "
+                                      "http://127.0.0.1:1")
     assert sorted(r["run_id"] for r in out["front"]) == ["r1", "r2"]
     assert {r["run_id"]: r["pareto"] for r in out["trials"]} == {"r1": True, "r2": True, "r3": False, "b": False}
     assert out["baselines"][0]["label"] == "ref" and out["baselines"][0]["dominated_by"] == 1

@@ -449,6 +449,11 @@ def test_search_end_to_end_on_mlflow_server(shards: Path, tmp_path: Path, mlflow
     printed = capsys.readouterr().out
     assert "4 trials" in printed and "2 baseline(s)" in printed and "tiny-ref" in printed and "not dominated" in printed
     assert "not trained (estimate only)" in printed
+    line = next(x for x in printed.splitlines() if x.startswith("train it again, for as long as the search ran: "))
+    b = cfg.budget.time_budget_s
+    assert line.endswith(f"mixersnn train --from-model models:/e2e-best/1 --epochs {40 if b else 30} "
+                         f"--time-budget-s {format(b, 'g') if b else 'none'} --samples-per-epoch none "
+                         f"--max-eval-batches none --tracking-uri {mlflow_server}")
 
 
 def _children(client, experiment: str) -> tuple:  # type: ignore[no-untyped-def]
