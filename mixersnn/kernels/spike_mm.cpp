@@ -42,6 +42,8 @@ inline long long block_width(long long c, long long n) {
   long long rest = n - c * kBlock;
   return rest < kBlock ? rest : kBlock;
 }
+// Column blocks of kBlock covering n (the last one may be narrower: block_width).
+inline long long column_blocks(long long n) { return (n + kBlock - 1) / kBlock; }
 
 // dst [k_count, kBlock] = src[j, k] for j < width (rows of a row-major [*, ld] matrix), zero
 // for the padding lanes; 16x16 tiles keep both sides in L1.
@@ -196,7 +198,7 @@ extern "C" void spk_linear_fwd(const float* s, const int* row_ptr, const int* co
                                const float* b, float* y, float* wt, long long M, long long K, long long N,
                                int threads) {
   omp_set_num_threads(threads);
-  const long long blocks = (N + kBlock - 1) / kBlock;
+  const long long blocks = column_blocks(N);
   const long long row_tiles = (M + 31) / 32;
   const long long stride = (K + 1) * kBlock;
 #pragma omp parallel
@@ -234,7 +236,7 @@ namespace {
 // column blocks as threads, else enough (block, range) tasks for every thread, each range at
 // least 256 rows.
 long long wgrad_ranges(long long M, long long N, int threads) {
-  const long long blocks = (N + kBlock - 1) / kBlock;
+  const long long blocks = column_blocks(N);
   const long long ranges = (threads + blocks - 1) / blocks;
   const long long most = M / 256 > 1 ? M / 256 : 1;
   return ranges < most ? ranges : most;
@@ -266,7 +268,7 @@ void wgrad_block_range(const float* s, const int* row_ptr, const int* cols, cons
 // Floats of scratch spk_linear_wgrad needs for these sizes and threads.
 extern "C" long long spk_wgrad_scratch(long long M, long long K, long long N, int threads) {
   const long long ranges = wgrad_ranges(M, N, threads);
-  const long long blocks = (N + kBlock - 1) / kBlock;
+  const long long blocks = column_blocks(N);
   return (ranges == 1 ? (long long)threads : blocks * ranges) * K * kBlock;
 }
 
@@ -278,7 +280,7 @@ extern "C" long long spk_wgrad_scratch(long long M, long long K, long long N, in
 extern "C" void spk_linear_wgrad(const float* s, const int* row_ptr, const int* cols, const float* gy,
                                  float* gw, float* acc, long long M, long long K, long long N, int threads) {
   omp_set_num_threads(threads);
-  const long long blocks = (N + kBlock - 1) / kBlock;
+  const long long blocks = column_blocks(N);
   const long long ranges = wgrad_ranges(M, N, threads);
   const long long slab = K * kBlock;
   if (ranges == 1) {
