@@ -263,8 +263,8 @@ def _replaced_architecture(source: Any, yaml_over: dict[str, Any]) -> dict[str, 
     def plain(x: Any) -> Any:
         return list(x) if isinstance(x, (list, tuple)) else x
 
-    return {k: {"from": plain(getattr(source, k, None)), "to": plain(v)} for k, v in yaml_over.items()
-            if plain(getattr(source, k, None)) != plain(v)}
+    pairs = {k: (plain(getattr(source, k, None)), plain(v)) for k, v in yaml_over.items()}
+    return {k: {"from": was, "to": now} for k, (was, now) in pairs.items() if was != now}
 
 
 def _copy_given(args: argparse.Namespace, flags: dict[str, str], into: dict[str, Any]) -> None:
